@@ -1,0 +1,192 @@
+"""The aggregator: consume -> validate -> fold -> publish version (confirmed) -> ack.
+
+Stateless by construction (DESIGN.md, "the aggregator's exactly-once rule"): everything it knows
+comes from the models stream at (re)start, so any replica can take over at any moment.
+
+* A crash before the version's confirm: the buffered updates were never acked, the broker
+  redelivers them (to the standby, through single-active-consumer) and the version is recomputed.
+* A crash after the confirm but before the acks: the redelivered ids are in the newest versions'
+  `included` lists and are acked and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from aggregator.strategy import Accumulator
+from aggregator.validate import validate_update
+from shared.broker import (
+    DETAIL_HEADER,
+    REASON_HEADER,
+    UPDATE_ID_HEADER,
+    Connection,
+    Delivery,
+    JobNames,
+    run_forever,
+)
+from shared.codec import Weights
+from shared.config import StrategyConfig
+from shared.errors import InvalidUpdateError, MalformedMessageError
+from shared.jobstate import emit, load_model_state
+from shared.messages import EventKind, ModelVersion, Update, make_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AggregatorStats:
+    versions: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    takeovers: int = 0
+
+
+class Aggregator:
+    """One replica. Run several: single-active-consumer makes exactly one of them active."""
+
+    def __init__(self, url: str, job: str, *, stop: threading.Event | None = None,
+                 heartbeat: int = 10, dedup_window: int = 64, name: str = "aggregator") -> None:
+        self.url = url
+        self.names = JobNames(job)
+        self.stop = stop or threading.Event()
+        self.heartbeat = heartbeat
+        self.dedup_window = dedup_window
+        self.name = name
+        self.stats = AggregatorStats()
+        self.active = False
+
+    def run(self) -> AggregatorStats:
+        run_forever(self._serve, stop=self.stop, what=f"aggregator job={self.names.job}")
+        return self.stats
+
+    # ---------------------------------------------------------------- one connection's life
+
+    def _serve(self) -> None:
+        conn = Connection(self.url, name=f"fedmq-{self.name}-{self.names.job}", heartbeat=self.heartbeat)
+        conn.open(retries=3)
+        try:
+            state = load_model_state(self.url, self.names, window=self.dedup_window, wait=60)
+            session = _Session(self, conn, state.latest, state.recent_included)
+            pending: list[Delivery] = []
+            conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
+                         on_cancel=self.stop.set)
+            log.info("aggregator ready job=%s version=%d dedup=%d", self.names.job,
+                     state.latest.version, len(state.recent_included))
+            while not self.stop.is_set():
+                conn.process(0.1)
+                while pending:
+                    session.handle(pending.pop(0))
+                session.maybe_flush()
+        finally:
+            self.active = False
+            conn.close()
+
+
+class _Session:
+    """State rebuilt for each connection: the current version, the dedup set and the buffer."""
+
+    def __init__(self, agg: Aggregator, conn: Connection, current: ModelVersion, seen: set[str]) -> None:
+        self.agg = agg
+        self.conn = conn
+        self.names = agg.names
+        self.current = current
+        self.seen = set(seen)
+        self.recent: list[tuple[str, ...]] = [current.included]
+        self.cfg = StrategyConfig.from_params(current.params)
+        self.acc = Accumulator(self.cfg)
+        self.buffered: list[Delivery] = []
+        self.buffered_ids: set[str] = set()
+        self.first_fold_at = 0.0
+        self.template: Weights = {k: np.asarray(v) for k, v in current.weights.items()}
+
+    @property
+    def prefetch(self) -> int:
+        return max(2 * self.cfg.effective_buffer, 16)
+
+    def handle(self, d: Delivery) -> None:
+        if not self.agg.active:
+            self.agg.active = True
+            if d.redelivered:
+                self.agg.stats.takeovers += 1
+            log.info("aggregator active job=%s replica=%s", self.names.job, self.agg.name)
+        try:
+            update = Update.decode(d.body)
+        except MalformedMessageError as exc:
+            self.dead_letter(d, exc.reason, str(exc), d.headers.get(UPDATE_ID_HEADER))
+            return
+        uid = update.update_id
+        if uid in self.seen or uid in self.buffered_ids:
+            self.agg.stats.duplicates += 1
+            log.info("duplicate update dropped job=%s update=%s", self.names.job, uid)
+            d.ack()
+            return
+        try:
+            tau = validate_update(update, job=self.names.job, current_version=self.current.version,
+                                  template=self.template, cfg=self.cfg)
+        except InvalidUpdateError as exc:
+            self.dead_letter(d, exc.reason, str(exc), uid)
+            return
+        assert update.delta is not None  # validate_update guarantees it
+        self.acc.fold(update_id=uid, site=update.site, delta=update.delta, tau=tau,
+                      num_samples=update.num_samples, base_version=update.base_version)
+        if not self.buffered:
+            self.first_fold_at = time.monotonic()
+        self.buffered.append(d)
+        self.buffered_ids.add(uid)
+        if self.acc.ready():
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        if self.buffered and time.monotonic() - self.first_fold_at >= self.cfg.flush_timeout:
+            self.flush()
+
+    def flush(self) -> None:
+        """Publish the next version with a confirm, then ack what it includes (never the reverse)."""
+        new_weights, contributions = self.acc.flush(self.current.weights)
+        cur = self.current
+        mv = make_version(
+            job=self.names.job, version=cur.version + 1, parent=cur.version, weights=new_weights,
+            included=[c.update_id for c in contributions], strategy=cur.strategy, params=cur.params,
+            model=cur.model, contributions=[c.to_dict() for c in contributions], meta=dict(cur.meta),
+        )
+        self.conn.publish(self.names.models_exchange, "", mv.encode(), message_id=f"v{mv.version}")
+        for d in self.buffered:
+            d.ack()
+        self.buffered, self.buffered_ids = [], set()
+        self.current = mv
+        self._remember(mv.included)
+        self.agg.stats.versions += 1
+        self.agg.stats.applied += len(mv.included)
+        log.info("version published", extra={"job": self.names.job, "version": mv.version,
+                                               "folded": len(mv.included)})
+        emit(self.conn, self.names, "aggregator", EventKind.VERSION_PUBLISHED, version=mv.version,
+             parent=mv.parent, included=list(mv.included), sha256=mv.sha256,
+             sites=[c.site for c in contributions], staleness=[c.staleness for c in contributions])
+
+    def _remember(self, ids: tuple[str, ...]) -> None:
+        self.recent.append(ids)
+        self.seen.update(ids)
+        if len(self.recent) > self.agg.dedup_window * 4:
+            # keep memory bounded on endless jobs; ids older than the window cannot be redelivered
+            self.recent = self.recent[-self.agg.dedup_window:]
+            self.seen = {i for ids_ in self.recent for i in ids_}
+
+    def dead_letter(self, d: Delivery, reason: str, detail: str, update_id: str | None) -> None:
+        """Park the message with its reason (confirmed), then ack: nothing is dropped silently."""
+        headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:1000]}
+        if update_id:
+            headers[UPDATE_ID_HEADER] = update_id
+        self.conn.publish(self.names.dead_exchange, d.routing_key, d.body, headers=headers)
+        d.ack()
+        counts = self.agg.stats.dead_lettered
+        counts[reason] = counts.get(reason, 0) + 1
+        log.warning("update dead-lettered", extra={"job": self.names.job, "update": update_id,
+                                                    "reason": reason, "detail": detail})
+        emit(self.conn, self.names, "aggregator", EventKind.DEAD_LETTERED, update_id=update_id,
+             reason=reason, detail=detail[:300])

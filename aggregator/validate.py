@@ -1,0 +1,59 @@
+"""Checks an update must pass before it is folded; each failure is a dead-letter reason."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from aggregator.strategy import l2_norm
+from shared.codec import Weights
+from shared.config import StrategyConfig
+from shared.errors import (
+    FutureVersionError,
+    InvalidUpdateError,
+    NonFiniteError,
+    NormBoundError,
+    ShapeMismatchError,
+    StaleUpdateError,
+    WrongJobError,
+)
+from shared.messages import Update
+
+
+def check_delta(delta: Weights, template: Weights, update_id: str) -> None:
+    """Same tensor names in the same order, same shapes and dtypes, only finite values."""
+    if list(delta) != list(template):
+        raise ShapeMismatchError(
+            f"update {update_id} has tensors {sorted(delta)} but the model has {sorted(template)}"
+        )
+    for name, ref in template.items():
+        got = delta[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise ShapeMismatchError(
+                f"update {update_id}: tensor {name} is {got.dtype}{list(got.shape)}, "
+                f"model has {ref.dtype}{list(ref.shape)}"
+            )
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise NonFiniteError(f"update {update_id}: tensor {name} has NaN or Inf values")
+
+
+def validate_update(update: Update, *, job: str, current_version: int, template: Weights,
+                    cfg: StrategyConfig) -> int:
+    """Return the update's staleness tau, or raise the InvalidUpdateError that dead-letters it."""
+    uid = update.update_id
+    if update.job != job:
+        raise WrongJobError(f"update {uid} is for job {update.job!r}, this aggregator serves {job!r}")
+    if update.base_version > current_version:
+        raise FutureVersionError(
+            f"update {uid} starts from version {update.base_version}, newest is {current_version}"
+        )
+    tau = current_version - update.base_version
+    if tau > cfg.max_staleness:
+        raise StaleUpdateError(uid, tau, cfg.max_staleness)
+    if update.delta is None:
+        raise InvalidUpdateError(f"update {uid} is encrypted but job {job} aggregates in plaintext")
+    check_delta(update.delta, template, uid)
+    if cfg.max_update_norm > 0:
+        norm = l2_norm(update.delta)
+        if norm > cfg.max_update_norm:
+            raise NormBoundError(f"update {uid} has L2 norm {norm:.4g} > bound {cfg.max_update_norm:.4g}")
+    return tau

@@ -1,0 +1,5 @@
+import sys
+
+from fedmq.cli import main
+
+sys.exit(main())

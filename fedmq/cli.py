@@ -1,0 +1,233 @@
+"""`fedmq` console script: parse, call the role, print errors as one line with an exit code.
+
+Exit codes: 0 ok, 1 failure (e.g. replay mismatch), 2 bad arguments or config, 3 broker
+unreachable or refused, 4 job not found, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from shared.broker import DEFAULT_URL, Connection, mask_url, validate_job_id
+from shared.errors import ConfigError, FedmqError
+from shared.logs import configure_logging
+
+log = logging.getLogger("fedmq.cli")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit status 2 (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedmq {self.prog.partition(' ')[2] or ''}: {message} (see --help)\n".replace("  ", " "))
+
+
+def _job(value: str) -> str:
+    try:
+        return validate_job_id(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_common(p: argparse.ArgumentParser, *, job: bool = True, job_required: bool = True) -> None:
+    p.add_argument("--broker", default=os.environ.get("FEDMQ_BROKER_URL", DEFAULT_URL),
+                   help="AMQP URL (env FEDMQ_BROKER_URL; default %(default)s)")
+    if job:
+        p.add_argument("--job", type=_job, required=job_required and "FEDMQ_JOB" not in os.environ,
+                       default=os.environ.get("FEDMQ_JOB"), help="job id (env FEDMQ_JOB)")
+    p.add_argument("--log-level", default=os.environ.get("FEDMQ_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"],
+                   help="log level; logs go to stderr (env FEDMQ_LOG_LEVEL; default %(default)s)")
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM / SIGINT set the returned event: roles finish the step they are in and leave."""
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        log.info("signal received, stopping signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+def check_broker(url: str) -> None:
+    """Fail fast with exit 3 and the masked URL when the broker does not answer."""
+    Connection(url, name="fedmq-check").open().close()
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    """The --json contract: exactly one JSON object as the last line of stdout."""
+    sys.stdout.write(json.dumps(obj, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- roles
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from aggregator.service import Aggregator
+
+    check_broker(args.broker)
+    agg = Aggregator(args.broker, args.job, stop=stop_on_signals(), heartbeat=args.heartbeat,
+                     name=args.name)
+    stats = agg.run()
+    log.info("aggregator stopped job=%s versions=%d applied=%d duplicates=%d", args.job,
+             stats.versions, stats.applied, stats.duplicates)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.service import Worker, WorkerOptions
+
+    if args.slowdown < 1:
+        raise ConfigError(f"--slowdown must be >= 1, got {args.slowdown}")
+    if args.min_task_seconds < 0:
+        raise ConfigError(f"--min-task-seconds must be >= 0, got {args.min_task_seconds}")
+    opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
+                         device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
+                         wait_for_job=args.wait)
+    worker = Worker(args.broker, args.job, args.site, args.data, options=opts, stop=stop_on_signals())
+    check_broker(args.broker)
+    stats = worker.run()
+    log.info("worker stopped job=%s site=%s tasks=%d", args.job, args.site, stats.tasks)
+    return 0
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.service import Coordinator
+    from shared.config import load_job_config
+
+    overrides: dict[str, Any] = {"job": args.job}
+    if args.test:
+        overrides["data"] = {"test": args.test}
+    if args.out:
+        overrides.setdefault("coordinator", {})["out"] = args.out
+    cfg = load_job_config(args.config, overrides=overrides)
+    coord = Coordinator(args.broker, cfg, stop=stop_on_signals())
+    check_broker(args.broker)
+    result = coord.run()
+    if args.json:
+        print_json(result.to_dict())
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from shared.datasets import write_partition
+
+    res = write_partition(args.out, args.dataset, args.sites, scheme=args.scheme, alpha=args.alpha,
+                          test_fraction=args.test_fraction, seed=args.seed, fmt=args.format)
+    for f in res.site_files:
+        print(f)
+    print(res.test_file)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fedmq.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="fedmq", description="Asynchronous federated learning over RabbitMQ.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("demo", help="a whole federated job on bundled data, as real processes",
+                       formatter_class=fmt)
+    add_common(p, job=True, job_required=False)
+    from fedmq.demo import add_demo_arguments
+
+    add_demo_arguments(p)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("coordinator", help="run one job to its stop criterion and export the model",
+                       formatter_class=fmt)
+    add_common(p)
+    p.add_argument("--config", default=os.environ.get("FEDMQ_CONFIG"),
+                   help="job TOML (env FEDMQ_CONFIG); FEDMQ_<SECTION>_<KEY> env overrides it")
+    p.add_argument("--test", help="held-out test data (overrides data.test)")
+    p.add_argument("--out", help="export directory (overrides coordinator.out)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(run=cmd_coordinator)
+
+    p = sub.add_parser("aggregator", help="one aggregator replica (start several: one active)",
+                       formatter_class=fmt)
+    add_common(p)
+    p.add_argument("--name", default=os.environ.get("FEDMQ_AGGREGATOR_NAME", f"aggregator-{os.getpid()}"),
+                   help="replica name in logs and connection names (env FEDMQ_AGGREGATOR_NAME)")
+    p.add_argument("--heartbeat", type=int, default=10, help="AMQP heartbeat seconds (standby takeover "
+                   "after a hang takes 2-3x this)")
+    p.set_defaults(run=cmd_aggregator)
+
+    p = sub.add_parser("worker", help="one site: train on local data, publish updates",
+                       formatter_class=fmt)
+    add_common(p)
+    p.add_argument("--site", required="FEDMQ_SITE" not in os.environ, default=os.environ.get("FEDMQ_SITE"),
+                   help="site name; also the routing key of its updates (env FEDMQ_SITE)")
+    p.add_argument("--data", required="FEDMQ_DATA" not in os.environ, default=os.environ.get("FEDMQ_DATA"),
+                   help="the site's NPZ (x, y) or CSV (label, features...) file (env FEDMQ_DATA)")
+    p.add_argument("--slowdown", type=float, default=1.0, help="make this site F times slower")
+    p.add_argument("--min-task-seconds", type=float, default=0.0, help="pad each task to >= S seconds")
+    p.add_argument("--device", default=os.environ.get("FEDMQ_DEVICE", "auto"),
+                   help="torch device: auto (CUDA if present), cpu, cuda, cuda:N (env FEDMQ_DEVICE)")
+    p.add_argument("--heartbeat", type=int, default=30, help="AMQP heartbeat seconds")
+    p.add_argument("--max-tasks", type=int, default=0, help="leave after N tasks (0 = until the job ends)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the job to exist")
+    p.set_defaults(run=cmd_worker)
+
+    p = sub.add_parser("partition", help="split a bundled dataset into per-site files",
+                       formatter_class=fmt)
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"])
+    p.add_argument("--sites", type=int, default=8)
+    p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format", default="npz", choices=["npz", "csv"])
+    p.add_argument("--out", required=True, help="directory for site_<i>.<format> and test.npz")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=cmd_partition)
+
+    from fedmq import extra_commands
+
+    extra_commands.register(sub, add_common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return int(args.run(args))
+    except FedmqError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "broker" not in msg and hasattr(args, "broker") and exc.exit_code == 3:
+            msg = f"{msg} ({mask_url(args.broker)})"
+        print(f"fedmq: {msg}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fedmq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""`fedmq demo`: a whole federated job on bundled data, every role a real OS process.
+
+It partitions a dataset into per-site files, writes a job TOML, starts the coordinator, the
+aggregator replica(s) and one worker per site as `python -m fedmq ...` subprocesses against the
+broker, follows the job's events stream with a progress bar, and prints the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
+from shared.datasets import write_partition
+from shared.errors import ConfigError, FedmqError
+from shared.messages import Event, EventKind
+
+DEMO_STRATEGIES = {
+    # name -> [strategy] and [coordinator] settings tuned for the bundled datasets
+    "fedbuff": {"strategy": {"name": "fedbuff", "buffer_size": 3, "server_lr": 1.0,
+                             "staleness": "polynomial", "staleness_a": 0.5, "max_staleness": 50,
+                             "flush_timeout": 2.0}},
+    "fedasync": {"strategy": {"name": "fedasync", "alpha": 0.6, "staleness": "polynomial",
+                              "staleness_a": 0.5, "max_staleness": 50, "flush_timeout": 2.0}},
+    "fedavg": {"strategy": {"name": "fedavg", "max_staleness": 0,
+                            "flush_timeout": 300.0}},
+}
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="fedbuff", choices=sorted(DEMO_STRATEGIES))
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"])
+    p.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:callable")
+    p.add_argument("--sites", type=int, default=8, help="number of worker processes")
+    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the partition")
+    p.add_argument("--slow", type=int, default=2, help="how many sites are slow")
+    p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the slow sites are")
+    p.add_argument("--min-task-seconds", type=float, default=0.2,
+                   help="pad every local task to at least this long (simulated site compute)")
+    p.add_argument("--target", type=float, default=0.9, help="stop at this test accuracy (0 = none)")
+    p.add_argument("--max-seconds", type=float, default=180.0, help="stop after this long")
+    p.add_argument("--max-versions", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=1, help="local epochs per task")
+    p.add_argument("--lr", type=float, default=0.1, help="local learning rate")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--aggregators", type=int, default=1, help="aggregator replicas (1 active, rest standby)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="where data, config, logs and the model go (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
+
+
+@dataclass
+class Progress_:
+    version: int = 0
+    accuracy: float = 0.0
+    updates: int = 0
+    dead: int = 0
+    per_site: Counter[str] = field(default_factory=Counter)
+    started: float | None = None
+    finished: dict[str, Any] | None = None
+    reached_at: float | None = None
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def write_job_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # many processes on few cores: one thread each, or torch oversubscribes the machine
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+class Processes:
+    """The demo's children, with their logs in files; all of them are ended on exit."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str]) -> None:
+        log = (self.logdir / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedmq", *args], stdout=log,
+                                            stderr=subprocess.STDOUT, env=_child_env())
+
+    def failed(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
+
+    def wait_all(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+    def tail(self, name: str, lines: int = 5) -> str:
+        text = (self.logdir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        return "\n".join(text[-lines:])
+
+
+def _apply(ev: Event, st: Progress_) -> None:
+    d = ev.data
+    if ev.event == EventKind.JOB_STARTED:
+        st.started = ev.ts
+    elif ev.event == EventKind.UPDATE_PUBLISHED:
+        st.per_site[d.get("site", "?")] += 1
+    elif ev.event == EventKind.VERSION_PUBLISHED:
+        st.updates += len(d.get("included", []))
+    elif ev.event == EventKind.VERSION_EVALUATED:
+        st.version, st.accuracy = int(d["version"]), float(d["accuracy"])
+    elif ev.event == EventKind.DEAD_LETTERED:
+        st.dead += 1
+    elif ev.event == EventKind.JOB_FINISHED:
+        st.finished = d
+
+
+def _describe(st: Progress_) -> str:
+    rate = st.updates / max(time.time() - st.started, 1e-9) if st.started else 0.0
+    sites = " ".join(f"{s.removeprefix('site-')}:{n}" for s, n in sorted(st.per_site.items()))
+    return f"v{st.version:<4} acc {st.accuracy:.3f}  {rate:5.1f} upd/s  sites {sites}"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.sites < 1:
+        raise ConfigError(f"--sites must be >= 1, got {args.sites}")
+    if not 0 <= args.slow <= args.sites:
+        raise ConfigError(f"--slow must be between 0 and --sites ({args.sites}), got {args.slow}")
+    if args.slowdown < 1:
+        raise ConfigError(f"--slowdown must be >= 1, got {args.slowdown}")
+    if not 0 <= args.target <= 1:
+        raise ConfigError(f"--target must be in [0, 1], got {args.target}")
+    console = Console(stderr=True)
+    url = args.broker
+    Connection(url, name="fedmq-demo-check").open().close()  # exit 3 now, not in a child
+    job = args.job or f"demo-{uuid.uuid4().hex[:8]}"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix=f"fedmq-{job}-"))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+
+    part = write_partition(work / "data", args.dataset, args.sites, scheme=args.partition,
+                           alpha=args.alpha, seed=args.seed)
+    strategy = dict(DEMO_STRATEGIES[args.strategy]["strategy"])
+    if args.strategy == "fedavg":
+        strategy["buffer_size"] = args.sites
+    sections = {
+        "model": {"name": args.model},
+        "data": {"test": str(part.test_file)},
+        "strategy": strategy,
+        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+        "coordinator": {"concurrency": args.sites, "target_accuracy": args.target,
+                        "max_versions": args.max_versions, "max_seconds": args.max_seconds,
+                        "out": str(work / "model")},
+    }
+    config = work / "job.toml"
+    write_job_toml(config, sections)
+    console.print(f"[bold]fedmq demo[/] job [cyan]{job}[/] on {mask_url(url)}: {args.dataset}, "
+                  f"{args.sites} sites ({args.partition}), {args.slow} of them {args.slowdown:g}x slower, "
+                  f"{args.strategy}; files in {work}")
+
+    common = ["--broker", url, "--job", job, "--log-level", "info"]
+    procs = Processes(work / "logs")
+    t0 = time.time()
+    try:
+        procs.start("coordinator", ["coordinator", *common, "--config", str(config)])
+        for i in range(args.aggregators):
+            procs.start(f"aggregator-{i}", ["aggregator", *common, "--name", f"aggregator-{i}"])
+        for i, f in enumerate(part.site_files):
+            slow = i >= args.sites - args.slow
+            procs.start(f"site-{i}", ["worker", *common, "--site", f"site-{i}", "--data", str(f),
+                                      "--slowdown", str(args.slowdown if slow else 1.0),
+                                      "--min-task-seconds", str(args.min_task_seconds)])
+        st = _follow(url, job, procs, console, args)
+        procs.wait_all(timeout=30)
+    finally:
+        procs.wait_all(timeout=0)
+    return _report(url, job, st, args, console, time.time() - t0, procs)
+
+
+def _follow(url: str, job: str, procs: Processes, console: Console, args: argparse.Namespace) -> Progress_:
+    names = JobNames(job)
+    st = Progress_()
+    conn = Connection(url, name="fedmq-demo").open()
+    deadline = time.monotonic() + 120
+    while not conn.job_exists(names):
+        if "coordinator" in procs.failed() or time.monotonic() > deadline:
+            conn.close()
+            raise FedmqError(f"the coordinator did not create job {job}:\n{procs.tail('coordinator')}")
+        time.sleep(0.2)
+    conn.close()
+    target = args.target or 1.0
+    with StreamReader(url, names.events, name="fedmq-demo-events") as reader, Progress(
+        TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as bar:
+        task = bar.add_task("accuracy", total=target, info="")
+        reader.start("first")
+        hard_stop = time.monotonic() + args.max_seconds + 120
+        while st.finished is None:
+            for d in reader.poll(0.2):
+                _apply(Event.decode(d.body), st)
+            bar.update(task, completed=min(st.accuracy, target), info=_describe(st))
+            dead = [n for n in procs.failed() if n == "coordinator" or n.startswith("aggregator")]
+            if dead or time.monotonic() > hard_stop:
+                why = f"{dead[0]} exited:\n{procs.tail(dead[0])}" if dead else "the job did not finish in time"
+                raise FedmqError(f"demo job {job} failed: {why}")
+    return st
+
+
+def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console: Console,
+            total_seconds: float, procs: Processes) -> int:
+    assert st.finished is not None
+    names = JobNames(job)
+    dead_letters = len(read_stream(url, names.dead_log, "first", idle=0.3))
+    fin = st.finished
+    result = {
+        "job": job, "strategy": args.strategy, "final_accuracy": fin["final_accuracy"],
+        "versions": fin["versions"], "updates_applied": fin["updates_applied"],
+        "updates_dead_lettered": dead_letters, "wall_seconds": round(fin["wall_seconds"], 3),
+        "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),
+    }
+    table = Table(title=f"fedmq demo {job}", show_header=False)
+    for k, v in result.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    table.add_row("stop_reason", fin["stop_reason"])
+    table.add_row("updates per site", " ".join(f"{s}:{n}" for s, n in sorted(st.per_site.items())))
+    table.add_row("model", fin["export_path"])
+    table.add_row("total seconds (incl. start-up)", f"{total_seconds:.1f}")
+    if args.json:
+        console.print(table)
+        from fedmq.cli import print_json
+
+        print_json(result)
+    else:
+        Console().print(table)
+    return 0

@@ -1,0 +1,574 @@
+"""The only module that imports pika: connection, topology, confirms, reconnect, consume loop.
+
+Facts this module is built on (see shared/RABBITMQ.md of the design repo):
+
+* every publish goes out with ``mandatory=True`` on a confirm channel, so a message is either
+  routed to its queue(s) and persisted, or the publisher gets an exception and retries;
+* stream readers get their own connection: closing a stream consumer can close its connection;
+* quorum queues need an *int* ``x-delivery-limit`` and at-least-once dead-lettering needs
+  ``x-overflow: reject-publish``; the DLX and its queues are declared before the queues using them;
+* a connection is only serviced while `process` runs: long work runs in another thread and the
+  owner keeps calling `process` (heartbeats), see `Connection.wait_for`.
+
+pika errors never leave this module: they become `ConnectionLostError` (transient: reconnect),
+`BrokerAccessError` (credentials / permissions: never retried), `BrokerUnavailableError` or
+`JobNotFoundError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import pika
+import pika.exceptions as pex
+from pika.adapters.blocking_connection import BlockingChannel
+
+from shared.errors import (
+    BrokerAccessError,
+    BrokerUnavailableError,
+    ConfigError,
+    FedmqError,
+    JobNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+#: headers fedmq sets on dead letters
+REASON_HEADER = "x-fedmq-reason"
+DETAIL_HEADER = "x-fedmq-detail"
+UPDATE_ID_HEADER = "x-fedmq-update-id"
+
+T = TypeVar("T")
+
+
+class ConnectionLostError(BrokerUnavailableError):
+    """The connection dropped (broker restart, network, missed heartbeats): reconnect and resume."""
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ***, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def validate_job_id(job: str) -> str:
+    if not JOB_ID_RE.match(job):
+        raise ConfigError(f"job id {job!r} must be 1-64 letters, digits, '-' or '_'")
+    return job
+
+
+def validate_site(site: str) -> str:
+    if not SITE_RE.match(site):
+        raise ConfigError(f"site name {site!r} must be 1-64 letters, digits, '-' or '_'")
+    return site
+
+
+@contextmanager
+def amqp_errors(url: str) -> Iterator[None]:
+    """Translate pika's exceptions into fedmq's, so callers never import pika."""
+    try:
+        yield
+    except (pex.ProbableAuthenticationError, pex.AuthenticationError) as exc:
+        raise BrokerAccessError(f"broker {mask_url(url)} refused the credentials: {exc}") from exc
+    except pex.ProbableAccessDeniedError as exc:
+        raise BrokerAccessError(f"broker {mask_url(url)} refused access to the vhost: {exc}") from exc
+    except pex.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            raise JobNotFoundError(f"not found on {mask_url(url)}: {exc.reply_text}") from exc
+        if exc.reply_code == 403:
+            raise BrokerAccessError(f"access refused on {mask_url(url)}: {exc.reply_text}") from exc
+        if exc.reply_code == 406 and "inequivalent arg" in str(exc.reply_text):
+            raise ConfigError(
+                f"job topology exists with other settings ({exc.reply_text}); use a new job id "
+                "or the settings the job was created with"
+            ) from exc
+        raise BrokerUnavailableError(f"channel closed by broker: {exc.reply_code} {exc.reply_text}") from exc
+    except pex.UnroutableError as exc:
+        raise JobNotFoundError(
+            f"message unroutable on {mask_url(url)}: the job's queues are gone (job finished or deleted)"
+        ) from exc
+    except (pex.AMQPConnectionError, pex.ConnectionWrongStateError, pex.ChannelWrongStateError,
+            pex.ChannelClosed, pex.NackError, ConnectionError, OSError) as exc:
+        raise ConnectionLostError(f"lost the broker at {mask_url(url)}: {exc!r}") from exc
+
+
+# --------------------------------------------------------------------------- topology
+
+
+@dataclass(frozen=True)
+class Retention:
+    """Stream retention; None = keep forever (the audit default)."""
+
+    max_age: str | None = None  # e.g. "7D", "12h"
+    max_bytes: int | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"x-queue-type": "stream"}
+        if self.max_age:
+            if not re.match(r"^\d+[YMDhms]$", self.max_age):
+                raise ConfigError(f"retention max_age {self.max_age!r} must look like 7D, 12h, 30m")
+            args["x-max-age"] = self.max_age
+        if self.max_bytes:
+            args["x-max-length-bytes"] = int(self.max_bytes)
+            # segments are what retention drops; keep them small enough to matter
+            args["x-stream-max-segment-size-bytes"] = int(min(self.max_bytes // 4 or 1, 500_000_000))
+        return args
+
+
+@dataclass(frozen=True)
+class JobNames:
+    """Every broker name of one job, prefixed so many jobs share one broker."""
+
+    job: str
+
+    def _n(self, suffix: str) -> str:
+        return f"fedmq.{self.job}.{suffix}"
+
+    @property
+    def tasks_exchange(self) -> str:
+        return self._n("tasks")
+
+    @property
+    def tasks(self) -> str:
+        return self._n("tasks")
+
+    @property
+    def updates_exchange(self) -> str:
+        return self._n("updates")
+
+    @property
+    def updates(self) -> str:
+        return self._n("updates")
+
+    @property
+    def updates_log(self) -> str:
+        return self._n("updates.log")
+
+    @property
+    def models_exchange(self) -> str:
+        return self._n("models")
+
+    @property
+    def models(self) -> str:
+        return self._n("models")
+
+    @property
+    def events_exchange(self) -> str:
+        return self._n("events")
+
+    @property
+    def events(self) -> str:
+        return self._n("events")
+
+    @property
+    def dead_exchange(self) -> str:
+        return self._n("dead")
+
+    @property
+    def dead(self) -> str:
+        return self._n("dead")
+
+    @property
+    def dead_log(self) -> str:
+        return self._n("dead.log")
+
+    def queues(self) -> list[str]:
+        return [self.tasks, self.updates, self.updates_log, self.models, self.events, self.dead,
+                self.dead_log]
+
+    def exchanges(self) -> list[str]:
+        return [self.tasks_exchange, self.updates_exchange, self.models_exchange,
+                self.events_exchange, self.dead_exchange]
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    task_delivery_limit: int = 20
+    update_delivery_limit: int = 5
+    retention: Retention = field(default_factory=Retention)
+
+
+def _quorum_args(names: JobNames, delivery_limit: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": int(delivery_limit),
+        "x-dead-letter-exchange": names.dead_exchange,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        **extra,
+    }
+
+
+def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> None:
+    """Declare the whole per-job topology. Only the job's owner (coordinator) calls this.
+
+    Dead-letter targets come first: a quorum queue whose DLX does not exist yet keeps its dead
+    letters invisibly and retries only every 180 s.
+    """
+    stream_args = cfg.retention.arguments()
+    ch.exchange_declare(names.dead_exchange, "fanout", durable=True)
+    ch.queue_declare(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_declare(names.dead_log, durable=True, arguments=stream_args)
+    ch.queue_bind(names.dead, names.dead_exchange)
+    ch.queue_bind(names.dead_log, names.dead_exchange)
+
+    ch.exchange_declare(names.models_exchange, "fanout", durable=True)
+    ch.queue_declare(names.models, durable=True, arguments=stream_args)
+    ch.queue_bind(names.models, names.models_exchange)
+
+    ch.exchange_declare(names.events_exchange, "topic", durable=True)
+    ch.queue_declare(names.events, durable=True, arguments=stream_args)
+    ch.queue_bind(names.events, names.events_exchange, routing_key="#")
+
+    ch.exchange_declare(names.updates_exchange, "topic", durable=True)
+    ch.queue_declare(names.updates, durable=True, arguments=_quorum_args(
+        names, cfg.update_delivery_limit, **{"x-single-active-consumer": True}))
+    ch.queue_declare(names.updates_log, durable=True, arguments=stream_args)
+    ch.queue_bind(names.updates, names.updates_exchange, routing_key="#")
+    ch.queue_bind(names.updates_log, names.updates_exchange, routing_key="#")
+
+    ch.exchange_declare(names.tasks_exchange, "direct", durable=True)
+    ch.queue_declare(names.tasks, durable=True, arguments=_quorum_args(names, cfg.task_delivery_limit))
+    ch.queue_bind(names.tasks, names.tasks_exchange, routing_key="task")
+
+
+# --------------------------------------------------------------------------- connection
+
+
+@dataclass
+class Delivery:
+    """One message received from a queue or stream."""
+
+    body: bytes
+    headers: dict[str, Any]
+    delivery_tag: int
+    redelivered: bool
+    routing_key: str
+    user_id: str | None
+    _channel: BlockingChannel
+    _url: str
+
+    @property
+    def stream_offset(self) -> int | None:
+        off = self.headers.get("x-stream-offset")
+        return int(off) if off is not None else None
+
+    @property
+    def delivery_count(self) -> int:
+        return int(self.headers.get("x-delivery-count", 0) or 0)
+
+    def ack(self, multiple: bool = False) -> None:
+        with amqp_errors(self._url):
+            self._channel.basic_ack(self.delivery_tag, multiple=multiple)
+
+
+def _sleep_backoff(attempt: int, base: float = 0.25, cap: float = 10.0) -> float:
+    """Full-jitter exponential backoff, so many sites reconnecting do not stampede the broker."""
+    delay = random.uniform(0, min(cap, base * 2**attempt))
+    time.sleep(delay)
+    return delay
+
+
+class Connection:
+    """One AMQP connection with a confirm channel for publishing and one for consuming."""
+
+    def __init__(self, url: str, *, name: str = "fedmq", heartbeat: int = 30,
+                 connect_timeout: float = 5.0) -> None:
+        self.url = url
+        self.name = name
+        try:
+            params = pika.URLParameters(url)
+        except Exception as exc:  # pika raises ValueError/AttributeError/... on bad URLs
+            raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 60
+        params.socket_timeout = connect_timeout
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": name}
+        self._params = params
+        self._conn: pika.BlockingConnection | None = None
+        self._pub: BlockingChannel | None = None
+        self._cons: BlockingChannel | None = None
+
+    # -- lifecycle
+
+    def open(self, *, retries: int = 0) -> Connection:
+        """Connect; with retries > 0, retry transient failures with jittered backoff."""
+        attempt = 0
+        while True:
+            try:
+                with amqp_errors(self.url):
+                    self._conn = pika.BlockingConnection(self._params)
+                    self._pub = self._conn.channel()
+                    self._pub.confirm_delivery()
+                log.debug("connected name=%s url=%s", self.name, mask_url(self.url))
+                return self
+            except ConnectionLostError as exc:
+                if attempt >= retries:
+                    raise BrokerUnavailableError(
+                        f"cannot reach broker at {mask_url(self.url)}: {exc.__cause__!r}"
+                    ) from exc
+                _sleep_backoff(attempt)
+                attempt += 1
+
+    def close(self) -> None:
+        conn, self._conn, self._pub, self._cons = self._conn, None, None, None
+        if conn is not None and conn.is_open:
+            with suppress(Exception):  # closing a stream consumer can fail server-side
+                conn.close()
+
+    def __enter__(self) -> Connection:
+        return self if self._conn is not None else self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None and self._conn.is_open
+
+    def _require(self) -> pika.BlockingConnection:
+        if self._conn is None or not self._conn.is_open:
+            raise ConnectionLostError(f"connection {self.name} to {mask_url(self.url)} is not open")
+        return self._conn
+
+    def channel(self) -> BlockingChannel:
+        with amqp_errors(self.url):
+            return self._require().channel()
+
+    @property
+    def consumer_channel(self) -> BlockingChannel:
+        if self._cons is None or not self._cons.is_open:
+            with amqp_errors(self.url):
+                self._cons = self._require().channel()
+        return self._cons
+
+    # -- topology
+
+    def declare_job(self, names: JobNames, cfg: TopologyConfig) -> None:
+        with amqp_errors(self.url):
+            declare_job(self.channel(), names, cfg)
+
+    def job_exists(self, names: JobNames) -> bool:
+        """Passive check on the job's tasks queue; a 404 closes only the throw-away channel."""
+        try:
+            self.queue_stats(names.updates)
+            return True
+        except JobNotFoundError:
+            return False
+
+    def queue_stats(self, queue: str) -> tuple[int, int]:
+        """(ready messages, consumers) by passive declare; streams always answer (0, 0)."""
+        ch = self.channel()
+        try:
+            with amqp_errors(self.url):
+                ok = ch.queue_declare(queue, passive=True)
+            return ok.method.message_count, ok.method.consumer_count
+        finally:
+            if ch.is_open:
+                with suppress(Exception):
+                    ch.close()
+
+    def delete_job(self, names: JobNames) -> None:
+        """Remove every queue and exchange of a job (tests, `fedmq` cleanup)."""
+        for q in names.queues():
+            ch = self.channel()
+            with suppress(Exception):
+                ch.queue_delete(q)
+            with suppress(Exception):
+                ch.close()
+        for x in names.exchanges():
+            ch = self.channel()
+            with suppress(Exception):
+                ch.exchange_delete(x)
+            with suppress(Exception):
+                ch.close()
+
+    def delete_queue(self, queue: str) -> None:
+        with amqp_errors(self.url):
+            self.channel().queue_delete(queue)
+
+    def purge_queue(self, queue: str) -> None:
+        with amqp_errors(self.url):
+            self.channel().queue_purge(queue)
+
+    # -- publish
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, *,
+                headers: dict[str, Any] | None = None, message_id: str | None = None,
+                user_id: str | None = None) -> None:
+        """Publish persistently and wait for the broker's confirm (mandatory: unroutable raises)."""
+        props = pika.BasicProperties(
+            delivery_mode=2, headers=headers or None, message_id=message_id, user_id=user_id,
+            content_type="application/msgpack",
+        )
+        with amqp_errors(self.url):
+            conn = self._require()
+            if self._pub is None or not self._pub.is_open:
+                self._pub = conn.channel()
+                self._pub.confirm_delivery()
+            self._pub.basic_publish(exchange, routing_key, body, props, mandatory=True)
+
+    # -- consume
+
+    def consume(self, queue: str, on_message: Callable[[Delivery], None], *, prefetch: int,
+                arguments: dict[str, Any] | None = None,
+                on_cancel: Callable[[], None] | None = None) -> str:
+        """Start a manual-ack consumer; deliveries are dispatched while `process` runs."""
+        ch = self.consumer_channel
+        url = self.url
+
+        def _cb(channel: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
+            on_message(Delivery(
+                body=body, headers=dict(props.headers or {}), delivery_tag=method.delivery_tag,
+                redelivered=method.redelivered, routing_key=method.routing_key,
+                user_id=props.user_id, _channel=channel, _url=url,
+            ))
+
+        with amqp_errors(url):
+            ch.basic_qos(prefetch_count=prefetch)
+            if on_cancel is not None:
+                ch.add_on_cancel_callback(lambda _frame: on_cancel())
+            return ch.basic_consume(queue, _cb, auto_ack=False, arguments=arguments)
+
+    def process(self, time_limit: float = 0.0) -> None:
+        """Service the connection (heartbeats, deliveries, confirms) for up to `time_limit` s."""
+        with amqp_errors(self.url):
+            self._require().process_data_events(time_limit=time_limit)
+
+    def sleep(self, seconds: float) -> None:
+        """Like time.sleep, but keeps the connection alive."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            self.process(min(left, 0.5))
+
+    def wait_for(self, future: Future[T], poll: float = 0.2) -> T:
+        """Keep the connection serviced while work runs on another thread, then return its result.
+
+        This is how a worker trains for minutes without its heartbeat timing out.
+        """
+        while not future.done():
+            self.process(poll)
+        return future.result()
+
+
+# --------------------------------------------------------------------------- streams
+
+
+class StreamReader:
+    """Reads one stream over its own connection (closing a stream consumer may close it)."""
+
+    def __init__(self, url: str, stream: str, *, name: str = "fedmq-stream", prefetch: int = 64) -> None:
+        self.url = url
+        self.stream = stream
+        self.prefetch = prefetch
+        self._conn = Connection(url, name=name)
+        self._buffer: list[Delivery] = []
+        self._started = False
+        self.last_offset: int | None = None
+
+    def __enter__(self) -> StreamReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+        self._started = False
+
+    def start(self, offset: int | str = "first") -> None:
+        """Attach at `offset`: "first", "last" (start of the last chunk), "next" or an int."""
+        if not self._conn.is_open:
+            self._conn.open()
+        self._buffer = []
+        self._conn.consume(self.stream, self._buffer.append, prefetch=self.prefetch,
+                           arguments={"x-stream-offset": offset})
+        self._started = True
+
+    def poll(self, timeout: float = 0.0) -> list[Delivery]:
+        """Deliveries that arrived within `timeout` seconds (credit is returned at once)."""
+        if not self._started:
+            raise RuntimeError("StreamReader.poll before start")
+        self._conn.process(timeout)
+        got, self._buffer[:] = list(self._buffer), []
+        if got:
+            got[-1].ack(multiple=True)
+            self.last_offset = got[-1].stream_offset
+        return got
+
+    def read(self, offset: int | str = "first", *, idle: float = 0.3,
+             max_seconds: float = 60.0) -> Iterator[Delivery]:
+        """Everything from `offset` until the stream has been quiet for `idle` seconds."""
+        self.start(offset)
+        deadline = time.monotonic() + max_seconds
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            got = self.poll(0.05)
+            if got:
+                quiet_since = time.monotonic()
+                yield from got
+            elif time.monotonic() - quiet_since >= idle:
+                return
+
+
+def read_stream(url: str, stream: str, offset: int | str = "first", *, idle: float = 0.3) -> list[Delivery]:
+    """All entries from `offset` to the (current) end of `stream`."""
+    with StreamReader(url, stream) as reader:
+        return list(reader.read(offset, idle=idle))
+
+
+def read_last(url: str, stream: str, *, idle: float = 0.15) -> Delivery | None:
+    """The newest entry of a stream (or None when empty): "last" yields the last chunk."""
+    entries = read_stream(url, stream, "last", idle=idle)
+    return entries[-1] if entries else None
+
+
+# --------------------------------------------------------------------------- reconnect
+
+
+def run_forever(step: Callable[[], None], *, stop: threading.Event, what: str,
+                on_reconnect: Callable[[int], None] | None = None, max_attempts: int | None = None) -> None:
+    """Call `step` (connect + serve) until `stop` is set, reconnecting on transient failures.
+
+    `step` must rebuild all of its state from the broker: unacked deliveries of a dead connection
+    are redelivered, so anything buffered in memory is simply dropped.
+    """
+    attempt = 0
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            step()
+            return
+        except (ConnectionLostError, BrokerUnavailableError) as exc:
+            if isinstance(exc, BrokerAccessError | JobNotFoundError | ConfigError):
+                raise
+            if stop.is_set():
+                return
+            if time.monotonic() - started > 30:
+                attempt = 0  # it was up for a while: this is a new outage, not the same one
+            attempt += 1
+            if max_attempts is not None and attempt > max_attempts:
+                raise
+            delay = _sleep_backoff(min(attempt, 6))
+            log.warning("reconnecting what=%s attempt=%d delay=%.2f error=%s", what, attempt, delay, exc)
+            if on_reconnect is not None:
+                on_reconnect(attempt)
+        except FedmqError:
+            raise

@@ -1,0 +1,93 @@
+"""Every error fedmq raises on purpose.
+
+Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead letters)::
+
+    FedmqError                      exit 1
+    ├── ConfigError                 exit 2  bad flag, TOML key or env value
+    ├── BrokerUnavailableError      exit 3  broker cannot be reached (URL printed, password masked)
+    ├── BrokerAccessError           exit 3  credentials / permissions refused: never retried
+    ├── JobNotFoundError            exit 4  the job's topology or v0 does not exist
+    ├── MalformedMessageError       reason "malformed"  bytes that are not a valid message
+    │   └── CodecError              reason "malformed"  tensor map with bad dtype/shape/size
+    └── InvalidUpdateError          reason given per subclass; the update is dead-lettered
+        ├── WrongJobError           "wrong_job"
+        ├── ShapeMismatchError      "shape_mismatch"
+        ├── NonFiniteError          "non_finite"
+        ├── NormBoundError          "norm_bound"
+        ├── StaleUpdateError        "stale"
+        ├── FutureVersionError      "future_version"
+        └── SignatureError          "bad_signature"
+"""
+
+from __future__ import annotations
+
+
+class FedmqError(Exception):
+    """Base of all fedmq errors; `exit_code` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigError(FedmqError):
+    exit_code = 2
+
+
+class BrokerUnavailableError(FedmqError):
+    exit_code = 3
+
+
+class BrokerAccessError(FedmqError):
+    exit_code = 3
+
+
+class JobNotFoundError(FedmqError):
+    exit_code = 4
+
+
+class MalformedMessageError(FedmqError):
+    reason = "malformed"
+
+
+class CodecError(MalformedMessageError):
+    pass
+
+
+class InvalidUpdateError(FedmqError):
+    """An update the aggregator refuses; `reason` becomes the dead-letter header."""
+
+    reason = "invalid"
+
+
+class WrongJobError(InvalidUpdateError):
+    reason = "wrong_job"
+
+
+class ShapeMismatchError(InvalidUpdateError):
+    reason = "shape_mismatch"
+
+
+class NonFiniteError(InvalidUpdateError):
+    reason = "non_finite"
+
+
+class NormBoundError(InvalidUpdateError):
+    reason = "norm_bound"
+
+
+class StaleUpdateError(InvalidUpdateError):
+    reason = "stale"
+
+    def __init__(self, update_id: str, tau: int, limit: int) -> None:
+        super().__init__(
+            f"update {update_id} is {tau} versions behind (limit {limit}); "
+            "raise max_staleness or shorten local epochs"
+        )
+        self.tau = tau
+
+
+class FutureVersionError(InvalidUpdateError):
+    reason = "future_version"
+
+
+class SignatureError(InvalidUpdateError):
+    reason = "bad_signature"

@@ -1,0 +1,132 @@
+"""Model registry and the torch <-> wire conversions.
+
+A model is named in the job config as a registry name (``logreg``, ``mlp``, ``cnn``) or as
+``package.module:callable``; the callable receives the spec's ``args`` and returns an
+``nn.Module``. Custom callables must be importable on every site and on the coordinator: the
+site operator installs them, so a broker message can never make a site run code it did not choose.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.codec import Weights
+from shared.errors import ConfigError
+
+
+def logreg(input_dim: int, num_classes: int, **_: Any) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(input_dim, num_classes))
+
+
+def mlp(input_dim: int, num_classes: int, hidden: int = 64, layers: int = 1, **_: Any) -> nn.Module:
+    mods: list[nn.Module] = [nn.Flatten()]
+    width = input_dim
+    for _i in range(layers):
+        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    mods.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*mods)
+
+
+def cnn(input_shape: list[int] | tuple[int, ...], num_classes: int, channels: int = 16, **_: Any) -> nn.Module:
+    """Two conv blocks + linear head; works for 1x8x8 digits and 1x28x28 MNIST."""
+    shape = tuple(input_shape)
+    if len(shape) == 1:
+        side = int(math.isqrt(shape[0]))
+        if side * side != shape[0]:
+            raise ConfigError(f"cnn needs square images; input_dim {shape[0]} is not a square")
+        shape = (1, side, side)
+    c, h, w = shape
+    return nn.Sequential(
+        nn.Unflatten(1, (c, h, w)) if len(input_shape) == 1 else nn.Identity(),
+        nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, channels * 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(channels * 2 * (h // 4) * (w // 4), num_classes),
+    )
+
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {"logreg": logreg, "mlp": mlp, "cnn": cnn}
+
+
+def resolve(name: str) -> Callable[..., nn.Module]:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" not in name:
+        raise ConfigError(f"model {name!r} is not one of {', '.join(REGISTRY)} nor package.module:callable")
+    mod_name, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model {name!r} cannot be imported on this machine: {exc}") from exc
+    if not callable(fn):
+        raise ConfigError(f"model {name!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def build_model(spec: dict[str, Any], *, seed: int | None = None) -> nn.Module:
+    """Instantiate the model a ModelVersion's `model` spec names (seeded for a reproducible v0)."""
+    fn = resolve(str(spec.get("name", "")))
+    args = dict(spec.get("args", {}))
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        return fn(**args)
+    except TypeError as exc:
+        raise ConfigError(f"model {spec.get('name')!r} does not accept args {args}: {exc}") from exc
+
+
+def model_spec(name: str, input_shape: tuple[int, ...], num_classes: int, **args: Any) -> dict[str, Any]:
+    """The spec stored in every ModelVersion: registry name plus the arguments that fix shapes."""
+    full = {"input_dim": int(np.prod(input_shape)), "input_shape": list(input_shape),
+            "num_classes": int(num_classes), **args}
+    return {"name": name, "args": full}
+
+
+def get_weights(model: nn.Module) -> Weights:
+    """A copy of the model's state as numpy arrays, in state_dict order."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def set_weights(model: nn.Module, weights: Weights) -> None:
+    state = model.state_dict()
+    if list(state) != list(weights):
+        raise ConfigError(f"weights do not fit the model: {sorted(set(state) ^ set(weights))} differ")
+    new = {k: torch.from_numpy(np.array(v, copy=True)).to(state[k].device) for k, v in weights.items()}
+    model.load_state_dict(new)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; 'cpu'/'cuda'/'cuda:1' are taken as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not valid: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here")
+    return dev
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device | None = None,
+             batch_size: int = 1024) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) on held-out data."""
+    device = device or torch.device("cpu")
+    model.eval().to(device)
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(x), batch_size):
+        xb = torch.from_numpy(x[i:i + batch_size]).to(device)
+        yb = torch.from_numpy(y[i:i + batch_size]).to(device)
+        out = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    n = max(len(x), 1)
+    return correct / n, loss_sum / n

@@ -1,0 +1,183 @@
+"""A site: take one task, train on local data, publish the update (confirmed), then ack the task.
+
+The order matters: the task is acked only after the broker confirmed the update, so a worker that
+dies anywhere in between leaves the task unacked and the broker hands it to another site. The
+update id is derived from the task id, so if the first update did get through, the second one is
+recognised by the aggregator as a duplicate.
+
+Training runs on a separate thread while this thread keeps servicing the connection: heartbeats
+keep flowing through minutes of local compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.broker import (
+    REASON_HEADER,
+    UPDATE_ID_HEADER,
+    Connection,
+    Delivery,
+    JobNames,
+    run_forever,
+    validate_site,
+)
+from shared.datasets import load_site
+from shared.errors import JobNotFoundError, MalformedMessageError
+from shared.jobstate import emit, find_version
+from shared.messages import EventKind, ModelVersion, Task, Update
+from shared.models import pick_device
+from worker.train import LocalResult, task_seed, train_local
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    slowdown: float = 1.0          # F: the site is F x slower than its own compute
+    min_task_seconds: float = 0.0  # pad each task to at least this long (simulated local compute)
+    device: str = "auto"
+    heartbeat: int = 30
+    model_cache: int = 4           # versions kept in memory
+    max_tasks: int = 0             # stop after this many tasks (0 = until the job ends)
+    wait_for_job: float = 60.0     # seconds to wait for the job's topology to appear
+
+
+@dataclass
+class WorkerStats:
+    tasks: int = 0
+    reconnects: int = 0
+    train_seconds: list[float] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, url: str, job: str, site: str, data: str | Path, *,
+                 options: WorkerOptions | None = None, stop: threading.Event | None = None) -> None:
+        self.url = url
+        self.names = JobNames(job)
+        self.site = validate_site(site)
+        self.options = options or WorkerOptions()
+        self.x, self.y = load_site(data)
+        self.device = pick_device(self.options.device)
+        self.stop = stop or threading.Event()
+        self.finished = False
+        self.stats = WorkerStats()
+        self._models: OrderedDict[int, ModelVersion] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{site}")
+
+    def run(self) -> WorkerStats:
+        try:
+            run_forever(self._serve, stop=self.stop, what=f"worker site={self.site}",
+                        on_reconnect=self._count_reconnect)
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        return self.stats
+
+    def _count_reconnect(self, _attempt: int) -> None:
+        self.stats.reconnects += 1
+
+    def _job_finished(self) -> None:
+        log.info("job finished, worker leaving job=%s site=%s", self.names.job, self.site)
+        self.finished = True
+        self.stop.set()
+
+    def _wait_for_job(self, conn: Connection) -> None:
+        deadline = time.monotonic() + self.options.wait_for_job
+        while not conn.job_exists(self.names):
+            if time.monotonic() > deadline:
+                raise JobNotFoundError(f"job {self.names.job} does not exist on the broker "
+                                       "(start its coordinator first, or check --job)")
+            conn.sleep(0.5)
+
+    def _serve(self) -> None:
+        conn = Connection(self.url, name=f"fedmq-worker-{self.names.job}-{self.site}",
+                          heartbeat=self.options.heartbeat)
+        conn.open(retries=3)
+        try:
+            self._wait_for_job(conn)
+            pending: list[Delivery] = []
+            conn.consume(self.names.tasks, pending.append, prefetch=1, on_cancel=self._job_finished)
+            log.info("worker ready job=%s site=%s samples=%d", self.names.job, self.site, len(self.y))
+            while not self.stop.is_set():
+                conn.process(0.2)
+                while pending and not self.stop.is_set():
+                    self._handle(conn, pending.pop(0))
+                if self.options.max_tasks and self.stats.tasks >= self.options.max_tasks:
+                    self.stop.set()
+        finally:
+            conn.close()
+
+    def _handle(self, conn: Connection, d: Delivery) -> None:
+        try:
+            task = Task.decode(d.body)
+        except MalformedMessageError as exc:
+            conn.publish(self.names.dead_exchange, "task", d.body,
+                         headers={REASON_HEADER: exc.reason, "x-fedmq-detail": str(exc)[:1000]})
+            d.ack()
+            return
+        if task.job != self.names.job:
+            conn.publish(self.names.dead_exchange, "task", d.body,
+                         headers={REASON_HEADER: "wrong_job", "x-fedmq-detail": f"task for {task.job}"})
+            d.ack()
+            return
+        started = time.monotonic()
+        base = self._model(task)
+        result: LocalResult = conn.wait_for(self._pool.submit(self._train, task, base, started))
+        if self.stop.is_set() and self.finished:
+            return  # the job ended while we trained: nothing to deliver to
+        update = Update(
+            job=task.job, update_id=task.update_id, task_id=task.task_id, site=self.site,
+            base_version=base.version, num_samples=result.num_samples, delta=result.delta,
+            metrics={**result.metrics, "task_seconds": time.monotonic() - started},
+        )
+        conn.publish(self.names.updates_exchange, self.site, update.encode(),
+                     headers={UPDATE_ID_HEADER: update.update_id}, message_id=update.update_id)
+        emit(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, task_id=task.task_id,
+             update_id=update.update_id, site=self.site, base_version=base.version,
+             num_samples=result.num_samples, loss=result.metrics["loss"],
+             task_seconds=update.metrics["task_seconds"])
+        d.ack()
+        self.stats.tasks += 1
+        self.stats.train_seconds.append(update.metrics["task_seconds"])
+        log.info("update published", extra={"job": task.job, "site": self.site, "task": task.task_id,
+                                             "base_version": base.version,
+                                             "seconds": round(update.metrics["task_seconds"], 3)})
+
+    def _model(self, task: Task) -> ModelVersion:
+        mv = self._models.get(task.version)
+        if mv is None:
+            mv, _ = find_version(self.url, self.names, task.version, task.model_offset)
+            if not self._models:
+                self._warm_up(mv)
+            self._models[task.version] = mv
+            while len(self._models) > self.options.model_cache:
+                self._models.popitem(last=False)
+        return mv
+
+    def _warm_up(self, mv: ModelVersion) -> None:
+        """One throw-away step, so torch's first-call set-up is not billed to the first task
+        (it would be multiplied by --slowdown and make a slow site look stuck)."""
+        n = min(len(self.y), 8)
+        train_local(mv.model, {k: np.asarray(v) for k, v in mv.weights.items()}, self.x[:n], self.y[:n],
+                    epochs=1, batch_size=n, lr=1e-3, device=self.device)
+
+    def _train(self, task: Task, base: ModelVersion, started: float) -> LocalResult:
+        """Runs on the training thread: compute, then simulate a slower site if asked to."""
+        t0 = time.monotonic()
+        result = train_local(base.model, {k: np.asarray(v) for k, v in base.weights.items()},
+                             self.x, self.y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr,
+                             mu=task.mu, seed=task_seed(task.task_id), device=self.device)
+        compute = time.monotonic() - t0
+        pad = max(0.0, (self.options.slowdown - 1.0) * compute)
+        pad = max(pad, self.options.min_task_seconds * self.options.slowdown - (time.monotonic() - started))
+        if pad > 0:
+            self.stop.wait(pad)
+        return result
