@@ -1,13 +1,20 @@
-"""Subcommands beyond the roles (history, replay, monitor, report, ...), registered here so each
-lives in its own module and `fedmq.cli` stays a thin parser."""
+"""Subcommands beyond the roles (history, replay, monitor, report, ...).
+
+Each lives in its own module exposing ``register(sub, add_common)``; list it here so `fedmq.cli`
+stays a thin parser and no two features edit the same function.
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 from collections.abc import Callable
 from typing import Any
+
+COMMAND_MODULES: list[str] = [
+]
 
 
 def register(sub: Any, add_common: Callable[..., None]) -> None:
     """Add the operator subcommands to the `fedmq` parser."""
-    _ = (sub, add_common, argparse)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub, add_common)
