@@ -101,7 +101,8 @@ class Coordinator:
 
     def _resume(self) -> tuple[bool, int | str]:
         """Replay the events stream: (job already started?, offset to follow the stream from)."""
-        started, follow_from = False, "first"
+        started = False
+        follow_from: int | str = "first"
         for d in read_stream(self.url, self.names.events, "first"):
             follow_from = (d.stream_offset or 0) + 1
             try:

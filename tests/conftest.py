@@ -22,7 +22,7 @@ def _find_broker() -> Iterator[str]:
     env_url = os.environ.get("FEDMQ_BROKER_URL")
     if env_url:
         if not broker_answers(env_url):
-            pytest.exit(f"FEDMQ_BROKER_URL is set but the broker does not answer", returncode=3)
+            pytest.exit("FEDMQ_BROKER_URL is set but the broker does not answer", returncode=3)
         yield env_url
         return
     if broker_answers(LOCAL_URL):
