@@ -132,8 +132,10 @@ class _Session:
         except InvalidUpdateError as exc:
             self.dead_letter(d, exc.reason, str(exc), uid)
             return
-        assert update.delta is not None  # validate_update guarantees it
-        self.acc.fold(update_id=uid, site=update.site, delta=update.delta, tau=tau,
+        delta = update.delta
+        if delta is None:  # validate_update refuses these; keeps the type checker honest
+            raise InvalidUpdateError(f"update {uid} has no plaintext delta")
+        self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version)
         if not self.buffered:
             self.first_fold_at = time.monotonic()
