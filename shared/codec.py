@@ -44,7 +44,8 @@ def encode_tensors(weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any
     for name, arr in weights.items():
         arr = np.asarray(arr)
         wire = _wire_dtype(arr)
-        arr = np.ascontiguousarray(arr, dtype=DTYPES[wire])
+        # not ascontiguousarray: it turns a 0-d array into shape (1,)
+        arr = np.asarray(arr, dtype=DTYPES[wire], order="C")
         out[name] = {"dtype": wire, "shape": list(arr.shape), "data": arr.tobytes()}
     return out
 
