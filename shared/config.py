@@ -159,8 +159,9 @@ class JobConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(JobConfig)  # type: ignore[misc]
-                             if f.name not in ("job", "seed")}
+# resolved hints, not Field.type: with postponed annotations that is only the string "StrategyConfig"
+SECTIONS: dict[str, type] = {name: typ for name, typ in typing.get_type_hints(JobConfig).items()
+                             if name not in ("job", "seed")}
 
 
 def _resolve_type(cls: type, name: str) -> Any:
