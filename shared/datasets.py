@@ -157,7 +157,7 @@ def save_site(path: Path, x: np.ndarray, y: np.ndarray) -> None:
             w = csv.writer(fh)
             w.writerow(["label", *[f"f{i}" for i in range(int(np.prod(x.shape[1:])))]])
             for xi, yi in zip(x.reshape(len(x), -1), y, strict=True):
-                w.writerow([int(yi), *(f"{v:.7g}" for v in xi)])
+                w.writerow([int(yi), *(f"{v:.9g}" for v in xi)])  # 9 digits: float32 round-trips
     else:
         np.savez(path, x=x, y=y)
 
