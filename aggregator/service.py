@@ -20,6 +20,7 @@ import numpy as np
 
 from aggregator.strategy import Accumulator
 from aggregator.validate import validate_update
+from shared import metrics
 from shared.broker import (
     DETAIL_HEADER,
     REASON_HEADER,
@@ -62,7 +63,8 @@ class Aggregator:
         self.active = False
 
     def run(self) -> AggregatorStats:
-        run_forever(self._serve, stop=self.stop, what=f"aggregator job={self.names.job}")
+        run_forever(self._serve, stop=self.stop, what=f"aggregator job={self.names.job}",
+                    on_reconnect=lambda _attempt: metrics.reconnected(self.names.job, "aggregator"))
         return self.stats
 
     # ---------------------------------------------------------------- one connection's life
@@ -85,6 +87,7 @@ class Aggregator:
                 session.maybe_flush()
         finally:
             self.active = False
+            metrics.aggregator_active(self.names.job, False)
             conn.close()
 
 
@@ -115,6 +118,9 @@ class _Session:
             if d.redelivered:
                 self.agg.stats.takeovers += 1
             log.info("aggregator active job=%s replica=%s", self.names.job, self.agg.name)
+            metrics.aggregator_active(self.names.job, True)
+            emit(self.conn, self.names, self.agg.name, EventKind.AGGREGATOR_ACTIVE, replica=self.agg.name,
+                 takeover=d.redelivered)
         try:
             update = Update.decode(d.body)
         except MalformedMessageError as exc:
@@ -123,9 +129,11 @@ class _Session:
         uid = update.update_id
         if uid in self.seen or uid in self.buffered_ids:
             self.agg.stats.duplicates += 1
+            metrics.update_duplicate(self.names.job)
             log.info("duplicate update dropped job=%s update=%s", self.names.job, uid)
             d.ack()
             return
+        fold_started = time.perf_counter()
         try:
             tau = validate_update(update, job=self.names.job, current_version=self.current.version,
                                   template=self.template, cfg=self.cfg)
@@ -137,6 +145,7 @@ class _Session:
             raise InvalidUpdateError(f"update {uid} has no plaintext delta")
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version)
+        metrics.update_folded(self.names.job, tau, time.perf_counter() - fold_started)
         if not self.buffered:
             self.first_fold_at = time.monotonic()
         self.buffered.append(d)
@@ -150,6 +159,7 @@ class _Session:
 
     def flush(self) -> None:
         """Publish the next version with a confirm, then ack what it includes (never the reverse)."""
+        flush_started = time.perf_counter()
         new_weights, contributions = self.acc.flush(self.current.weights)
         cur = self.current
         mv = make_version(
@@ -158,6 +168,8 @@ class _Session:
             model=cur.model, contributions=[c.to_dict() for c in contributions], meta=dict(cur.meta),
         )
         self.conn.publish(self.names.models_exchange, "", mv.encode(), message_id=f"v{mv.version}")
+        metrics.version_published(self.names.job, mv.version, len(mv.included),
+                                  time.perf_counter() - flush_started)
         for d in self.buffered:
             d.ack()
         self.buffered, self.buffered_ids = [], set()
@@ -188,6 +200,7 @@ class _Session:
         d.ack()
         counts = self.agg.stats.dead_lettered
         counts[reason] = counts.get(reason, 0) + 1
+        metrics.update_dead_lettered(self.names.job, reason)
         log.warning("update dead-lettered", extra={"job": self.names.job, "update": update_id,
                                                     "reason": reason, "detail": detail})
         emit(self.conn, self.names, "aggregator", EventKind.DEAD_LETTERED, update_id=update_id,

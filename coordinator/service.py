@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared import metrics
 from shared.broker import Connection, JobNames, Retention, StreamReader, TopologyConfig, read_stream
 from shared.config import JobConfig, StrategyName
 from shared.datasets import load_site
@@ -160,6 +161,7 @@ class Coordinator:
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
             emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
             self.outstanding[task.task_id] = OutstandingTask(task, time.monotonic())
+            metrics.tasks_issued(self.cfg.job, 1, len(self.outstanding))
 
     def _expire(self) -> None:
         """Forget tasks past their deadline so replacements are issued; a late update still counts."""
@@ -179,6 +181,7 @@ class Coordinator:
         acc, loss = evaluate(self.model, self.x_test, self.y_test)
         t = time.time() - self.started
         self.curve.append((mv.version, t, acc))
+        metrics.version_evaluated(self.cfg.job, mv.version, acc)
         target = self.cfg.coordinator.target_accuracy
         if target and acc >= target and self.target_at is None:
             self.target_at = t

@@ -7,6 +7,7 @@ unreachable or refused, 4 job not found, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -32,6 +33,16 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"fedmq {self.prog.partition(' ')[2] or ''}: {message} (see --help)\n".replace("  ", " "))
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, with a broker URL's password masked (it may come from env)."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        if isinstance(action.default, str) and "://" in action.default:
+            action = copy.copy(action)
+            action.default = mask_url(action.default)
+        return super()._expand_help(action)
+
+
 def _job(value: str) -> str:
     try:
         return validate_job_id(value)
@@ -41,7 +52,7 @@ def _job(value: str) -> str:
 
 def add_common(p: argparse.ArgumentParser, *, job: bool = True, job_required: bool = True) -> None:
     p.add_argument("--broker", default=os.environ.get("FEDMQ_BROKER_URL", DEFAULT_URL),
-                   help="AMQP URL (env FEDMQ_BROKER_URL; default %(default)s)")
+                   help="AMQP URL, amqps:// for TLS (env FEDMQ_BROKER_URL)")
     if job:
         p.add_argument("--job", type=_job, required=job_required and "FEDMQ_JOB" not in os.environ,
                        default=os.environ.get("FEDMQ_JOB"), help="job id (env FEDMQ_JOB)")
@@ -63,6 +74,19 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def add_metrics_port(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=os.environ.get("FEDMQ_METRICS_PORT", "0"),
+                   help="serve Prometheus /metrics on this port, 0 = off (env FEDMQ_METRICS_PORT)")
+
+
+def start_metrics(args: argparse.Namespace) -> None:
+    """Start the /metrics endpoint before the role runs, so a scrape sees it from the start."""
+    if args.metrics_port:
+        from shared.metrics import serve
+
+        serve(args.metrics_port)
+
+
 def check_broker(url: str) -> None:
     """Fail fast with exit 3 and the masked URL when the broker does not answer."""
     Connection(url, name="fedmq-check").open().close()
@@ -81,6 +105,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
     from aggregator.service import Aggregator
 
     check_broker(args.broker)
+    start_metrics(args)
     agg = Aggregator(args.broker, args.job, stop=stop_on_signals(), heartbeat=args.heartbeat,
                      name=args.name)
     stats = agg.run()
@@ -99,10 +124,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
     opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
                          device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
                          wait_for_job=args.wait)
-    worker = Worker(args.broker, args.job, args.site, args.data, options=opts, stop=stop_on_signals())
+    site, data = args.site, args.data
+    if args.site_pool:
+        from fedmq.site_pool import claim_site
+
+        claim = claim_site(args.site_pool)  # held (flock) until this process exits
+        site, data = claim.site, str(claim.data)
+    elif not (site and data):
+        raise ConfigError("worker needs --site and --data (env FEDMQ_SITE, FEDMQ_DATA), "
+                          "or --site-pool (env FEDMQ_SITE_POOL)")
+    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop_on_signals())
     check_broker(args.broker)
+    start_metrics(args)
     stats = worker.run()
-    log.info("worker stopped job=%s site=%s tasks=%d", args.job, args.site, stats.tasks)
+    log.info("worker stopped job=%s site=%s tasks=%d", args.job, site, stats.tasks)
     return 0
 
 
@@ -118,6 +153,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     cfg = load_job_config(args.config, overrides=overrides)
     coord = Coordinator(args.broker, cfg, stop=stop_on_signals())
     check_broker(args.broker)
+    start_metrics(args)
     result = coord.run()
     if args.json:
         print_json(result.to_dict())
@@ -146,9 +182,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fedmq", description="Asynchronous federated learning over RabbitMQ.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     p = sub.add_parser("demo", help="a whole federated job on bundled data, as real processes",
                        formatter_class=fmt)
@@ -166,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", help="held-out test data (overrides data.test)")
     p.add_argument("--out", help="export directory (overrides coordinator.out)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    add_metrics_port(p)
     p.set_defaults(run=cmd_coordinator)
 
     p = sub.add_parser("aggregator", help="one aggregator replica (start several: one active)",
@@ -175,15 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replica name in logs and connection names (env FEDMQ_AGGREGATOR_NAME)")
     p.add_argument("--heartbeat", type=int, default=10, help="AMQP heartbeat seconds (standby takeover "
                    "after a hang takes 2-3x this)")
+    add_metrics_port(p)
     p.set_defaults(run=cmd_aggregator)
 
     p = sub.add_parser("worker", help="one site: train on local data, publish updates",
                        formatter_class=fmt)
     add_common(p)
-    p.add_argument("--site", required="FEDMQ_SITE" not in os.environ, default=os.environ.get("FEDMQ_SITE"),
+    p.add_argument("--site", default=os.environ.get("FEDMQ_SITE"),
                    help="site name; also the routing key of its updates (env FEDMQ_SITE)")
-    p.add_argument("--data", required="FEDMQ_DATA" not in os.environ, default=os.environ.get("FEDMQ_DATA"),
+    p.add_argument("--data", default=os.environ.get("FEDMQ_DATA"),
                    help="the site's NPZ (x, y) or CSV (label, features...) file (env FEDMQ_DATA)")
+    p.add_argument("--site-pool", default=os.environ.get("FEDMQ_SITE_POOL"),
+                   help="instead of --site/--data: a glob of data files; this worker claims the first "
+                   "one no other worker holds and takes its file stem as site name (env FEDMQ_SITE_POOL)")
     p.add_argument("--slowdown", type=float, default=1.0, help="make this site F times slower")
     p.add_argument("--min-task-seconds", type=float, default=0.0, help="pad each task to >= S seconds")
     p.add_argument("--device", default=os.environ.get("FEDMQ_DEVICE", "auto"),
@@ -191,24 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=30, help="AMQP heartbeat seconds")
     p.add_argument("--max-tasks", type=int, default=0, help="leave after N tasks (0 = until the job ends)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the job to exist")
+    add_metrics_port(p)
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("partition", help="split a bundled dataset into per-site files",
                        formatter_class=fmt)
-    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"])
-    p.add_argument("--sites", type=int, default=8)
-    p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
+                   help="bundled dataset (no download)")
+    p.add_argument("--sites", type=int, default=8, help="number of site files to write")
+    p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"],
+                   help="how samples are split over sites (dirichlet, quantity: skew set by --alpha)")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--format", default="npz", choices=["npz", "csv"])
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share held out as test.npz")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the split")
+    p.add_argument("--format", default="npz", choices=["npz", "csv"], help="site file format")
     p.add_argument("--out", required=True, help="directory for site_<i>.<format> and test.npz")
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="log level; logs go to stderr")
     p.set_defaults(run=cmd_partition)
 
     from fedmq import extra_commands
 
     extra_commands.register(sub, add_common)
+    for p in sub.choices.values():  # every subcommand's --help shows its defaults
+        p.formatter_class = HelpFormatter
     return parser
 
 

@@ -41,11 +41,14 @@ DEMO_STRATEGIES = {
 
 
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", default="fedbuff", choices=sorted(DEMO_STRATEGIES))
-    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"])
+    p.add_argument("--strategy", default="fedbuff", choices=sorted(DEMO_STRATEGIES),
+                   help="aggregation strategy, with settings tuned for the bundled data")
+    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
+                   help="bundled dataset (no download)")
     p.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:callable")
     p.add_argument("--sites", type=int, default=8, help="number of worker processes")
-    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"])
+    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"],
+                   help="how samples are split over sites")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the partition")
     p.add_argument("--slow", type=int, default=2, help="how many sites are slow")
     p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the slow sites are")
@@ -53,12 +56,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="pad every local task to at least this long (simulated site compute)")
     p.add_argument("--target", type=float, default=0.9, help="stop at this test accuracy (0 = none)")
     p.add_argument("--max-seconds", type=float, default=180.0, help="stop after this long")
-    p.add_argument("--max-versions", type=int, default=1000)
+    p.add_argument("--max-versions", type=int, default=1000, help="stop after this many versions")
     p.add_argument("--epochs", type=int, default=1, help="local epochs per task")
     p.add_argument("--lr", type=float, default=0.1, help="local learning rate")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="local mini-batch size")
     p.add_argument("--aggregators", type=int, default=1, help="aggregator replicas (1 active, rest standby)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the partition and the initial model")
     p.add_argument("--workdir", help="where data, config, logs and the model go (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
 

@@ -208,6 +208,8 @@ class EventKind(StrEnum):
     VERSION_PUBLISHED = "version_published"
     VERSION_EVALUATED = "version_evaluated"
     DEAD_LETTERED = "dead_lettered"
+    #: a replica started receiving updates (single-active-consumer chose it); data: replica, takeover
+    AGGREGATOR_ACTIVE = "aggregator_active"
     JOB_FINISHING = "job_finishing"
     JOB_FINISHED = "job_finished"
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared import metrics
 from shared.broker import (
     REASON_HEADER,
     UPDATE_ID_HEADER,
@@ -83,6 +84,7 @@ class Worker:
 
     def _count_reconnect(self, _attempt: int) -> None:
         self.stats.reconnects += 1
+        metrics.reconnected(self.names.job, "worker")
 
     def _job_finished(self) -> None:
         log.info("job finished, worker leaving job=%s site=%s", self.names.job, self.site)
@@ -147,6 +149,7 @@ class Worker:
         d.ack()
         self.stats.tasks += 1
         self.stats.train_seconds.append(update.metrics["task_seconds"])
+        metrics.task_trained(task.job, self.site, update.metrics["task_seconds"])
         log.info("update published", extra={"job": task.job, "site": self.site, "task": task.task_id,
                                              "base_version": base.version,
                                              "seconds": round(update.metrics["task_seconds"], 3)})
