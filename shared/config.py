@@ -147,6 +147,100 @@ class RetentionConfig:
     max_bytes: int = 0   # 0 = unbounded
 
 
+class PrivacyMechanism(StrEnum):
+    NONE = "none"
+    DP_SGD = "dp_sgd"        # record-level: Opacus DP-SGD at every site
+    DP_FEDAVG = "dp_fedavg"  # update-level: clip each update, add Gaussian noise
+
+
+class NoisePlacement(StrEnum):
+    SITE = "site"              # every update is noised before it leaves the site
+    AGGREGATOR = "aggregator"  # the aggregator noises each version's sum (trusted aggregator)
+
+
+class AccountantName(StrEnum):
+    RDP = "rdp"
+    PRV = "prv"
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of the job; sites receive it in Task.options["privacy"].
+
+    With noise_multiplier = 0, sigma is calibrated so that `planned_tasks` tasks of one site spend
+    exactly `epsilon` (DP-SGD: at that site's sample rate; DP-FedAvg: `planned_tasks` releases).
+    `epsilon` is also each site's budget: a site refuses the task that would take it past it.
+    """
+
+    mechanism: PrivacyMechanism = PrivacyMechanism.NONE
+    epsilon: float = 0.0          # per-site budget; 0 = no budget (needs noise_multiplier > 0)
+    delta: float = 1e-5
+    noise_multiplier: float = 0.0  # sigma; 0 = calibrated from epsilon and planned_tasks
+    planned_tasks: int = 20        # tasks (DP-FedAvg: updates) one site's budget should pay for
+    max_grad_norm: float = 1.0     # dp_sgd: per-sample gradient clip C
+    accountant: AccountantName = AccountantName.RDP  # dp_sgd: the site ledger's Opacus accountant
+    clip_norm: float = 1.0         # dp_fedavg: update L2 clip C
+    noise_at: NoisePlacement = NoisePlacement.SITE  # dp_fedavg: local or central noise
+
+    def __post_init__(self) -> None:
+        _require(self.epsilon >= 0, "privacy.epsilon", f"must be >= 0, got {self.epsilon}")
+        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier",
+                 f"must be >= 0, got {self.noise_multiplier}")
+        _require(self.planned_tasks >= 1, "privacy.planned_tasks", f"must be >= 1, got {self.planned_tasks}")
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
+        if self.mechanism is not PrivacyMechanism.NONE:
+            _require(self.epsilon > 0 or self.noise_multiplier > 0, "privacy.epsilon",
+                     "set privacy.epsilon (a budget) or privacy.noise_multiplier (a fixed sigma)")
+
+    @property
+    def central(self) -> bool:
+        return self.mechanism is PrivacyMechanism.DP_FEDAVG and self.noise_at is NoisePlacement.AGGREGATOR
+
+    def to_options(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> PrivacyConfig:
+        return build(cls, options, "privacy")
+
+
+class EncryptionScheme(StrEnum):
+    NONE = "none"
+    CKKS = "ckks"  # homomorphic: sites encrypt, the aggregator sums ciphertexts, a key holder decrypts
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    """Homomorphic aggregation (docs/privacy.md). The coordinator publishes the public context in v0;
+    only the key holder (`fedmq keyholder`, or the coordinator when secret_context is set) decrypts."""
+
+    scheme: EncryptionScheme = EncryptionScheme.NONE
+    public_context: str = ""   # <job>.public.ctx written by `fedmq keys --job ID --out DIR`
+    secret_context: str = ""   # set only when the coordinator itself is the key holder
+
+    def __post_init__(self) -> None:
+        if self.scheme is EncryptionScheme.CKKS:
+            _require(bool(self.public_context), "encryption.public_context",
+                     "scheme ckks needs the public context file (fedmq keys --job ID --out DIR)")
+        else:
+            _require(not self.secret_context, "encryption.secret_context",
+                     "only meaningful with scheme = \"ckks\"")
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme is not EncryptionScheme.NONE
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    """Ed25519 update signatures: with a registry, the aggregator dead-letters any update that is
+    unsigned or does not verify ("bad_signature"); without one, signatures are not required."""
+
+    registry: str = ""  # registry.json (site -> public key hex) from `fedmq keys --site NAME`
+
+
 @dataclass(frozen=True)
 class JobConfig:
     job: str = ""
@@ -157,6 +251,9 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
 
 # resolved hints, not Field.type: with postponed annotations that is only the string "StrategyConfig"

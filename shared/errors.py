@@ -7,6 +7,7 @@ Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead lett
     ├── BrokerUnavailableError      exit 3  broker cannot be reached (URL printed, password masked)
     ├── BrokerAccessError           exit 3  credentials / permissions refused: never retried
     ├── JobNotFoundError            exit 4  the job's topology or v0 does not exist
+    ├── SealedSeedError             exit 2  the DP noise key does not open a version's seed
     ├── MalformedMessageError       reason "malformed"  bytes that are not a valid message
     │   └── CodecError              reason "malformed"  tensor map with bad dtype/shape/size
     └── InvalidUpdateError          reason given per subclass; the update is dead-lettered
@@ -16,7 +17,9 @@ Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead lett
         ├── NormBoundError          "norm_bound"
         ├── StaleUpdateError        "stale"
         ├── FutureVersionError      "future_version"
-        └── SignatureError          "bad_signature"
+        ├── SignatureError          "bad_signature"
+        ├── EncryptionMismatchError "encryption_mismatch"  plaintext in a CKKS job or vice versa
+        └── PrivacyBudgetError      "privacy_budget"  also a site's reason to refuse a task
 """
 
 from __future__ import annotations
@@ -91,3 +94,31 @@ class FutureVersionError(InvalidUpdateError):
 
 class SignatureError(InvalidUpdateError):
     reason = "bad_signature"
+
+
+class EncryptionMismatchError(InvalidUpdateError):
+    """A plaintext delta in a homomorphic job, a ciphertext in a plaintext one, or a ciphertext
+    under another job's key: folding it would leak the delta or add garbage to the sum."""
+
+    reason = "encryption_mismatch"
+
+
+class PrivacyBudgetError(InvalidUpdateError):
+    """The next release would take a site past its epsilon budget: the site refuses the task
+    (TASK_REFUSED event) or, with central noise, the aggregator dead-letters the update."""
+
+    reason = "privacy_budget"
+
+    def __init__(self, site: str, spent: float, would_be: float, budget: float) -> None:
+        super().__init__(f"site {site} has spent epsilon {spent:.4g}; the next task would bring it to "
+                         f"{would_be:.4g} > budget {budget:.4g}; it takes no more tasks")
+        self.site = site
+        self.spent = spent
+        self.would_be = would_be
+        self.budget = budget
+
+
+class SealedSeedError(FedmqError):
+    """The DP noise key does not open a version's sealed seed (wrong key, or seed moved)."""
+
+    exit_code = 2
