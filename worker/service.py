@@ -32,10 +32,11 @@ from shared.broker import (
     validate_site,
 )
 from shared.datasets import load_site
-from shared.errors import JobNotFoundError, MalformedMessageError
+from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, PrivacyBudgetError
 from shared.jobstate import emit, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
+from worker.privacy import DpPlan, SitePrivacy
 from worker.train import LocalResult, task_seed, train_local
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class WorkerOptions:
     model_cache: int = 4           # versions kept in memory
     max_tasks: int = 0             # stop after this many tasks (0 = until the job ends)
     wait_for_job: float = 60.0     # seconds to wait for the job's topology to appear
+    ledger: str = ""               # DP budget ledger file ("" = <data stem>.<site>.dp-ledger.json beside the data)
+    epsilon_budget: float = 0.0    # the site's own epsilon cap; the job's budget applies too (0 = none)
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Worker:
         self.site = validate_site(site)
         self.options = options or WorkerOptions()
         self.x, self.y = load_site(data)
+        self.privacy = SitePrivacy(self.site, self.options.ledger or default_ledger_path(data, self.site),
+                                   site_budget=self.options.epsilon_budget)
         self.device = pick_device(self.options.device)
         self.stop = stop or threading.Event()
         self.finished = False
@@ -130,22 +135,33 @@ class Worker:
                          headers={REASON_HEADER: "wrong_job", "x-fedmq-detail": f"task for {task.job}"})
             d.ack()
             return
+        try:
+            plan = self.privacy.plan(task, len(self.y))
+        except PrivacyBudgetError as exc:
+            self._refuse(conn, d, task, exc)
+            return
+        except ConfigError as exc:
+            conn.publish(self.names.dead_exchange, "task", d.body,
+                         headers={REASON_HEADER: "bad_options", "x-fedmq-detail": str(exc)[:1000]})
+            d.ack()
+            return
         started = time.monotonic()
         base = self._model(task)
-        result: LocalResult = conn.wait_for(self._pool.submit(self._train, task, base, started))
+        result: LocalResult = conn.wait_for(self._pool.submit(self._train, task, base, started, plan))
         if self.stop.is_set() and self.finished:
             return  # the job ended while we trained: nothing to deliver to
         update = Update(
             job=task.job, update_id=task.update_id, task_id=task.task_id, site=self.site,
             base_version=base.version, num_samples=result.num_samples, delta=result.delta,
             metrics={**result.metrics, "task_seconds": time.monotonic() - started},
+            privacy=plan.privacy_record() if plan else {},
         )
         conn.publish(self.names.updates_exchange, self.site, update.encode(),
                      headers={UPDATE_ID_HEADER: update.update_id}, message_id=update.update_id)
         emit(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, task_id=task.task_id,
              update_id=update.update_id, site=self.site, base_version=base.version,
              num_samples=result.num_samples, loss=result.metrics["loss"],
-             task_seconds=update.metrics["task_seconds"])
+             task_seconds=update.metrics["task_seconds"], epsilon=update.privacy.get("epsilon"))
         d.ack()
         self.stats.tasks += 1
         self.stats.train_seconds.append(update.metrics["task_seconds"])
@@ -153,6 +169,17 @@ class Worker:
         log.info("update published", extra={"job": task.job, "site": self.site, "task": task.task_id,
                                              "base_version": base.version,
                                              "seconds": round(update.metrics["task_seconds"], 3)})
+
+    def _refuse(self, conn: Connection, d: Delivery, task: Task, exc: PrivacyBudgetError) -> None:
+        """Say why in the events (the coordinator reissues the task to the others), ack, leave:
+        every later task of the job would cost at least as much."""
+        emit(conn, self.names, self.site, EventKind.TASK_REFUSED, task_id=task.task_id, site=self.site,
+             reason=exc.reason, epsilon=exc.spent, epsilon_next=exc.would_be, epsilon_budget=exc.budget)
+        d.ack()
+        log.warning("task refused, privacy budget spent; site leaving",
+                    extra={"job": task.job, "site": self.site, "task": task.task_id,
+                           "epsilon": round(exc.spent, 4), "budget": exc.budget})
+        self.stop.set()
 
     def _model(self, task: Task) -> ModelVersion:
         mv = self._models.get(task.version)
@@ -172,15 +199,25 @@ class Worker:
         train_local(mv.model, {k: np.asarray(v) for k, v in mv.weights.items()}, self.x[:n], self.y[:n],
                     epochs=1, batch_size=n, lr=1e-3, device=self.device)
 
-    def _train(self, task: Task, base: ModelVersion, started: float) -> LocalResult:
+    def _train(self, task: Task, base: ModelVersion, started: float, plan: DpPlan | None = None) -> LocalResult:
         """Runs on the training thread: compute, then simulate a slower site if asked to."""
         t0 = time.monotonic()
-        result = train_local(base.model, {k: np.asarray(v) for k, v in base.weights.items()},
-                             self.x, self.y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr,
-                             mu=task.mu, seed=task_seed(task.task_id), device=self.device)
+        weights = {k: np.asarray(v) for k, v in base.weights.items()}
+        if plan is not None:
+            result = self.privacy.train(plan, task, base.model, weights, self.x, self.y, device=self.device)
+        else:
+            result = train_local(base.model, weights, self.x, self.y, epochs=task.epochs,
+                                 batch_size=task.batch_size, lr=task.lr, mu=task.mu,
+                                 seed=task_seed(task.task_id), device=self.device)
         compute = time.monotonic() - t0
         pad = max(0.0, (self.options.slowdown - 1.0) * compute)
         pad = max(pad, self.options.min_task_seconds * self.options.slowdown - (time.monotonic() - started))
         if pad > 0:
             self.stop.wait(pad)
         return result
+
+
+def default_ledger_path(data: str | Path, site: str) -> Path:
+    """Beside the site's data: the budget belongs to the records, whichever job trains on them."""
+    p = Path(data)
+    return p.with_name(f"{p.stem}.{site}.dp-ledger.json")
