@@ -22,12 +22,13 @@ import torch
 
 from shared import metrics
 from shared.broker import Connection, JobNames, Retention, StreamReader, TopologyConfig, read_stream
-from shared.config import JobConfig, StrategyName
+from shared.config import JobConfig, PrivacyMechanism, StrategyName
 from shared.datasets import load_site
-from shared.errors import ConfigError, MalformedMessageError
+from shared.errors import ConfigError, MalformedMessageError, PrivacyBudgetError
 from shared.jobstate import emit
 from shared.messages import Event, EventKind, ModelVersion, Task, make_version
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
+from shared.privacy import check_privacy, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,12 @@ class Coordinator:
         self.input_shape = input_shape or tuple(self.x_test.shape[1:])
         self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, **cfg.model.args)
         self.model = build_model(self.spec, seed=cfg.seed)
+        check_privacy(cfg)
+        #: [privacy] as sites get it in Task.options and the aggregator in v0's meta (sigma resolved)
+        self.privacy_options = (resolve_options(cfg.privacy)
+                                if cfg.privacy.mechanism is not PrivacyMechanism.NONE else {})
+        self.sites_seen: set[str] = set()   # sites that published an update
+        self.sites_spent: set[str] = set()  # sites that refused a task: privacy budget spent
         self.outstanding: dict[str, OutstandingTask] = {}
         self.finished_tasks: set[str] = set()
         self.update_ids: list[str] = []
@@ -94,11 +101,17 @@ class Coordinator:
         weights = get_weights(self.model)
         v0 = make_version(job=self.cfg.job, version=0, parent=-1, weights=weights, included=[],
                           strategy=self.cfg.strategy.name.value, params=self.cfg.strategy.to_params(),
-                          model=self.spec, meta={"seed": self.cfg.seed})
+                          model=self.spec, meta=self._v0_meta())
         conn.publish(self.names.models_exchange, "", v0.encode(), message_id="v0")
         emit(conn, self.names, "coordinator", EventKind.JOB_STARTED, strategy=v0.strategy,
              params=v0.params, model=self.spec, concurrency=self.cfg.coordinator.concurrency)
         log.info("job started job=%s strategy=%s", self.cfg.job, v0.strategy)
+
+    def _v0_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"seed": self.cfg.seed}
+        if self.privacy_options:
+            meta["privacy"] = self.privacy_options  # read by the aggregator (aggregator/dp.py)
+        return meta
 
     def _resume(self) -> tuple[bool, int | str]:
         """Replay the events stream: (job already started?, offset to follow the stream from)."""
@@ -132,8 +145,11 @@ class Coordinator:
                 self.finished_tasks.add(tid)
                 self.update_ids.append(data.get("update_id", ""))
             self.outstanding.pop(tid, None)
+            self.sites_seen.add(data.get("site", ""))
         elif ev.event == EventKind.TASK_REFUSED:
-            self.outstanding.pop(data.get("task_id", ""), None)
+            self.outstanding.pop(data.get("task_id", ""), None)  # _issue replaces it for the others
+            if data.get("reason") == PrivacyBudgetError.reason:
+                self.sites_spent.add(data.get("site", ""))
         elif ev.event == EventKind.DEAD_LETTERED and data.get("update_id"):
             self.dead_ids.add(data["update_id"])
         elif ev.event == EventKind.VERSION_PUBLISHED:
@@ -157,7 +173,8 @@ class Coordinator:
         for _ in range(max(want, 0)):
             task = Task(job=self.cfg.job, task_id=uuid.uuid4().hex[:16], version=self.latest.version,
                         model_offset=self.latest_offset, epochs=t.epochs, batch_size=t.batch_size,
-                        lr=t.lr, mu=t.mu, issued_at=now, deadline=now + c.task_deadline)
+                        lr=t.lr, mu=t.mu, issued_at=now, deadline=now + c.task_deadline,
+                        options={"privacy": self.privacy_options} if self.privacy_options else {})
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
             emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
             self.outstanding[task.task_id] = OutstandingTask(task, time.monotonic())
@@ -200,6 +217,8 @@ class Coordinator:
             return "max_versions"
         if time.time() - self.started >= c.max_seconds:
             return "max_seconds"
+        if self.sites_seen and self.sites_seen <= self.sites_spent:
+            return "privacy_budget"  # every site that trained has spent its budget: nobody left
         return None
 
     # ------------------------------------------------------------------ main loop
