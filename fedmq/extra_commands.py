@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 COMMAND_MODULES: list[str] = [
+    "fedmq.monitor",
 ]
 
 
