@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
 from shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
 from shared.datasets import write_partition
 from shared.errors import ConfigError, FedmqError
@@ -64,6 +65,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the partition and the initial model")
     p.add_argument("--workdir", help="where data, config, logs and the model go (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
+    add_privacy_arguments(p)
 
 
 @dataclass
@@ -188,6 +190,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         "max_versions": args.max_versions, "max_seconds": args.max_seconds,
                         "out": str(work / "model")},
     }
+    apply_privacy(args, work, sections)
     config = work / "job.toml"
     write_job_toml(config, sections)
     console.print(f"[bold]fedmq demo[/] job [cyan]{job}[/] on {mask_url(url)}: {args.dataset}, "
@@ -254,6 +257,7 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
         "versions": fin["versions"], "updates_applied": fin["updates_applied"],
         "updates_dead_lettered": dead_letters, "wall_seconds": round(fin["wall_seconds"], 3),
         "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),
+        **privacy_summary(url, job, args),
     }
     table = Table(title=f"fedmq demo {job}", show_header=False)
     for k, v in result.items():
