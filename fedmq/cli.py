@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2 (no usage dump)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"fedmq {self.prog.partition(' ')[2] or ''}: {message} (see --help)\n".replace("  ", " "))
+        sub = self.prog.partition(" ")[2]
+        self.exit(2, f"fedmq{' ' + sub if sub else ''}: {message} (see --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -133,6 +135,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     elif not (site and data):
         raise ConfigError("worker needs --site and --data (env FEDMQ_SITE, FEDMQ_DATA), "
                           "or --site-pool (env FEDMQ_SITE_POOL)")
+    if args.key:  # "{site}" in the path picks the claimed site's key under --site-pool
+        opts = dataclasses.replace(opts, key=args.key.replace("{site}", site))
     worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop_on_signals())
     check_broker(args.broker)
     start_metrics(args)
@@ -232,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=int, default=30, help="AMQP heartbeat seconds")
     p.add_argument("--max-tasks", type=int, default=0, help="leave after N tasks (0 = until the job ends)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the job to exist")
+    p.add_argument("--key", default=os.environ.get("FEDMQ_SITE_KEY", ""),
+                   help="the site's Ed25519 key file (fedmq keys --site NAME); signs every update; "
+                   "'{site}' is replaced by the site name (env FEDMQ_SITE_KEY)")
     add_metrics_port(p)
     p.set_defaults(run=cmd_worker)
 
