@@ -1,0 +1,373 @@
+"""`fedmq report --job ID --out DIR`: PNG plots and an HTML page, from the job's streams alone.
+
+The events stream gives accuracy per version (the coordinator's evaluations), the staleness and
+site of every folded update (``version_published``) and every published update with its task
+time (``update_published``); the dead-letter stream gives each parked message's reason, including
+the ones the broker parked itself (delivery limit), which no event announces. No process has to be
+running: a finished job can be reported months later as long as its streams are retained.
+
+Besides ``index.html`` and the PNGs, ``report.json`` holds every plotted series, so the figures can
+be checked or redrawn elsewhere, and its ``points`` per plot are what the page states.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from shared.broker import REASON_HEADER, Delivery, JobNames, read_stream
+from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
+from shared.messages import Event, EventKind
+
+log = logging.getLogger(__name__)
+
+APPLIED_COLOR = "#2e7d32"
+PENDING_COLOR = "#9e9e9e"
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    update_id: str
+    site: str
+    ts: float            # when the site published it (event time)
+    seconds: float       # the task's wall time at the site, so the bar starts at ts - seconds
+    base_version: int
+
+
+@dataclass
+class ReportData:
+    """Everything the plots need, folded from the streams in order."""
+
+    job: str
+    strategy: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    started_at: float | None = None
+    finished: dict[str, Any] | None = None
+    accuracy: list[tuple[int, float, float]] = field(default_factory=list)  # (version, t, accuracy)
+    staleness: list[int] = field(default_factory=list)
+    versions: int = 0
+    updates: dict[str, UpdateRecord] = field(default_factory=dict)          # first publish per id
+    applied: set[str] = field(default_factory=set)
+    applied_by_site: Counter[str] = field(default_factory=Counter)
+    dead_reasons: list[str] = field(default_factory=list)
+
+    def apply(self, ev: Event) -> None:
+        d = ev.data
+        if ev.event == EventKind.JOB_STARTED:
+            self.started_at, self.strategy, self.params = ev.ts, d.get("strategy"), dict(d.get("params") or {})
+        elif ev.event == EventKind.UPDATE_PUBLISHED:
+            uid = str(d.get("update_id", ""))
+            if uid not in self.updates:  # a redelivered task publishes the same id again
+                self.updates[uid] = UpdateRecord(uid, str(d.get("site") or ev.source), ev.ts,
+                                                 float(d.get("task_seconds") or 0.0), int(d.get("base_version", 0)))
+        elif ev.event == EventKind.VERSION_PUBLISHED:
+            self.versions = max(self.versions, int(d.get("version", 0)))
+            self.applied.update(str(u) for u in d.get("included") or [])
+            self.staleness.extend(int(t) for t in d.get("staleness") or [])
+            self.applied_by_site.update(str(s) for s in d.get("sites") or [])
+        elif ev.event == EventKind.VERSION_EVALUATED:
+            self.accuracy.append((int(d.get("version", 0)), float(d.get("t", 0.0)), float(d.get("accuracy", 0.0))))
+        elif ev.event == EventKind.JOB_FINISHED:
+            self.finished = dict(d)
+
+    @property
+    def origin(self) -> float:
+        """Time zero of the plots: the job's start, else its first event we have."""
+        if self.started_at is not None:
+            return self.started_at
+        return min((u.ts for u in self.updates.values()), default=0.0)
+
+    def sites(self) -> list[str]:
+        return sorted({u.site for u in self.updates.values()} | set(self.applied_by_site))
+
+    def summary(self) -> dict[str, Any]:
+        fin = self.finished or {}
+        accs = [a for _, _, a in self.accuracy]
+        return {
+            "job": self.job, "strategy": self.strategy,
+            "buffer_size": self.params.get("buffer_size"),
+            "versions": self.versions, "final_accuracy": accs[-1] if accs else None,
+            "best_accuracy": max(accs) if accs else None,
+            "updates_published": len(self.updates), "updates_applied": len(self.applied),
+            "updates_dead_lettered": len(self.dead_reasons), "sites": len(self.sites()),
+            "mean_staleness": round(sum(self.staleness) / len(self.staleness), 3) if self.staleness else None,
+            "stop_reason": fin.get("stop_reason"), "wall_seconds": fin.get("wall_seconds"),
+            "seconds_to_target": fin.get("seconds_to_target"),
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def dead_reason(headers: dict[str, Any]) -> str:
+    """fedmq's reason header, else the one the broker set when it dead-lettered the message itself."""
+    for key in (REASON_HEADER, "x-first-death-reason"):
+        if headers.get(key):
+            return _text(headers[key])
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) and deaths[0].get("reason"):
+        return _text(deaths[0]["reason"])
+    return "unknown"
+
+
+def fold(job: str, events: Iterable[Event], dead: Iterable[Delivery] = ()) -> ReportData:
+    data = ReportData(job)
+    for ev in events:
+        data.apply(ev)
+    data.dead_reasons = [dead_reason(d.headers) for d in dead]
+    return data
+
+
+def collect(url: str, job: str) -> ReportData:
+    """Read the events and dead-letter streams from their first entry."""
+    names = JobNames(job)
+    try:
+        raw = read_stream(url, names.events, "first")
+    except JobNotFoundError:
+        raise JobNotFoundError(f"job {job} not found: no events stream {names.events} "
+                               "(check --job and --broker)") from None
+    events = []
+    for d in raw:
+        try:
+            events.append(Event.decode(d.body))
+        except MalformedMessageError as exc:
+            log.warning("unreadable event skipped", extra={"offset": d.stream_offset, "error": str(exc)})
+    try:
+        dead = read_stream(url, names.dead_log, "first")
+    except JobNotFoundError:
+        dead = []
+    return fold(job, events, dead)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str
+    title: str
+    caption: str
+    points: int
+    series: dict[str, list[Any]]
+
+
+def _figure() -> tuple[Figure, Any]:
+    fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="tight")
+    return fig, fig.add_subplot()
+
+
+def _empty(ax: Any, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in this job's streams", ha="center", va="center", transform=ax.transAxes,
+            color="#616161")
+
+
+def plot_accuracy_time(data: ReportData, ax: Any) -> Plot:
+    t = [p[1] for p in data.accuracy]
+    acc = [p[2] for p in data.accuracy]
+    ax.plot(t, acc, marker=".", color="#1565c0")
+    ax.set(xlabel="seconds since job start", ylabel="test accuracy", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    if not acc:
+        _empty(ax, "evaluated versions")
+    target = data.finished.get("seconds_to_target") if data.finished else None
+    if target is not None:
+        ax.axvline(target, color="#c62828", linestyle="--", linewidth=1, label=f"target reached at {target:.1f} s")
+        ax.legend(loc="lower right")
+    return Plot("accuracy_time", "Test accuracy vs wall time",
+                "Held-out accuracy of each version as the coordinator evaluated it.", len(acc),
+                {"t": t, "accuracy": acc})
+
+
+def plot_accuracy_version(data: ReportData, ax: Any) -> Plot:
+    v = [p[0] for p in data.accuracy]
+    acc = [p[2] for p in data.accuracy]
+    ax.plot(v, acc, marker=".", color="#6a1b9a")
+    ax.set(xlabel="model version", ylabel="test accuracy", ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    if not acc:
+        _empty(ax, "evaluated versions")
+    return Plot("accuracy_version", "Test accuracy vs version",
+                "Accuracy per model version: progress per aggregation step, independent of site speed.",
+                len(acc), {"version": v, "accuracy": acc})
+
+
+def plot_staleness(data: ReportData, ax: Any) -> Plot:
+    values = data.staleness
+    if values:
+        top = max(values)
+        ax.hist(values, bins=[b - 0.5 for b in range(top + 2)], color="#ef6c00", edgecolor="white")
+        ax.set_xticks(range(0, top + 1, max(1, (top + 1) // 15)))
+    else:
+        _empty(ax, "folded updates")
+    ax.set(xlabel="staleness τ (versions behind when folded)", ylabel="updates")
+    ax.grid(alpha=0.3, axis="y")
+    return Plot("staleness", "Staleness of folded updates",
+                "How many versions old each update's base was when the aggregator folded it.",
+                len(values), {"staleness": list(values)})
+
+
+def plot_sites(data: ReportData, ax: Any) -> Plot:
+    sites = data.sites()
+    published = Counter(u.site for u in data.updates.values())
+    xs = range(len(sites))
+    ax.bar([x - 0.2 for x in xs], [published[s] for s in sites], width=0.4, label="published", color="#90caf9")
+    ax.bar([x + 0.2 for x in xs], [data.applied_by_site[s] for s in sites], width=0.4, label="applied",
+           color=APPLIED_COLOR)
+    ax.set_xticks(list(xs), sites, rotation=45 if len(sites) > 6 else 0, ha="right" if len(sites) > 6 else "center")
+    ax.set(ylabel="updates")
+    ax.grid(alpha=0.3, axis="y")
+    if sites:
+        ax.legend()
+    else:
+        _empty(ax, "site updates")
+    return Plot("sites", "Contribution per site",
+                "Updates each site published, and how many of them were folded into a version.",
+                len(sites), {"site": sites, "published": [published[s] for s in sites],
+                             "applied": [data.applied_by_site[s] for s in sites]})
+
+
+def plot_timeline(data: ReportData, ax: Any) -> Plot:
+    sites = data.sites()
+    row = {s: i for i, s in enumerate(sites)}
+    ups = sorted(data.updates.values(), key=lambda u: u.ts)
+    t0 = data.origin
+    for applied, color, label in ((True, APPLIED_COLOR, "applied"), (False, PENDING_COLOR, "not applied")):
+        sel = [u for u in ups if (u.update_id in data.applied) is applied]
+        if not sel:
+            continue
+        ends = [u.ts - t0 for u in sel]
+        ax.hlines([row[u.site] for u in sel], [e - u.seconds for e, u in zip(ends, sel, strict=True)], ends,
+                  color=color, linewidth=4, alpha=0.6)
+        ax.scatter(ends, [row[u.site] for u in sel], s=10, color=color, label=label, zorder=3)
+    ax.set_yticks(range(len(sites)), sites)
+    ax.set(xlabel="seconds since job start (bar = the task at the site, dot = update published)")
+    ax.grid(alpha=0.3, axis="x")
+    if ups:
+        ax.legend(loc="upper left", fontsize="small")
+    else:
+        _empty(ax, "published updates")
+    return Plot("timeline", "Update timeline",
+                "Every update by site: when its task ran and when it was published; grey ones were "
+                "never folded (dead-lettered or still in flight when the job ended).",
+                len(ups), {"site": [u.site for u in ups], "published_t": [u.ts - t0 for u in ups],
+                           "task_seconds": [u.seconds for u in ups],
+                           "applied": [u.update_id in data.applied for u in ups]})
+
+
+def plot_dead_letters(data: ReportData, ax: Any) -> Plot:
+    counts = Counter(data.dead_reasons)
+    reasons = sorted(counts)
+    if reasons:
+        ax.bar(reasons, [counts[r] for r in reasons], color="#c62828")
+    else:
+        _empty(ax, "dead letters")
+    ax.set(ylabel="messages")
+    ax.grid(alpha=0.3, axis="y")
+    return Plot("dead_letters", "Dead letters by reason",
+                "Messages parked on the dead-letter stream, by the reason in their headers.",
+                len(data.dead_reasons), {"reason": reasons, "count": [counts[r] for r in reasons]})
+
+
+PLOTS: tuple[Callable[[ReportData, Any], Plot], ...] = (
+    plot_accuracy_time, plot_accuracy_version, plot_staleness, plot_sites, plot_timeline, plot_dead_letters,
+)
+
+
+# ----------------------------------------------------------------------------- page
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    out: Path
+    html: Path
+    plots: dict[str, Plot]
+    summary: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.summary, "out": str(self.out), "html": str(self.html),
+                "plots": {n: {"file": str(self.out / f"{n}.png"), "points": p.points} for n, p in self.plots.items()}}
+
+
+def _html(data: ReportData, plots: dict[str, Plot]) -> str:
+    esc = html.escape
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(_cell(v))}</td></tr>" for k, v in data.summary().items())
+    figs = "".join(
+        f'<figure><h2>{esc(p.title)}</h2><img src="{esc(n)}.png" alt="{esc(p.title)}">'
+        f"<figcaption>{esc(p.caption)} ({p.points} points)</figcaption></figure>"
+        for n, p in plots.items()
+    )
+    made = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedmq report: {esc(data.job)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:900px;margin:2em auto;color:#212121}}
+table{{border-collapse:collapse}}th,td{{padding:.2em .8em;border-bottom:1px solid #e0e0e0;text-align:left}}
+img{{max-width:100%}}figure{{margin:2em 0}}figcaption{{color:#616161}}</style></head>
+<body><h1>fedmq job {esc(data.job)}</h1>
+<p>Built from the job's events and dead-letter streams on {esc(made)}.</p>
+<table>{rows}</table>{figs}
+<p>Series behind every figure: <a href="report.json">report.json</a>.</p></body></html>
+"""
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(data: ReportData, out: Path) -> ReportResult:
+    """Draw every plot to `out`/<name>.png, then index.html and report.json beside them."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the directory ({exc.strerror})") from exc
+    plots: dict[str, Plot] = {}
+    for draw in PLOTS:
+        fig, ax = _figure()
+        plot = draw(data, ax)
+        ax.set_title(plot.title)
+        fig.savefig(out / f"{plot.name}.png")
+        plots[plot.name] = plot
+    page = out / "index.html"
+    page.write_text(_html(data, plots))
+    summary = data.summary()
+    (out / "report.json").write_text(json.dumps(
+        {"summary": summary, "plots": {n: {"points": p.points, "series": p.series} for n, p in plots.items()}},
+        indent=1, default=str))
+    return ReportResult(out, page, plots, summary)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedmq.cli import print_json
+
+    result = write_report(collect(args.broker, args.job), Path(args.out))
+    log.info("report written", extra={"job": args.job, "html": str(result.html)})
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(result.html)
+    return 0
+
+
+def register(sub: Any, add_common: Callable[..., None]) -> None:
+    p = sub.add_parser("report", help="plots and an HTML page of a job, from its streams alone")
+    add_common(p)
+    p.add_argument("--out", default=os.environ.get("FEDMQ_REPORT_OUT", "fedmq-report"),
+                   help="directory for index.html, the PNGs and report.json (env FEDMQ_REPORT_OUT)")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object (last line)")
+    p.set_defaults(run=run)
