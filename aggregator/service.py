@@ -33,8 +33,10 @@ from shared.broker import (
 from shared.codec import Weights
 from shared.config import StrategyConfig
 from shared.errors import InvalidUpdateError, MalformedMessageError
+from shared.he import is_encrypted
 from shared.jobstate import emit, load_model_state
 from shared.messages import EventKind, ModelVersion, Update, make_version
+from shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class Aggregator:
         conn.open(retries=3)
         try:
             state = load_model_state(self.url, self.names, window=self.dedup_window, wait=60)
-            session = _Session(self, conn, state.latest, state.recent_included)
+            session = _session_class(state.latest)(self, conn, state.latest, state.recent_included)
             pending: list[Delivery] = []
             conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
                          on_cancel=self.stop.set)
@@ -89,6 +91,15 @@ class Aggregator:
             self.active = False
             metrics.aggregator_active(self.names.job, False)
             conn.close()
+
+
+def _session_class(latest: ModelVersion) -> type[_Session]:
+    """Encrypted jobs (CKKS context in v0) fold ciphertexts and hand sums to the key holder."""
+    if is_encrypted(latest.meta):
+        from aggregator.he_service import HeSession
+
+        return HeSession
+    return _Session
 
 
 class _Session:
@@ -107,20 +118,25 @@ class _Session:
         self.buffered_ids: set[str] = set()
         self.first_fold_at = 0.0
         self.template: Weights = {k: np.asarray(v) for k, v in current.weights.items()}
+        #: site -> Ed25519 public key (hex) from v0; None = the job does not require signatures
+        self.registry: dict[str, str] | None = current.meta.get(META_REGISTRY) or None
 
     @property
     def prefetch(self) -> int:
         return max(2 * self.cfg.effective_buffer, 16)
 
+    def _activate(self, d: Delivery) -> None:
+        self.agg.active = True
+        if d.redelivered:
+            self.agg.stats.takeovers += 1
+        log.info("aggregator active job=%s replica=%s", self.names.job, self.agg.name)
+        metrics.aggregator_active(self.names.job, True)
+        emit(self.conn, self.names, self.agg.name, EventKind.AGGREGATOR_ACTIVE, replica=self.agg.name,
+             takeover=d.redelivered)
+
     def handle(self, d: Delivery) -> None:
         if not self.agg.active:
-            self.agg.active = True
-            if d.redelivered:
-                self.agg.stats.takeovers += 1
-            log.info("aggregator active job=%s replica=%s", self.names.job, self.agg.name)
-            metrics.aggregator_active(self.names.job, True)
-            emit(self.conn, self.names, self.agg.name, EventKind.AGGREGATOR_ACTIVE, replica=self.agg.name,
-                 takeover=d.redelivered)
+            self._activate(d)
         try:
             update = Update.decode(d.body)
         except MalformedMessageError as exc:
@@ -136,7 +152,7 @@ class _Session:
         fold_started = time.perf_counter()
         try:
             tau = validate_update(update, job=self.names.job, current_version=self.current.version,
-                                  template=self.template, cfg=self.cfg)
+                                  template=self.template, cfg=self.cfg, registry=self.registry)
         except InvalidUpdateError as exc:
             self.dead_letter(d, exc.reason, str(exc), uid)
             return

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from aggregator.strategy import l2_norm
 from shared.codec import Weights
 from shared.config import StrategyConfig
 from shared.errors import (
+    EncryptionMismatchError,
     FutureVersionError,
-    InvalidUpdateError,
     NonFiniteError,
     NormBoundError,
     ShapeMismatchError,
@@ -17,6 +19,7 @@ from shared.errors import (
     WrongJobError,
 )
 from shared.messages import Update
+from shared.signing import verify_update
 
 
 def check_delta(delta: Weights, template: Weights, update_id: str) -> None:
@@ -36,12 +39,15 @@ def check_delta(delta: Weights, template: Weights, update_id: str) -> None:
             raise NonFiniteError(f"update {update_id}: tensor {name} has NaN or Inf values")
 
 
-def validate_update(update: Update, *, job: str, current_version: int, template: Weights,
-                    cfg: StrategyConfig) -> int:
-    """Return the update's staleness tau, or raise the InvalidUpdateError that dead-letters it."""
+def check_header(update: Update, *, job: str, current_version: int, cfg: StrategyConfig,
+                 registry: Mapping[str, str] | None = None) -> int:
+    """Checks shared by plaintext and encrypted jobs: job, signature (when the job has a site
+    registry), base version. Returns the staleness tau."""
     uid = update.update_id
     if update.job != job:
         raise WrongJobError(f"update {uid} is for job {update.job!r}, this aggregator serves {job!r}")
+    if registry is not None:
+        verify_update(update, registry)
     if update.base_version > current_version:
         raise FutureVersionError(
             f"update {uid} starts from version {update.base_version}, newest is {current_version}"
@@ -49,8 +55,16 @@ def validate_update(update: Update, *, job: str, current_version: int, template:
     tau = current_version - update.base_version
     if tau > cfg.max_staleness:
         raise StaleUpdateError(uid, tau, cfg.max_staleness)
+    return tau
+
+
+def validate_update(update: Update, *, job: str, current_version: int, template: Weights,
+                    cfg: StrategyConfig, registry: Mapping[str, str] | None = None) -> int:
+    """Return the update's staleness tau, or raise the InvalidUpdateError that dead-letters it."""
+    uid = update.update_id
+    tau = check_header(update, job=job, current_version=current_version, cfg=cfg, registry=registry)
     if update.delta is None:
-        raise InvalidUpdateError(f"update {uid} is encrypted but job {job} aggregates in plaintext")
+        raise EncryptionMismatchError(f"update {uid} is encrypted but job {job} aggregates in plaintext")
     check_delta(update.delta, template, uid)
     if cfg.max_update_norm > 0:
         norm = l2_norm(update.delta)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from coordinator.keys import HostedKeyHolder, genesis_meta
 from shared import metrics
 from shared.broker import Connection, JobNames, Retention, StreamReader, TopologyConfig, read_stream
 from shared.config import JobConfig, PrivacyMechanism, StrategyName
@@ -73,6 +74,8 @@ class Coordinator:
         self.input_shape = input_shape or tuple(self.x_test.shape[1:])
         self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, **cfg.model.args)
         self.model = build_model(self.spec, seed=cfg.seed)
+        self.key_meta = genesis_meta(cfg)
+        self.keyholder: HostedKeyHolder | None = None
         check_privacy(cfg)
         #: [privacy] as sites get it in Task.options and the aggregator in v0's meta (sigma resolved)
         self.privacy_options = (resolve_options(cfg.privacy)
@@ -111,6 +114,7 @@ class Coordinator:
         meta: dict[str, Any] = {"seed": self.cfg.seed}
         if self.privacy_options:
             meta["privacy"] = self.privacy_options  # read by the aggregator (aggregator/dp.py)
+        meta.update(self.key_meta)  # site registry, CKKS public context (coordinator/keys.py)
         return meta
 
     def _resume(self) -> tuple[bool, int | str]:
@@ -229,9 +233,13 @@ class Coordinator:
         events = StreamReader(self.url, self.names.events, name=f"fedmq-coord-events-{self.cfg.job}")
         try:
             conn.declare_job(self.names, self._topology())
+            if self.cfg.encryption.enabled:
+                conn.declare_encrypted(self.names, self._topology())
             resumed, follow_from = self._resume()
             if not resumed:
                 self._publish_v0(conn)
+            if self.cfg.encryption.secret_context:
+                self.keyholder = HostedKeyHolder(self.url, self.cfg.job, self.cfg.encryption.secret_context).start()
             models.start("first")
             events.start(follow_from)
             reason = None
@@ -250,6 +258,8 @@ class Coordinator:
                 conn.process(0.05)
             return self._finish(conn, models, events, reason)
         finally:
+            if self.keyholder is not None:
+                self.keyholder.close()
             models.close()
             events.close()
             conn.close()
@@ -271,6 +281,8 @@ class Coordinator:
             if not pending and ready == 0:
                 break
         conn.delete_queue(self.names.updates)  # aggregators are cancelled and leave
+        if self.cfg.encryption.enabled:
+            conn.delete_queue(self.names.aggregates)  # so are key holders (all sums are versions now)
         assert self.latest is not None
         path = self.export(Path(self.cfg.coordinator.out))
         final_acc = self.curve[-1][2] if self.curve else 0.0

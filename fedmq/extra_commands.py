@@ -12,6 +12,8 @@ from typing import Any
 
 COMMAND_MODULES: list[str] = [
     "fedmq.monitor",
+    "fedmq.keys",
+    "fedmq.keyholder",
 ]
 
 

@@ -188,13 +188,26 @@ class JobNames:
     def dead_log(self) -> str:
         return self._n("dead.log")
 
+    @property
+    def aggregates_exchange(self) -> str:
+        return self._n("aggregates")
+
+    @property
+    def aggregates(self) -> str:
+        """Homomorphic jobs: encrypted sums from the aggregator to the key holder."""
+        return self._n("aggregates")
+
+    @property
+    def aggregates_log(self) -> str:
+        return self._n("aggregates.log")
+
     def queues(self) -> list[str]:
         return [self.tasks, self.updates, self.updates_log, self.models, self.events, self.dead,
-                self.dead_log]
+                self.dead_log, self.aggregates, self.aggregates_log]
 
     def exchanges(self) -> list[str]:
         return [self.tasks_exchange, self.updates_exchange, self.models_exchange,
-                self.events_exchange, self.dead_exchange]
+                self.events_exchange, self.dead_exchange, self.aggregates_exchange]
 
 
 @dataclass(frozen=True)
@@ -246,6 +259,18 @@ def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> No
     ch.exchange_declare(names.tasks_exchange, "direct", durable=True)
     ch.queue_declare(names.tasks, durable=True, arguments=_quorum_args(names, cfg.task_delivery_limit))
     ch.queue_bind(names.tasks, names.tasks_exchange, routing_key="task")
+
+
+def declare_encrypted(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> None:
+    """Homomorphic jobs only, after `declare_job` (the DLX must exist): the aggregates queue the key
+    holder consumes (quorum, single active consumer) and the aggregates log stream the aggregator
+    reads its own last sums back from after a restart (its dedup state between versions)."""
+    ch.exchange_declare(names.aggregates_exchange, "fanout", durable=True)
+    ch.queue_declare(names.aggregates, durable=True, arguments=_quorum_args(
+        names, cfg.update_delivery_limit, **{"x-single-active-consumer": True}))
+    ch.queue_declare(names.aggregates_log, durable=True, arguments=cfg.retention.arguments())
+    ch.queue_bind(names.aggregates, names.aggregates_exchange)
+    ch.queue_bind(names.aggregates_log, names.aggregates_exchange)
 
 
 # --------------------------------------------------------------------------- connection
@@ -364,6 +389,10 @@ class Connection:
     def declare_job(self, names: JobNames, cfg: TopologyConfig) -> None:
         with amqp_errors(self.url):
             declare_job(self.channel(), names, cfg)
+
+    def declare_encrypted(self, names: JobNames, cfg: TopologyConfig) -> None:
+        with amqp_errors(self.url):
+            declare_encrypted(self.channel(), names, cfg)
 
     def job_exists(self, names: JobNames) -> bool:
         """Passive check on the job's tasks queue; a 404 closes only the throw-away channel."""

@@ -200,6 +200,49 @@ class Update(_Message):
         return pack(d)
 
 
+@dataclass(frozen=True, slots=True)
+class EncryptedAggregate(_Message):
+    """A homomorphic job's next version, still encrypted: the aggregator's output, the key holder's input.
+
+    `chunks` = sum_k multiplier_k * ciphertext_k (CKKS, in `included` order); the key holder turns
+    it into ModelVersion `version` = parent + lr * decrypt(chunks) / denominator. Multipliers are
+    s(tau_k) * m_k / sample_ref (sample_ref = the first update's sample count keeps the weighted sum
+    inside CKKS's headroom); each contribution records its multiplier so replay can recompute the
+    sum bit-for-bit with the public context alone (`ciphertext_sha256`).
+    """
+
+    job: str
+    aggregate_id: str
+    version: int
+    parent: int
+    included: tuple[str, ...]
+    contributions: tuple[dict[str, Any], ...]
+    strategy: str
+    params: dict[str, Any]
+    denominator: float
+    sample_ref: float
+    context_sha256: str
+    size: int
+    chunks: tuple[bytes, ...]
+    ciphertext_sha256: str
+    created_at: float = field(default_factory=time.time)
+    schema: int = SCHEMA
+
+    kind: ClassVar[str] = "encrypted_aggregate"
+    _types: ClassVar[dict[str, tuple[type, ...]]] = {
+        "job": (str,), "aggregate_id": (str,), "version": (int,), "parent": (int,),
+        "included": (list, tuple), "contributions": (list, tuple), "strategy": (str,), "params": (dict,),
+        "denominator": _NUM, "sample_ref": _NUM, "context_sha256": (str,), "size": (int,),
+        "chunks": (list, tuple), "ciphertext_sha256": (str,), "created_at": _NUM, "schema": (int,),
+    }
+
+    def __post_init__(self) -> None:
+        if self.version != self.parent + 1:
+            raise ValueError(f"aggregate for version {self.version} must have parent {self.version - 1}")
+        if not all(isinstance(c, bytes) for c in self.chunks):
+            raise ValueError("chunks must be bytes")
+
+
 class EventKind(StrEnum):
     JOB_STARTED = "job_started"
     TASK_ISSUED = "task_issued"
@@ -210,6 +253,8 @@ class EventKind(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     #: a replica started receiving updates (single-active-consumer chose it); data: replica, takeover
     AGGREGATOR_ACTIVE = "aggregator_active"
+    #: homomorphic jobs: the aggregator handed an encrypted sum to the key holder
+    AGGREGATE_PUBLISHED = "aggregate_published"
     JOB_FINISHING = "job_finishing"
     JOB_FINISHED = "job_finished"
 

@@ -10,6 +10,7 @@ import pytest
 from aggregator.validate import validate_update
 from shared.config import StrategyConfig
 from shared.errors import (
+    EncryptionMismatchError,
     FutureVersionError,
     InvalidUpdateError,
     NonFiniteError,
@@ -53,7 +54,8 @@ def test_a_good_update_returns_its_staleness() -> None:
      NonFiniteError, "non_finite"),
     (_update(delta={"w": np.ones((2, 3), np.float32), "b": np.array([1, np.inf, 1], np.float32)}),
      NonFiniteError, "non_finite"),
-    (_update(delta=None, ciphertext={"scheme": "ckks", "chunks": []}), InvalidUpdateError, "invalid"),
+    (_update(delta=None, ciphertext={"scheme": "ckks", "chunks": []}), EncryptionMismatchError,
+     "encryption_mismatch"),
 ])
 def test_each_defect_has_its_own_error_and_reason(update: Update, error: type[InvalidUpdateError],
                                                   reason: str) -> None:

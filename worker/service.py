@@ -18,10 +18,11 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from shared import metrics
+from shared import he, metrics
 from shared.broker import (
     REASON_HEADER,
     UPDATE_ID_HEADER,
@@ -36,6 +37,7 @@ from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, 
 from shared.jobstate import emit, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
+from shared.signing import load_private_key, sign_update
 from worker.privacy import DpPlan, SitePrivacy
 from worker.train import LocalResult, task_seed, train_local
 
@@ -53,6 +55,7 @@ class WorkerOptions:
     wait_for_job: float = 60.0     # seconds to wait for the job's topology to appear
     ledger: str = ""               # DP budget ledger file ("" = <data stem>.<site>.dp-ledger.json beside the data)
     epsilon_budget: float = 0.0    # the site's own epsilon cap; the job's budget applies too (0 = none)
+    key: str = ""                  # the site's Ed25519 key (fedmq keys --site); "" = updates go unsigned
 
 
 @dataclass
@@ -73,6 +76,8 @@ class Worker:
         self.privacy = SitePrivacy(self.site, self.options.ledger or default_ledger_path(data, self.site),
                                    site_budget=self.options.epsilon_budget)
         self.device = pick_device(self.options.device)
+        self.key = load_private_key(self.options.key) if self.options.key else None
+        self._he_context: tuple[str, Any] | None = None  # (context sha256, public TenSEAL context)
         self.stop = stop or threading.Event()
         self.finished = False
         self.stats = WorkerStats()
@@ -156,6 +161,7 @@ class Worker:
             metrics={**result.metrics, "task_seconds": time.monotonic() - started},
             privacy=plan.privacy_record() if plan else {},
         )
+        update = conn.wait_for(self._pool.submit(self._seal, update, base))
         conn.publish(self.names.updates_exchange, self.site, update.encode(),
                      headers={UPDATE_ID_HEADER: update.update_id}, message_id=update.update_id)
         emit(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, task_id=task.task_id,
@@ -180,6 +186,18 @@ class Worker:
                     extra={"job": task.job, "site": self.site, "task": task.task_id,
                            "epsilon": round(exc.spent, 4), "budget": exc.budget})
         self.stop.set()
+
+    def _seal(self, update: Update, base: ModelVersion) -> Update:
+        """Encrypt (encrypted jobs), then sign, so the signature covers what travels. Runs on the
+        training thread: a 1M-parameter delta takes about a second to encrypt."""
+        if he.is_encrypted(base.meta):
+            enc = base.meta[he.META_ENCRYPTION]
+            sha = str(enc["context_sha256"])
+            if self._he_context is None or self._he_context[0] != sha:
+                v0, _ = find_version(self.url, self.names, 0, 0)
+                self._he_context = (sha, he.public_context_from_meta(v0.meta, sha))
+            update = he.encrypt_update(update, self._he_context[1], sha, int(enc["slots"]))
+        return sign_update(update, self.key) if self.key is not None else update
 
     def _model(self, task: Task) -> ModelVersion:
         mv = self._models.get(task.version)
