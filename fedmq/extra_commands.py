@@ -12,6 +12,8 @@ from typing import Any
 
 COMMAND_MODULES: list[str] = [
     "fedmq.monitor",
+    "fedmq.report",
+    "fedmq.init_cmd",
     "fedmq.keys",
     "fedmq.keyholder",
 ]
