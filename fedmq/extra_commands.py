@@ -14,6 +14,9 @@ COMMAND_MODULES: list[str] = [
     "fedmq.monitor",
     "fedmq.report",
     "fedmq.init_cmd",
+    "fedmq.history",
+    "fedmq.replay",
+    "fedmq.export",
     "fedmq.keys",
     "fedmq.keyholder",
 ]
