@@ -19,7 +19,6 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -149,12 +148,6 @@ def scrape(url: str, timeout: float = 3.0) -> str:
     """The text exposition at `url` (the health check, tests, `fedmq monitor` need nothing more)."""
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - operator-given URL
         return str(resp.read().decode())
-
-
-def metric_names(text: str) -> Iterable[str]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return [fam.name for fam in text_string_to_metric_families(text)]
 
 
 def healthcheck(environ: dict[str, str] | None = None) -> int:
