@@ -7,6 +7,10 @@ comes from the models stream at (re)start, so any replica can take over at any m
   redelivers them (to the standby, through single-active-consumer) and the version is recomputed.
 * A crash after the confirm but before the acks: the redelivered ids are in the newest versions'
   `included` lists and are acked and dropped.
+
+A replica reads the state again when it becomes active (its first delivery): a standby may have
+waited for hours while another replica moved the job on. Before each publish it checks that no
+other replica appended a version meanwhile (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -20,25 +24,32 @@ import numpy as np
 
 from aggregator.strategy import Accumulator
 from aggregator.validate import validate_update
-from shared import metrics
+from shared import faults, metrics
 from shared.broker import (
     DETAIL_HEADER,
     REASON_HEADER,
     UPDATE_ID_HEADER,
     Connection,
+    ConnectionLostError,
     Delivery,
     JobNames,
+    StreamReader,
     run_forever,
 )
 from shared.codec import Weights
 from shared.config import StrategyConfig
-from shared.errors import InvalidUpdateError, MalformedMessageError
+from shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError, MalformedMessageError
 from shared.he import is_encrypted
 from shared.jobstate import emit, load_model_state
 from shared.messages import EventKind, ModelVersion, Update, make_version
 from shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
+
+
+class SessionAbortedError(ConnectionLostError):
+    """This connection's view can no longer be trusted (another replica published, or a fold
+    failed half-way): drop it, so its unacked updates return to the queue, and rebuild."""
 
 
 @dataclass
@@ -74,23 +85,56 @@ class Aggregator:
     def _serve(self) -> None:
         conn = Connection(self.url, name=f"fedmq-{self.name}-{self.names.job}", heartbeat=self.heartbeat)
         conn.open(retries=3)
+        session: _Session | None = None
         try:
             state = load_model_state(self.url, self.names, window=self.dedup_window, wait=60)
             session = _session_class(state.latest)(self, conn, state.latest, state.recent_included)
             pending: list[Delivery] = []
-            conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
-                         on_cancel=self.stop.set)
+            try:
+                conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
+                             on_cancel=self._job_finished)
+            except JobNotFoundError:
+                self._job_finished()  # v0 exists, so the queue did: the coordinator deleted it
+                return
             log.info("aggregator ready job=%s version=%d dedup=%d", self.names.job,
                      state.latest.version, len(state.recent_included))
             while not self.stop.is_set():
                 conn.process(0.1)
-                while pending:
-                    session.handle(pending.pop(0))
+                while pending and not self.stop.is_set():
+                    self._handle(session, pending.pop(0))
                 session.maybe_flush()
         finally:
             self.active = False
             metrics.aggregator_active(self.names.job, False)
+            if session is not None:
+                session.close()
             conn.close()
+
+    def _handle(self, session: _Session, d: Delivery) -> None:
+        """One delivery. An unexpected exception before the fold gives just this one back.
+
+        A message that crashes every consumer then ends in dead letters through the quorum queue's
+        delivery limit (reason ``delivery_limit``), and the updates buffered beside it are not
+        redelivered with it. Once a fold has started the running sum is suspect: the whole session
+        is dropped instead (its deliveries return, the state is read again).
+        """
+        session.folding = False
+        try:
+            session.handle(d)
+        except FedmqError:
+            raise
+        except Exception as exc:
+            if session.folding:
+                raise SessionAbortedError(f"fold failed, rebuilding the aggregator state: {exc!r}") from exc
+            log.exception("update crashed the aggregator, returned to the queue", extra={
+                "job": self.names.job, "update": d.headers.get(UPDATE_ID_HEADER),
+                "deliveries": d.delivery_count + 1})
+            d.requeue()
+
+    def _job_finished(self) -> None:
+        log.info("updates queue deleted, job finished: aggregator leaving job=%s replica=%s",
+                 self.names.job, self.name)
+        self.stop.set()
 
 
 def _session_class(latest: ModelVersion) -> type[_Session]:
@@ -120,16 +164,55 @@ class _Session:
         self.template: Weights = {k: np.asarray(v) for k, v in current.weights.items()}
         #: site -> Ed25519 public key (hex) from v0; None = the job does not require signatures
         self.registry: dict[str, str] | None = current.meta.get(META_REGISTRY) or None
+        #: follows the models stream while active, to notice another replica's version
+        self.fence: StreamReader | None = None
+        #: set just before the running sum is touched (see Aggregator._handle)
+        self.folding = False
 
     @property
     def prefetch(self) -> int:
         return max(2 * self.cfg.effective_buffer, 16)
 
+    def close(self) -> None:
+        if self.fence is not None:
+            self.fence.close()
+            self.fence = None
+
+    def _reload(self) -> None:
+        """Read the newest version and the dedup set again, and follow the stream from there."""
+        state = load_model_state(self.agg.url, self.names, window=self.agg.dedup_window)
+        self.current = state.latest
+        self.seen = set(state.recent_included)
+        self.recent = [state.latest.included]
+        self.template = {k: np.asarray(v) for k, v in state.latest.weights.items()}
+        self.close()
+        self.fence = StreamReader(self.agg.url, self.names.models,
+                                  name=f"fedmq-{self.agg.name}-fence-{self.names.job}", prefetch=8)
+        self.fence.start(state.offset + 1)
+
+    def _check_fence(self) -> None:
+        """Never publish a second child of the same parent: if a version newer than ours appeared
+        (two replicas briefly active around a lost connection), drop this session instead."""
+        if self.fence is None:
+            return
+        for d in self.fence.poll(0.0):
+            try:
+                version = ModelVersion.decode(d.body).version
+            except MalformedMessageError:
+                continue
+            if version > self.current.version:
+                raise SessionAbortedError(f"version {version} was published by another replica while "
+                                          f"this one was at {self.current.version}")
+
     def _activate(self, d: Delivery) -> None:
+        # the state read at connect time may be many versions old: a standby waits while the
+        # active replica moves the job on, so read it again now that deliveries reach us
+        self._reload()
         self.agg.active = True
         if d.redelivered:
             self.agg.stats.takeovers += 1
-        log.info("aggregator active job=%s replica=%s", self.names.job, self.agg.name)
+        log.info("aggregator active job=%s replica=%s version=%d", self.names.job, self.agg.name,
+                 self.current.version)
         metrics.aggregator_active(self.names.job, True)
         emit(self.conn, self.names, self.agg.name, EventKind.AGGREGATOR_ACTIVE, replica=self.agg.name,
              takeover=d.redelivered)
@@ -143,6 +226,7 @@ class _Session:
             self.dead_letter(d, exc.reason, str(exc), d.headers.get(UPDATE_ID_HEADER))
             return
         uid = update.update_id
+        faults.point("aggregator.handle", uid)
         if uid in self.seen or uid in self.buffered_ids:
             self.agg.stats.duplicates += 1
             metrics.update_duplicate(self.names.job)
@@ -159,6 +243,7 @@ class _Session:
         delta = update.delta
         if delta is None:  # validate_update refuses these; keeps the type checker honest
             raise InvalidUpdateError(f"update {uid} has no plaintext delta")
+        self.folding = True
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version)
         metrics.update_folded(self.names.job, tau, time.perf_counter() - fold_started)
@@ -176,6 +261,7 @@ class _Session:
     def flush(self) -> None:
         """Publish the next version with a confirm, then ack what it includes (never the reverse)."""
         flush_started = time.perf_counter()
+        self._check_fence()
         new_weights, contributions = self.acc.flush(self.current.weights)
         cur = self.current
         mv = make_version(
@@ -186,6 +272,7 @@ class _Session:
         self.conn.publish(self.names.models_exchange, "", mv.encode(), message_id=f"v{mv.version}")
         metrics.version_published(self.names.job, mv.version, len(mv.included),
                                   time.perf_counter() - flush_started)
+        faults.point("aggregator.before_ack")
         for d in self.buffered:
             d.ack()
         self.buffered, self.buffered_ids = [], set()
@@ -196,7 +283,7 @@ class _Session:
         log.info("version published", extra={"job": self.names.job, "version": mv.version,
                                                "folded": len(mv.included)})
         emit(self.conn, self.names, "aggregator", EventKind.VERSION_PUBLISHED, version=mv.version,
-             parent=mv.parent, included=list(mv.included), sha256=mv.sha256,
+             parent=mv.parent, included=list(mv.included), sha256=mv.sha256, replica=self.agg.name,
              sites=[c.site for c in contributions], staleness=[c.staleness for c in contributions])
 
     def _remember(self, ids: tuple[str, ...]) -> None:

@@ -2,8 +2,18 @@
 
 It keeps `concurrency` tasks outstanding (one new task per finished one, always from the newest
 version it knows), evaluates every version on held-out data, and stops at the target accuracy,
-the version limit or the time limit. Its journal is the job's events stream: which tasks were
-issued and which finished is read back from there after a restart, so it keeps no local state.
+the version limit or the time limit.
+
+It keeps no local state: its journal is the broker's. Each (re)connection, after a restart or a
+lost broker, rebuilds the job from the streams (`_resume`):
+
+* tasks.log - every task issued. The tasks exchange routes one publish to the tasks queue *and*
+  this stream, so a task is journaled exactly when it exists: a coordinator killed right after
+  publishing finds it on restart and does not issue that work again;
+* events - finished (UPDATE_PUBLISHED) and refused tasks, evaluated versions, job finishing;
+* models - versions and the update ids they include;
+* dead.log - dead-lettered update ids, whoever parked them (aggregator, or the broker's
+  delivery limit).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,17 +32,37 @@ import numpy as np
 import torch
 
 from coordinator.keys import HostedKeyHolder, genesis_meta
-from shared import metrics
-from shared.broker import Connection, JobNames, Retention, StreamReader, TopologyConfig, read_stream
+from shared import faults, metrics
+from shared.broker import (
+    Connection,
+    Delivery,
+    JobNames,
+    Retention,
+    StreamReader,
+    TopologyConfig,
+    run_forever,
+)
 from shared.config import JobConfig, PrivacyMechanism, StrategyName
 from shared.datasets import load_site
-from shared.errors import ConfigError, MalformedMessageError, PrivacyBudgetError
+from shared.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    JobNotFoundError,
+    MalformedMessageError,
+    PrivacyBudgetError,
+)
 from shared.jobstate import emit
+from shared.ledger import logged_update_id, read_dead_letter
 from shared.messages import Event, EventKind, ModelVersion, Task, make_version
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
 from shared.privacy import check_privacy, resolve_options
 
 log = logging.getLogger(__name__)
+
+#: seconds (beyond the strategy's flush timeout) a finishing job waits for updates in flight
+FINISH_GRACE = 60.0
+#: the updates log must be quiet this long before the coordinator believes it has read it all
+LOG_QUIET = 1.0
 
 
 @dataclass
@@ -53,6 +84,9 @@ class JobResult:
     seconds_to_target: float | None
     export_path: str
     accuracy_curve: list[tuple[int, float, float]] = field(default_factory=list)  # (version, t, acc)
+    #: logged updates neither in a version nor dead-lettered when the grace ran out (normally 0);
+    #: the updates queue is then kept, so an aggregator started later can still fold them
+    updates_unresolved: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -93,6 +127,21 @@ class Coordinator:
         self.started = time.time()
         self.target_at: float | None = None
         self.round_version = -1  # fedavg: the version the current cohort was issued from
+        self.evaluated: set[int] = set()
+        self.job_started = False
+        self.finishing: str | None = None  # stop reason, once JOB_FINISHING is journaled
+        self.finished: dict[str, Any] | None = None  # JOB_FINISHED data: nothing left to do
+
+    def _reset(self) -> None:
+        """Forget all that the streams hold: each (re)connection reads it back (`_resume`)."""
+        self.sites_seen, self.sites_spent = set(), set()
+        self.outstanding, self.finished_tasks = {}, set()
+        self.update_ids, self.included, self.dead_ids = [], set(), set()
+        self.latest, self.latest_offset = None, None
+        self.curve, self.evaluated, self.target_at = [], set(), None
+        self.round_version = -1
+        self.started, self.job_started = time.time(), False
+        self.finishing, self.finished = None, None
 
     # ------------------------------------------------------------------ setup
 
@@ -117,32 +166,68 @@ class Coordinator:
         meta.update(self.key_meta)  # site registry, CKKS public context (coordinator/keys.py)
         return meta
 
-    def _resume(self) -> tuple[bool, int | str]:
-        """Replay the events stream: (job already started?, offset to follow the stream from)."""
-        started = False
-        follow_from: int | str = "first"
-        for d in read_stream(self.url, self.names.events, "first"):
-            follow_from = (d.stream_offset or 0) + 1
+    def _replay(self, stream: str, follow: dict[str, int | str]) -> Iterator[Delivery]:
+        """Every entry of `stream` so far; records in `follow` the offset to follow it from."""
+        with StreamReader(self.url, stream, name=f"fedmq-coord-replay-{self.cfg.job}") as reader:
+            for d in reader.read("first"):
+                follow[stream] = (d.stream_offset or 0) + 1
+                yield d
+
+    def _resume(self) -> tuple[tuple[ModelVersion, int] | None, dict[str, int | str]]:
+        """Rebuild the job from its streams: (newest version and its offset, where to follow from).
+
+        Tasks first (outstanding = issued), then events (minus finished and refused ones), dead
+        letters and versions. Nothing is evaluated or issued here.
+        """
+        n = self.names
+        follow: dict[str, int | str] = {n.models: "first", n.events: "first", n.dead_log: "first"}
+        for d in self._replay(n.tasks_log, follow):
             try:
-                ev = Event.decode(d.body)
+                t = Task.decode(d.body)
             except MalformedMessageError:
                 continue
-            started |= self._apply_event(ev, replaying=True)
-        if started:
-            log.info("coordinator resumed job=%s outstanding=%d finished=%d", self.cfg.job,
-                     len(self.outstanding), len(self.finished_tasks))
-        return started, follow_from
+            self.outstanding[t.task_id] = OutstandingTask(t, time.monotonic() - (time.time() - t.issued_at))
+            self.round_version = max(self.round_version, t.version)
+        for d in self._replay(n.events, follow):
+            try:
+                self._apply_event(Event.decode(d.body), replaying=True)
+            except MalformedMessageError:
+                continue
+        for d in self._replay(n.dead_log, follow):
+            self._on_dead_letter(d)
+        newest: tuple[ModelVersion, int] | None = None
+        for d in self._replay(n.models, follow):
+            try:
+                mv = ModelVersion.decode(d.body)
+            except MalformedMessageError:
+                continue
+            self.included.update(mv.included)
+            if newest is None or mv.version > newest[0].version:
+                newest = (mv, d.stream_offset or 0)
+        if self.job_started:
+            log.info("coordinator resumed job=%s version=%s outstanding=%d finished=%d included=%d",
+                     self.cfg.job, newest[0].version if newest else None, len(self.outstanding),
+                     len(self.finished_tasks), len(self.included))
+        return newest, follow
 
     # ------------------------------------------------------------------ events
 
     def _apply_event(self, ev: Event, *, replaying: bool = False) -> bool:
         data = ev.data
         if ev.event == EventKind.JOB_STARTED:
-            self.started = ev.ts
+            self.started, self.job_started = ev.ts, True
             return True
-        if ev.event == EventKind.TASK_ISSUED and replaying:
-            t = Task.from_dict(data["task"])
-            self.outstanding[t.task_id] = OutstandingTask(t, time.monotonic() - (time.time() - t.issued_at))
+        if ev.event == EventKind.VERSION_EVALUATED and replaying:  # live ones are our own
+            version, t, acc = int(data["version"]), float(data["t"]), float(data["accuracy"])
+            self.curve.append((version, t, acc))
+            self.evaluated.add(version)
+            target = self.cfg.coordinator.target_accuracy
+            if target and acc >= target and self.target_at is None:
+                self.target_at = t
+        elif ev.event == EventKind.JOB_FINISHING:
+            self.finishing = str(data.get("reason", "interrupted"))
+        elif ev.event == EventKind.JOB_FINISHED:
+            self.finished = dict(data)
         elif ev.event == EventKind.UPDATE_PUBLISHED:
             tid = data.get("task_id", "")
             if tid not in self.finished_tasks:
@@ -160,9 +245,19 @@ class Coordinator:
             self.included.update(data.get("included", []))
         return False
 
+    def _on_dead_letter(self, d: Delivery) -> None:
+        """Dead updates count as resolved at job end, whoever parked them: the aggregator (with a
+        DEAD_LETTERED event) or the broker's delivery limit (no event, only the dead log)."""
+        dl = read_dead_letter(d)
+        if dl.kind == "update" and dl.ident:
+            self.dead_ids.add(dl.ident)
+
     # ------------------------------------------------------------------ tasks
 
     def _issue(self, conn: Connection) -> None:
+        """Top up to `concurrency` outstanding tasks. The publish itself journals the task (tasks.log);
+        TASK_ISSUED follows for the monitor. A lost confirm ends the session, and `_resume` then finds
+        the task in the log or not: either way it is issued once."""
         assert self.latest is not None
         c, t = self.cfg.coordinator, self.cfg.training
         if self.cfg.strategy.name is StrategyName.FEDAVG:
@@ -180,12 +275,18 @@ class Coordinator:
                         lr=t.lr, mu=t.mu, issued_at=now, deadline=now + c.task_deadline,
                         options={"privacy": self.privacy_options} if self.privacy_options else {})
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
+            faults.point("coordinator.after_task_publish")
             emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
             self.outstanding[task.task_id] = OutstandingTask(task, time.monotonic())
             metrics.tasks_issued(self.cfg.job, 1, len(self.outstanding))
 
     def _expire(self) -> None:
-        """Forget tasks past their deadline so replacements are issued; a late update still counts."""
+        """Forget tasks past their deadline so replacements (new ids, newest version) are issued.
+
+        The late task is not withdrawn: if its site still delivers, the aggregator folds the update
+        with its staleness, or dead-letters it with reason "stale" past `max_staleness`. After a
+        restart an expired task that was replaced before is dropped again here, not replaced twice.
+        """
         now = time.time()
         for tid, o in list(self.outstanding.items()):
             if o.task.deadline < now:
@@ -195,10 +296,14 @@ class Coordinator:
     # ------------------------------------------------------------------ versions
 
     def _on_version(self, conn: Connection, mv: ModelVersion, offset: int | None) -> None:
+        self.included.update(mv.included)
         if self.latest is not None and mv.version <= self.latest.version:
             return
         self.latest, self.latest_offset = mv, offset
         set_weights(self.model, {k: np.asarray(v) for k, v in mv.weights.items()})
+        if mv.version in self.evaluated:
+            return  # evaluated before a restart: the result is in the events stream
+        self.evaluated.add(mv.version)
         acc, loss = evaluate(self.model, self.x_test, self.y_test)
         t = time.time() - self.started
         self.curve.append((mv.version, t, acc))
@@ -228,61 +333,102 @@ class Coordinator:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> JobResult:
-        conn = Connection(self.url, name=f"fedmq-coordinator-{self.cfg.job}").open(retries=5)
-        models = StreamReader(self.url, self.names.models, name=f"fedmq-coord-models-{self.cfg.job}")
-        events = StreamReader(self.url, self.names.events, name=f"fedmq-coord-events-{self.cfg.job}")
+        """Run the job to its end. A lost broker (restart, network) ends only the session: the next
+        one rebuilds the job from the streams, so nothing is issued or evaluated twice."""
+        results: list[JobResult] = []
         try:
-            conn.declare_job(self.names, self._topology())
-            if self.cfg.encryption.enabled:
-                conn.declare_encrypted(self.names, self._topology())
-            resumed, follow_from = self._resume()
-            if not resumed:
-                self._publish_v0(conn)
-            if self.cfg.encryption.secret_context:
+            run_forever(lambda: results.append(self._serve()), stop=self.stop,
+                        what=f"coordinator job={self.cfg.job}",
+                        on_reconnect=lambda _attempt: metrics.reconnected(self.cfg.job, "coordinator"))
+        finally:
+            if self.keyholder is not None:
+                self.keyholder.close()
+        if not results:
+            raise BrokerUnavailableError(f"coordinator of job {self.cfg.job} stopped while the broker was "
+                                         "unreachable; start it again to resume the job")
+        return results[0]
+
+    def _declare(self, conn: Connection) -> None:
+        conn.declare_job(self.names, self._topology())
+        if self.cfg.encryption.enabled:
+            conn.declare_encrypted(self.names, self._topology())
+
+    def _serve(self) -> JobResult:
+        """One connection's life: resume (or create) the job, then keep it moving to its end."""
+        self._reset()
+        conn = Connection(self.url, name=f"fedmq-coordinator-{self.cfg.job}").open(retries=5)
+        streams = _Streams(self.url, self.names)
+        try:
+            try:
+                conn.queue_stats(self.names.events)
+                fresh = False
+            except JobNotFoundError:
+                fresh = True
+                self._declare(conn)
+            newest, follow = self._resume() if not fresh else (None, {})
+            if self.finished is not None:
+                return self._journaled_result(self.finished)
+            if self.finishing is None and not fresh:
+                self._declare(conn)  # idempotent; never after JOB_FINISHING (it would revive the tasks queue)
+            if newest is None:
+                self._publish_v0(conn)  # new job, or killed between declaring and publishing v0
+            elif not self.job_started:
+                emit(conn, self.names, "coordinator", EventKind.JOB_STARTED, strategy=newest[0].strategy,
+                     params=newest[0].params, model=self.spec, concurrency=self.cfg.coordinator.concurrency)
+            if self.cfg.encryption.secret_context and self.keyholder is None:
                 self.keyholder = HostedKeyHolder(self.url, self.cfg.job, self.cfg.encryption.secret_context).start()
-            models.start("first")
-            events.start(follow_from)
-            reason = None
+            if newest is not None:
+                self._on_version(conn, newest[0], newest[1])
+            streams.start(follow)
+            reason = self.finishing
             while reason is None:
-                for d in models.poll(0.05):
-                    self._on_version(conn, ModelVersion.decode(d.body), d.stream_offset)
-                for d in events.poll(0.0):
-                    try:
-                        self._apply_event(Event.decode(d.body))
-                    except MalformedMessageError:
-                        continue
+                self._poll(conn, streams)
                 reason = self._stop_reason()
                 if reason is None and self.latest is not None:
                     self._expire()
                     self._issue(conn)
                 conn.process(0.05)
-            return self._finish(conn, models, events, reason)
+            return self._finish(conn, streams, reason)
         finally:
-            if self.keyholder is not None:
-                self.keyholder.close()
-            models.close()
-            events.close()
+            streams.close()
             conn.close()
 
-    def _finish(self, conn: Connection, models: StreamReader, events: StreamReader, reason: str) -> JobResult:
-        """Stop new work, let the aggregator fold what is in flight, export, announce the result."""
-        log.info("job finishing job=%s reason=%s", self.cfg.job, reason)
-        emit(conn, self.names, "coordinator", EventKind.JOB_FINISHING, reason=reason)
-        conn.delete_queue(self.names.tasks)  # workers are cancelled and leave
-        grace = self.cfg.strategy.flush_timeout + 10.0
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            for d in events.poll(0.05):
+    def _poll(self, conn: Connection, streams: _Streams, timeout: float = 0.05) -> None:
+        for d in streams.models.poll(timeout):
+            try:
+                mv = ModelVersion.decode(d.body)
+            except MalformedMessageError as exc:
+                log.error("unreadable model version job=%s offset=%s error=%s", self.cfg.job, d.stream_offset, exc)
+                continue
+            self._on_version(conn, mv, d.stream_offset)
+        for d in streams.events.poll(0.0):
+            try:
                 self._apply_event(Event.decode(d.body))
-            for d in models.poll(0.05):
-                self._on_version(conn, ModelVersion.decode(d.body), d.stream_offset)
-            pending = [u for u in self.update_ids if u not in self.included and u not in self.dead_ids]
-            ready, _ = conn.queue_stats(self.names.updates)
-            if not pending and ready == 0:
-                break
-        conn.delete_queue(self.names.updates)  # aggregators are cancelled and leave
-        if self.cfg.encryption.enabled:
-            conn.delete_queue(self.names.aggregates)  # so are key holders (all sums are versions now)
+            except MalformedMessageError:
+                continue
+        for d in streams.dead.poll(0.0):
+            self._on_dead_letter(d)
+
+    def _finish(self, conn: Connection, streams: _Streams, reason: str) -> JobResult:
+        """Stop new work, let the aggregator fold what is in flight, export, announce the result.
+
+        Safe to repeat after a crash (JOB_FINISHING is journaled, every step is idempotent): the
+        tasks queue goes first (workers are cancelled and leave); the updates queue only once every
+        update that reached the updates log is in a version or in dead letters (`_drain_updates`).
+        """
+        if self.finishing is None:
+            log.info("job finishing job=%s reason=%s", self.cfg.job, reason)
+            emit(conn, self.names, "coordinator", EventKind.JOB_FINISHING, reason=reason)
+            self.finishing = reason
+        conn.delete_queue(self.names.tasks)
+        unresolved = self._drain_updates(conn, streams)
+        if unresolved:
+            log.error("updates still unresolved at the end; the updates queue is kept for an aggregator "
+                      "to fold them job=%s count=%d first=%s", self.cfg.job, len(unresolved), min(unresolved))
+        else:
+            conn.delete_queue(self.names.updates)  # aggregators are cancelled and leave
+            if self.cfg.encryption.enabled:
+                conn.delete_queue(self.names.aggregates)  # so are key holders (all sums are versions now)
         assert self.latest is not None
         path = self.export(Path(self.cfg.coordinator.out))
         final_acc = self.curve[-1][2] if self.curve else 0.0
@@ -290,13 +436,54 @@ class Coordinator:
             job=self.cfg.job, strategy=self.cfg.strategy.name.value, final_version=self.latest.version,
             final_accuracy=final_acc, versions=self.latest.version, updates_applied=len(self.included),
             stop_reason=reason, wall_seconds=time.time() - self.started, seconds_to_target=self.target_at,
-            export_path=str(path), accuracy_curve=self.curve,
+            export_path=str(path), accuracy_curve=self.curve, updates_unresolved=len(unresolved),
         )
         emit(conn, self.names, "coordinator", EventKind.JOB_FINISHED, **{
             k: v for k, v in result.to_dict().items() if k != "accuracy_curve"})
         log.info("job finished job=%s reason=%s version=%d accuracy=%.4f", self.cfg.job, reason,
                  self.latest.version, final_acc)
         return result
+
+    def _drain_updates(self, conn: Connection, streams: _Streams) -> set[str]:
+        """Wait until every update id in the updates log is included or dead; the ids still open.
+
+        Reading the log (not UPDATE_PUBLISHED events) also covers a worker killed between its
+        update and its event. Once all is resolved and the log has been quiet for LOG_QUIET, the
+        updates exchange is deleted, so nothing (e.g. a worker's republished update) can enter the
+        log after the check, and the log is read to its end once more.
+        """
+        logged: set[str] = set()
+        sealed = False
+        deadline = time.monotonic() + self.cfg.strategy.flush_timeout + FINISH_GRACE
+        with StreamReader(self.url, self.names.updates_log, name=f"fedmq-coord-ulog-{self.cfg.job}") as ulog:
+            ulog.start("first")
+            quiet_since = time.monotonic()
+            while time.monotonic() < deadline:
+                got = ulog.poll(0.05)
+                if got:
+                    quiet_since = time.monotonic()
+                    logged.update(uid for d in got if (uid := logged_update_id(d)))
+                self._poll(conn, streams, 0.0)
+                open_ids = logged - self.included - self.dead_ids
+                if open_ids or time.monotonic() - quiet_since < LOG_QUIET or self._updates_ready(conn):
+                    continue
+                if sealed:
+                    return set()
+                conn.delete_exchange(self.names.updates_exchange)
+                sealed, quiet_since = True, time.monotonic()
+        return logged - self.included - self.dead_ids
+
+    def _updates_ready(self, conn: Connection) -> int:
+        try:
+            return conn.queue_stats(self.names.updates)[0]
+        except JobNotFoundError:
+            return 0  # deleted by an earlier run of `_finish`
+
+    def _journaled_result(self, data: dict[str, Any]) -> JobResult:
+        """The job finished before this restart: report what JOB_FINISHED recorded."""
+        known = set(JobResult.__dataclass_fields__) - {"accuracy_curve"}
+        log.info("job already finished job=%s", self.cfg.job)
+        return JobResult(**{k: v for k, v in data.items() if k in known}, accuracy_curve=self.curve)
 
     def export(self, out_dir: Path) -> Path:
         """state_dict as .pt plus JSON metadata (version, sha256, accuracy) beside it."""
@@ -309,3 +496,20 @@ class Coordinator:
                 "strategy": self.latest.strategy, "params": self.latest.params}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         return path
+
+
+class _Streams:
+    """The streams a running coordinator follows, each on its own connection."""
+
+    def __init__(self, url: str, names: JobNames) -> None:
+        self.models = StreamReader(url, names.models, name=f"fedmq-coord-models-{names.job}")
+        self.events = StreamReader(url, names.events, name=f"fedmq-coord-events-{names.job}")
+        self.dead = StreamReader(url, names.dead_log, name=f"fedmq-coord-dead-{names.job}")
+
+    def start(self, follow: dict[str, int | str]) -> None:
+        for reader in (self.models, self.events, self.dead):
+            reader.start(follow.get(reader.stream, "first"))
+
+    def close(self) -> None:
+        for reader in (self.models, self.events, self.dead):
+            reader.close()

@@ -149,6 +149,11 @@ class JobNames:
         return self._n("tasks")
 
     @property
+    def tasks_log(self) -> str:
+        """Every task ever issued: the coordinator's journal, written by the same publish as the task."""
+        return self._n("tasks.log")
+
+    @property
     def updates_exchange(self) -> str:
         return self._n("updates")
 
@@ -202,8 +207,8 @@ class JobNames:
         return self._n("aggregates.log")
 
     def queues(self) -> list[str]:
-        return [self.tasks, self.updates, self.updates_log, self.models, self.events, self.dead,
-                self.dead_log, self.aggregates, self.aggregates_log]
+        return [self.tasks, self.tasks_log, self.updates, self.updates_log, self.models, self.events,
+                self.dead, self.dead_log, self.aggregates, self.aggregates_log]
 
     def exchanges(self) -> list[str]:
         return [self.tasks_exchange, self.updates_exchange, self.models_exchange,
@@ -259,6 +264,10 @@ def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> No
     ch.exchange_declare(names.tasks_exchange, "direct", durable=True)
     ch.queue_declare(names.tasks, durable=True, arguments=_quorum_args(names, cfg.task_delivery_limit))
     ch.queue_bind(names.tasks, names.tasks_exchange, routing_key="task")
+    # one publish reaches the queue and the journal: a coordinator that dies right after publishing
+    # finds the task in the log on restart and does not issue that work a second time
+    ch.queue_declare(names.tasks_log, durable=True, arguments=stream_args)
+    ch.queue_bind(names.tasks_log, names.tasks_exchange, routing_key="task")
 
 
 def declare_encrypted(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> None:
@@ -301,6 +310,15 @@ class Delivery:
     def ack(self, multiple: bool = False) -> None:
         with amqp_errors(self._url):
             self._channel.basic_ack(self.delivery_tag, multiple=multiple)
+
+    def requeue(self) -> None:
+        """Give a queue delivery back (never a stream's: nack closes a stream consumer's connection).
+
+        On a quorum queue this counts toward `x-delivery-limit`, so a message that fails every
+        consumer ends in dead letters with reason ``delivery_limit`` instead of looping forever.
+        """
+        with amqp_errors(self._url):
+            self._channel.basic_nack(self.delivery_tag, requeue=True)
 
 
 def _sleep_backoff(attempt: int, base: float = 0.25, cap: float = 10.0) -> float:
@@ -432,6 +450,14 @@ class Connection:
     def delete_queue(self, queue: str) -> None:
         with amqp_errors(self.url):
             self.channel().queue_delete(queue)
+
+    def delete_exchange(self, exchange: str) -> None:
+        """Delete an exchange (idempotent): publishes to it then fail with JobNotFoundError."""
+        ch = self.channel()
+        with amqp_errors(self.url):
+            ch.exchange_delete(exchange)
+        with suppress(Exception):
+            ch.close()
 
     def purge_queue(self, queue: str) -> None:
         with amqp_errors(self.url):

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from shared import he, metrics
+from shared import faults, he, metrics
 from shared.broker import (
     REASON_HEADER,
     UPDATE_ID_HEADER,
@@ -58,6 +58,16 @@ class WorkerOptions:
     key: str = ""                  # the site's Ed25519 key (fedmq keys --site); "" = updates go unsigned
 
 
+@dataclass(frozen=True)
+class _Outgoing:
+    """An update on its way out, with its UPDATE_PUBLISHED event data."""
+
+    task_id: str
+    update_id: str
+    body: bytes
+    event: dict[str, Any]
+
+
 @dataclass
 class WorkerStats:
     tasks: int = 0
@@ -82,6 +92,11 @@ class Worker:
         self.finished = False
         self.stats = WorkerStats()
         self._models: OrderedDict[int, ModelVersion] = OrderedDict()
+        #: updates whose confirm (or event) never came: republished after a reconnect, not retrained
+        self._outbox: dict[str, _Outgoing] = {}
+        #: task ids whose update is confirmed but whose ack died with the connection
+        self._delivered: OrderedDict[str, None] = OrderedDict()
+        self._joined = False  # consumed the tasks queue once: its absence now means the job ended
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{site}")
 
     def run(self) -> WorkerStats:
@@ -104,7 +119,7 @@ class Worker:
     def _wait_for_job(self, conn: Connection) -> None:
         deadline = time.monotonic() + self.options.wait_for_job
         while not conn.job_exists(self.names):
-            if time.monotonic() > deadline:
+            if self._joined or time.monotonic() > deadline:
                 raise JobNotFoundError(f"job {self.names.job} does not exist on the broker "
                                        "(start its coordinator first, or check --job)")
             conn.sleep(0.5)
@@ -114,9 +129,18 @@ class Worker:
                           heartbeat=self.options.heartbeat)
         conn.open(retries=3)
         try:
-            self._wait_for_job(conn)
             pending: list[Delivery] = []
-            conn.consume(self.names.tasks, pending.append, prefetch=1, on_cancel=self._job_finished)
+            try:
+                self._wait_for_job(conn)
+                self._resend(conn)
+                conn.consume(self.names.tasks, pending.append, prefetch=1, on_cancel=self._job_finished)
+            except JobNotFoundError:
+                if not self._joined:
+                    raise
+                self._outbox.clear()  # the coordinator closed the job: nobody consumes updates now
+                self._job_finished()
+                return
+            self._joined = True
             log.info("worker ready job=%s site=%s samples=%d", self.names.job, self.site, len(self.y))
             while not self.stop.is_set():
                 conn.process(0.2)
@@ -140,6 +164,14 @@ class Worker:
                          headers={REASON_HEADER: "wrong_job", "x-fedmq-detail": f"task for {task.job}"})
             d.ack()
             return
+        log.info("task received", extra={"job": task.job, "site": self.site, "task": task.task_id,
+                                         "version": task.version, "redelivered": d.redelivered})
+        if task.task_id in self._delivered:
+            log.info("task redelivered after its update was confirmed: acked, not trained again",
+                     extra={"job": task.job, "site": self.site, "task": task.task_id})
+            d.ack()
+            del self._delivered[task.task_id]
+            return
         try:
             plan = self.privacy.plan(task, len(self.y))
         except PrivacyBudgetError as exc:
@@ -162,19 +194,50 @@ class Worker:
             privacy=plan.privacy_record() if plan else {},
         )
         update = conn.wait_for(self._pool.submit(self._seal, update, base))
-        conn.publish(self.names.updates_exchange, self.site, update.encode(),
-                     headers={UPDATE_ID_HEADER: update.update_id}, message_id=update.update_id)
-        emit(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, task_id=task.task_id,
-             update_id=update.update_id, site=self.site, base_version=base.version,
-             num_samples=result.num_samples, loss=result.metrics["loss"],
-             task_seconds=update.metrics["task_seconds"], epsilon=update.privacy.get("epsilon"))
+        if not self._send(conn, _Outgoing(task.task_id, update.update_id, update.encode(), dict(
+            task_id=task.task_id, update_id=update.update_id, site=self.site, base_version=base.version,
+            num_samples=result.num_samples, loss=result.metrics["loss"],
+            task_seconds=update.metrics["task_seconds"], epsilon=update.privacy.get("epsilon")))):
+            return  # the job was closed while we trained
+        faults.point("worker.before_ack")
         d.ack()
+        self._delivered.pop(task.task_id, None)
         self.stats.tasks += 1
         self.stats.train_seconds.append(update.metrics["task_seconds"])
         metrics.task_trained(task.job, self.site, update.metrics["task_seconds"])
         log.info("update published", extra={"job": task.job, "site": self.site, "task": task.task_id,
                                              "base_version": base.version,
                                              "seconds": round(update.metrics["task_seconds"], 3)})
+
+    def _send(self, conn: Connection, out: _Outgoing) -> bool:
+        """Publish the update (confirmed), then its event; False when the job is closed.
+
+        The update stays in the outbox until both went through; a copy that did arrive before the
+        connection died is dropped by the aggregator as a duplicate (same update id), so
+        republishing is safe and training again is not needed.
+        """
+        self._outbox[out.task_id] = out
+        try:
+            conn.publish(self.names.updates_exchange, self.site, out.body,
+                         headers={UPDATE_ID_HEADER: out.update_id}, message_id=out.update_id)
+        except JobNotFoundError:
+            # the coordinator deletes the updates exchange once the job's last updates are in
+            self._outbox.clear()
+            self._job_finished()
+            return False
+        emit(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, **out.event)
+        del self._outbox[out.task_id]
+        self._delivered[out.task_id] = None
+        while len(self._delivered) > 1000:
+            self._delivered.popitem(last=False)
+        return True
+
+    def _resend(self, conn: Connection) -> None:
+        for out in list(self._outbox.values()):
+            log.info("republishing an unconfirmed update", extra={
+                "job": self.names.job, "site": self.site, "update": out.update_id})
+            if not self._send(conn, out):
+                return
 
     def _refuse(self, conn: Connection, d: Delivery, task: Task, exc: PrivacyBudgetError) -> None:
         """Say why in the events (the coordinator reissues the task to the others), ack, leave:
