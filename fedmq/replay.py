@@ -42,13 +42,14 @@ from typing import Any
 import numpy as np
 
 from aggregator.strategy import Accumulator, Contribution, l2_norm
-from aggregator.validate import validate_update
+from aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none
 from shared.broker import JobNames
 from shared.codec import Weights, weights_sha256
 from shared.config import StrategyConfig, StrategyName
 from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError
 from shared.messages import ModelVersion, Update
+from shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +227,12 @@ def _weights_diff(recorded: Weights, recomputed: Weights) -> str:
 def check_encrypted(parent: ModelVersion, version: ModelVersion, used: Sequence[Update]) -> Verdict:
     """What replay can prove about a version the CKKS key holder decrypted.
 
-    Verified: the parent link; the published weights hash to the recorded sha256; every included
-    update is in the log, encrypted under the job's context (the fingerprint in meta["encryption"],
-    shared.he.META_ENCRYPTION), with the recorded site, base version, samples and staleness. Not
-    verified: that the weights are the decryption of those ciphertexts' weighted sum, which needs
-    the secret key.
+    Verified (the caller has run the aggregator's header checks: job, signature against the
+    site registry, staleness bound): the parent link; the published weights hash to the recorded
+    sha256; every included update is in the log, encrypted under the job's context (the
+    fingerprint in meta["encryption"], shared.he.META_ENCRYPTION), with the recorded site, base
+    version, samples and staleness. Not verified: that the weights are the decryption of those
+    ciphertexts' weighted sum, which needs the secret key.
     """
     problems = []
     enc = version.meta.get("encryption")
@@ -272,7 +274,14 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
         return _verdict(version, Status.MISMATCH, "a version with no included updates")
     options = _ordered_candidates(version, candidates)
     if any(o[0].delta is None for o in options):
-        return check_encrypted(parent, version, [o[0] for o in options])
+        used = [o[0] for o in options]
+        try:
+            invalid = _refused_by_validation(parent, version, used)
+        except ConfigError as exc:
+            invalid = f"cannot recompute: {exc}"
+        if invalid:
+            return _verdict(version, Status.MISMATCH, invalid, used=used)
+        return check_encrypted(parent, version, used)
     tried: list[tuple[str, Weights, list[Contribution]]] = []
     for attempt in _attempts(options):
         try:
@@ -301,12 +310,17 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
 
 
 def _refused_by_validation(parent: ModelVersion, version: ModelVersion, updates: Sequence[Update]) -> str:
-    """The aggregator's own validation, as at fold time: an included update it refuses is evidence."""
+    """The aggregator's own validation, as at fold time (signatures against the job's site
+    registry included, when v0 published one): an included update it refuses is evidence."""
     cfg = StrategyConfig.from_params(version.params)
+    registry = parent.meta.get(META_REGISTRY) or None
     for u in updates:
         try:
-            validate_update(u, job=version.job, current_version=parent.version,
-                            template=parent.weights, cfg=cfg)
+            if u.delta is None:
+                check_header(u, job=version.job, current_version=parent.version, cfg=cfg, registry=registry)
+            else:
+                validate_update(u, job=version.job, current_version=parent.version,
+                                template=parent.weights, cfg=cfg, registry=registry)
         except InvalidUpdateError as exc:
             return f"included update {u.update_id} fails the aggregator's validation ({exc.reason}): {exc}"
     return ""

@@ -296,3 +296,24 @@ def test_what_if_flushes_a_partial_buffer_after_the_flush_timeout() -> None:
     wi.feed(_update("c", 0, seed=3, created_at=107.0))  # 7 s after the buffer's first: flush a, b first
     wi.finish()
     assert [p.updates for p in wi.curve] == [0, 2, 3]
+
+
+# ------------------------------------------------------------------ signatures
+
+
+def test_an_included_update_whose_signature_fails_against_the_registry_is_a_mismatch() -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from shared.signing import META_REGISTRY, public_hex, sign_update
+
+    site_key, impostor = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    registry = {"site-0": public_hex(site_key)}
+    cfg = StrategyConfig(buffer_size=2)
+    v0 = make_version(job=JOB, version=0, parent=-1, weights=_weights(99), included=[], strategy="fedbuff",
+                      params=cfg.to_params(), model={}, meta={META_REGISTRY: registry})
+    honest = [sign_update(_update("u1", 0, seed=1), site_key), sign_update(_update("u2", 0, seed=2), site_key)]
+    v1 = _child(v0, honest, cfg=cfg)
+    assert check_version(v0, v1, _by_id(honest)).check.status is Status.OK
+    forged = [honest[0], sign_update(_update("u2", 0, seed=2), impostor)]
+    check = check_version(v0, _child(v0, forged, cfg=cfg), _by_id(forged)).check
+    assert check.status is Status.MISMATCH and "bad_signature" in check.detail
