@@ -9,9 +9,9 @@ import pytest
 
 from aggregator.strategy import aggregate
 from shared.broker import Connection, JobNames
-from shared.codec import pack
+from shared.codec import Weights, pack
 from shared.config import StrategyConfig
-from shared.messages import make_version
+from shared.messages import Update, make_version
 from tests.jobkit import (
     dead_letters,
     declare_job_with_v0,
@@ -29,6 +29,11 @@ pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
 CFG = StrategyConfig(buffer_size=2, sample_weighted=False, flush_timeout=120.0)
 
 
+def _rows(updates: list[Update]) -> list[tuple[str, str, Weights, int, int, int]]:
+    """What `aggregate` takes, for updates all based on v0 with the aggregator at v0 (tau = 0)."""
+    return [(u.update_id, u.site, u.delta or {}, 0, u.num_samples, u.base_version) for u in updates]
+
+
 def _included(url: str, job: str) -> list[str]:
     return [uid for mv in versions(url, job) for uid in mv.included]
 
@@ -43,8 +48,7 @@ def test_an_update_delivered_twice_is_counted_once(broker_url: str, job: str) ->
         got = wait_for_version(broker_url, job, 2)
     assert [mv.included for mv in got] == [(), ("u1", "u2"), ("u3", "u4")]
     assert agg.stats.duplicates == 2 and agg.stats.applied == 4
-    expected = aggregate(v0.weights, CFG, [("u1", "site-0", u[1].delta, 0, 10, 0),  # type: ignore[list-item]
-                                           ("u2", "site-0", u[2].delta, 0, 10, 0)])
+    expected = aggregate(v0.weights, CFG, _rows([u[1], u[2]]))
     assert got[1].sha256 == make_version(job=job, version=1, parent=0, weights=expected, included=[],
                                          strategy="", params={}, model={}).sha256
 
@@ -54,8 +58,7 @@ def test_updates_redelivered_after_their_version_was_published_are_dropped(broke
     the updates come back. A fresh aggregator must find them in `included` and fold nothing twice."""
     v0 = declare_job_with_v0(broker_url, job, CFG)
     u1, u2 = (make_update(job, f"u{i}", v0.weights, seed=i) for i in (1, 2))
-    rows = [(u.update_id, u.site, u.delta, 0, u.num_samples, 0) for u in (u1, u2)]
-    v1 = make_version(job=job, version=1, parent=0, weights=aggregate(v0.weights, CFG, rows),  # type: ignore[arg-type]
+    v1 = make_version(job=job, version=1, parent=0, weights=aggregate(v0.weights, CFG, _rows([u1, u2])),
                       included=["u1", "u2"], strategy=v0.strategy, params=v0.params, model=v0.model)
     names = JobNames(job)
     with Connection(broker_url, name="fedmq-test-crashed-aggregator").open() as conn:

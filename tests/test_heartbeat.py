@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sklearn.datasets import load_digits
 
-from shared.broker import Connection, ConnectionLostError, JobNames
+from shared.broker import Connection, ConnectionLostError, Delivery, JobNames
 from shared.config import StrategyConfig
 from shared.datasets import save_site
 from shared.messages import Task, Update
@@ -62,7 +62,12 @@ def test_a_worker_training_longer_than_three_heartbeats_keeps_its_connection(
         ready, _ = conn.queue_stats(names.updates)
         assert ready == 1  # exactly one update: training was not restarted after a reconnect
         got: list[bytes] = []
-        conn.consume(names.updates, lambda d: (got.append(d.body), d.ack()), prefetch=1)
+
+        def _take(d: Delivery) -> None:
+            got.append(d.body)
+            d.ack()
+
+        conn.consume(names.updates, _take, prefetch=1)
         deadline = time.monotonic() + 10
         while not got and time.monotonic() < deadline:
             conn.process(0.1)

@@ -109,7 +109,8 @@ def test_fedavg_is_the_sample_weighted_average_of_the_local_models(ns: list[int]
     cfg = StrategyConfig(name=StrategyName.FEDAVG, buffer_size=len(ns), max_staleness=0)
     got = _fold_all(cfg, w, deltas, [0] * len(ns), ns)
     n = sum(ns)
-    _close(got, {k: sum(nk / n * lk[k] for nk, lk in zip(ns, local, strict=True)) for k in w}, tol=1e-9)
+    _close(got, {k: np.sum([nk / n * lk[k] for nk, lk in zip(ns, local, strict=True)], axis=0) for k in w},
+           tol=1e-9)
 
 
 @settings(max_examples=50, deadline=None)
