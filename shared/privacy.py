@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import math
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +49,8 @@ NOISE_KEY_ENV = "FEDMQ_DP_NOISE_KEY_FILE"
 #: (noise multiplier sigma, sample rate q, steps): one homogeneous run of a sampled Gaussian mechanism,
 #: the unit Opacus' accountants compose.
 HistoryEntry = tuple[float, float, int]
+#: Opacus' RDPAccountant.DEFAULT_ALPHAS
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 
 # ---------------------------------------------------------------------------- accountants
@@ -56,33 +60,63 @@ def dp_sgd_epsilon(history: Iterable[HistoryEntry], delta: float,
                    accountant: AccountantName = AccountantName.RDP) -> float:
     """epsilon at `delta` of composing every entry, with Opacus' RDP or PRV accountant.
 
-    RDP is an upper bound that is quick for any history; PRV is tighter (about 10 % lower at
-    epsilon ~ 5) but costs ~0.1 s per distinct entry.
+    RDP is an upper bound; PRV is tighter (about 10 % lower at epsilon ~ 5) but costs 0.1-0.3 s a
+    call. The RDP path is Opacus' `RDPAccountant.get_privacy_spent` with its per-step RDP curve
+    cached per (sigma, q): RDP composes linearly in steps, so a ledger of hundreds of spends costs
+    one vector sum instead of 0.05-0.2 s per entry.
     """
     entries = [(float(s), float(q), int(k)) for s, q, k in history if k > 0]
     if not entries:
         return 0.0
     if any(s <= 0 for s, _, _ in entries):
         return math.inf  # a step without noise has no finite epsilon
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    if accountant is AccountantName.PRV:
+        from opacus.accountants import PRVAccountant
 
-    acc = PRVAccountant() if accountant is AccountantName.PRV else RDPAccountant()
-    acc.history = entries
-    return float(acc.get_epsilon(delta=delta))
+        acc = PRVAccountant()
+        acc.history = entries
+        return float(acc.get_epsilon(delta=delta))
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    curve = sum((k * _rdp_per_step(s, q) for s, q, k in entries), np.zeros(len(RDP_ORDERS)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "optimal order is the largest alpha": still a bound
+        eps, _ = opacus_rdp.get_privacy_spent(orders=RDP_ORDERS, rdp=curve, delta=delta)
+    return float(eps)
 
 
-def dp_sgd_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int,
-                            accountant: AccountantName = AccountantName.RDP) -> float:
-    """The smallest sigma (to 0.01 in epsilon) whose `steps` sampled steps stay within `epsilon`."""
-    from opacus.accountants.utils import get_noise_multiplier
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(sigma: float, q: float) -> np.ndarray:
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    return np.asarray(opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS),
+                      dtype=np.float64)
+
+
+def dp_sgd_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The smallest sigma whose `steps` sampled steps stay within `epsilon` by Opacus' RDP account.
+
+    The search runs on dp-accounting's RDP (0.2 ms a try, against Opacus' 0.05-0.2 s); the two
+    agree within 0.5 % and the result is then checked with Opacus' own account and raised 0.5 % at
+    a time until it fits. With the PRV accountant the site then affords a few more tasks.
+    """
+    from dp_accounting import calibrate_dp_mechanism, dp_event
+    from dp_accounting.mechanism_calibration import LowerEndpointAndGuess
+    from dp_accounting.rdp import RdpAccountant
+
+    def event(sigma: float) -> dp_event.DpEvent:
+        return dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(sigma)), steps)
 
     try:
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps,
-                                          accountant=accountant.value))
-    except ValueError as exc:
+        sigma = float(calibrate_dp_mechanism(RdpAccountant, event, epsilon, delta,
+                                             LowerEndpointAndGuess(0.05, 1.0), tol=1e-4))
+    except Exception as exc:  # dp-accounting raises its own bracket/search errors
         raise ConfigError(f"privacy.epsilon: {epsilon} is out of reach for {steps} steps at "
                           f"q={sample_rate:.4g}: {exc}") from exc
+    while dp_sgd_epsilon([(sigma, sample_rate, steps)], delta) > epsilon:
+        sigma *= 1.005
+    return sigma
 
 
 def gaussian_epsilon(noise_multiplier: float, releases: Mapping[int, int], delta: float) -> float:

@@ -65,8 +65,7 @@ class DpPlan:
         rec: dict[str, Any] = {"mechanism": c.mechanism.value, "delta": c.delta,
                                "epsilon": self.epsilon_after if self.entry else None,
                                "epsilon_budget": self.budget, "noise_multiplier": self.noise_multiplier}
-        if c.mechanism is PrivacyMechanism.DP_SGD:
-            assert self.entry is not None  # DP-SGD always has a site-side entry
+        if c.mechanism is PrivacyMechanism.DP_SGD and self.entry is not None:
             rec.update(max_grad_norm=c.max_grad_norm, sample_rate=self.entry[1], steps=self.entry[2],
                        accountant=c.accountant.value)
         else:
@@ -121,7 +120,7 @@ class SitePrivacy:
             key = (task.job, q, steps)
             if key not in self._sigma:
                 self._sigma[key] = dp_sgd_noise_multiplier(cfg.epsilon, cfg.delta, q,
-                                                           steps * cfg.planned_tasks, cfg.accountant)
+                                                           steps * cfg.planned_tasks)
             sigma = self._sigma[key]
         return (sigma, q, steps)
 

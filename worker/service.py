@@ -173,7 +173,8 @@ class Worker:
             del self._delivered[task.task_id]
             return
         try:
-            plan = self.privacy.plan(task, len(self.y))
+            # accounting can take a second (sigma calibration): off the connection's thread
+            plan = conn.wait_for(self._pool.submit(self.privacy.plan, task, len(self.y)))
         except PrivacyBudgetError as exc:
             self._refuse(conn, d, task, exc)
             return
