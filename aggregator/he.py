@@ -224,3 +224,56 @@ def plaintext_equivalent(secret: ts.Context, parent: Mapping[str, np.ndarray],
         acc.fold(update_id=c["update_id"], site=c["site"], delta=delta, tau=int(c["staleness"]),
                  num_samples=int(c["num_samples"]), base_version=int(c["base_version"]))
     return acc.flush(dict(parent))[0]
+
+
+def expected_multipliers(cfg: StrategyConfig, taus: Sequence[int], samples: Sequence[int]) -> list[float]:
+    """The multipliers `CiphertextAccumulator.fold` uses for these updates, in fold order."""
+    out: list[float] = []
+    ref = 0.0
+    for tau, n in zip(taus, samples, strict=True):
+        s = staleness_factor(tau, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
+        m = float(n) if cfg.sample_weighted else 1.0
+        ref = ref or (m if m > 0 else 1.0)
+        out.append(multiplier(s * m, ref))
+    return out
+
+
+@dataclass(frozen=True)
+class EncryptedReplay:
+    """What replay established about one version decrypted by the key holder."""
+
+    sum_matches: bool            # the recomputed encrypted sum hashes to meta["he"]["ciphertext_sha256"]
+    weights_match: bool | None   # decrypting it reproduces the version's sha256 (None: no secret key)
+    detail: str
+
+
+def replay_encrypted_version(parent: Mapping[str, np.ndarray], version_sha256: str, meta_he: Mapping[str, Any],
+                             params: Mapping[str, Any], updates: Sequence[Update], taus: Sequence[int],
+                             public: ts.Context, secret: ts.Context | None = None) -> EncryptedReplay:
+    """Recompute an encrypted version from its parent weights and included updates (in order).
+
+    With the public context alone this proves the aggregator folded exactly these ciphertexts with
+    the staleness x sample weights the strategy prescribes (the sum is bit-reproducible). With the
+    key holder's secret context it also re-decrypts and compares the weights bit for bit.
+    """
+    from shared.codec import weights_sha256
+
+    cfg = StrategyConfig.from_params(dict(params))
+    chunks = []
+    for u in updates:
+        if u.ciphertext is None:
+            return EncryptedReplay(False, None, f"{u.update_id} is plaintext in an encrypted version")
+        chunks.append(list(u.ciphertext.get("chunks", [])))
+    mults = expected_multipliers(cfg, taus, [u.num_samples for u in updates])
+    total = recompute_sum(public, chunks, mults)
+    if he.chunks_sha256(total) != meta_he.get("ciphertext_sha256"):
+        return EncryptedReplay(False, None, "the encrypted sum of the included updates with the "
+                               "strategy's weights differs from the one the key holder decrypted")
+    if secret is None:
+        return EncryptedReplay(True, None, "encrypted sum verified; decryption needs the secret key")
+    ms = [float(u.num_samples) if cfg.sample_weighted else 1.0 for u in updates]
+    ref = (ms[0] if ms and ms[0] > 0 else 1.0)
+    weights = decrypt_step(secret, parent, total, sum(ms) / ref, cfg)
+    ok = weights_sha256(weights) == version_sha256
+    return EncryptedReplay(True, ok, "encrypted sum and decryption verified bit for bit" if ok
+                           else "decrypting the verified sum does not give the published weights")

@@ -9,11 +9,16 @@ within 0.3 accuracy points of the same job in plaintext.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tenseal as ts
+import torch
 
 from aggregator.he import (
     CiphertextAccumulator,
@@ -22,13 +27,15 @@ from aggregator.he import (
     decrypt_step,
     recompute_sum,
 )
+from aggregator.keyholder import KeyHolder
 from aggregator.strategy import Accumulator
 from shared import he
+from shared.broker import Connection, JobNames, TopologyConfig, read_stream
 from shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
 from shared.errors import ConfigError, EncryptionMismatchError, MalformedMessageError, ShapeMismatchError
-from shared.messages import Update
-from shared.models import build_model, get_weights, model_spec
-from tests.jobkit import make_update
+from shared.messages import EncryptedAggregate, ModelVersion, Update, make_version
+from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
+from tests.jobkit import make_update, publish_updates, running_aggregator, versions, wait_for_version
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +170,259 @@ def test_ciphertext_under_another_key_or_of_another_size_is_refused(keys: he.Key
     garbage = dataclasses.replace(enc, ciphertext={**enc.ciphertext, "chunks": [b"x" * 100]})
     with pytest.raises(MalformedMessageError):
         check_ciphertext(garbage, jk)
+
+
+# --------------------------------------------------------------------------- same job, HE vs plaintext
+
+
+def _simulate(parts: list[tuple[np.ndarray, np.ndarray]], spec: dict[str, object], cfg: StrategyConfig,
+              versions: int, pair: he.KeyPair | None) -> dict[str, np.ndarray]:
+    """An asynchronous job without a broker: every site always has one task in flight, slow sites
+    take 3x longer, each finished update is folded and the site starts again from the newest
+    version. The schedule and the training seeds are fixed, so the only difference between a run
+    with `pair` (encrypt -> sum ciphertexts -> decrypt) and one without is the encryption."""
+    from worker.train import train_local
+
+    weights = get_weights(build_model(spec, seed=0))
+    secret = he.load_secret(pair.secret)[0] if pair else None
+    jk = _job_keys(pair, weights) if pair else None
+    acc_plain, acc_he = Accumulator(cfg), CiphertextAccumulator(cfg)
+    version, tick = 0, 0
+    duration = [3 if i % 4 == 3 else 1 for i in range(len(parts))]
+    in_flight = [(duration[i], i, 0, weights) for i in range(len(parts))]  # (done_at, site, base, w)
+    while version < versions:
+        in_flight.sort(key=lambda t: (t[0], t[1]))
+        done_at, site, base, base_w = in_flight.pop(0)
+        tick += 1
+        x, y = parts[site]
+        res = train_local(spec, base_w, x, y, epochs=1, batch_size=16, lr=0.1, seed=tick)
+        u = Update(job="sim", update_id=f"u{tick}", task_id=f"t{tick}", site=f"s{site}", base_version=base,
+                   num_samples=res.num_samples, delta=res.delta)
+        if pair is None:
+            acc_plain.fold(update_id=u.update_id, site=u.site, delta=res.delta, tau=version - base,
+                           num_samples=u.num_samples, base_version=base)
+            ready = acc_plain.ready()
+        else:
+            assert jk is not None
+            acc_he.fold(update_id=u.update_id, site=u.site, vectors=check_ciphertext(_encrypted(u, pair), jk),
+                        tau=version - base, num_samples=u.num_samples, base_version=base)
+            ready = acc_he.ready()
+        if ready:
+            if pair is None:
+                weights = acc_plain.flush(weights)[0]
+            else:
+                total = acc_he.flush()
+                weights = decrypt_step(secret, weights, total.chunks, total.denominator, cfg)
+            version += 1
+        in_flight.append((done_at + duration[site], site, version, weights))
+    return weights
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_encrypted_job_on_digits_ends_within_0_3_points_of_plaintext(keys: he.KeyPair, tmp_path: Path) -> None:
+    from shared.datasets import load_site, write_partition
+
+    part = write_partition(tmp_path, "digits", 6, scheme="dirichlet", alpha=0.5, seed=0)
+    parts = [load_site(f) for f in part.site_files]
+    x_test, y_test = load_site(part.test_file)
+    spec = model_spec("mlp", (64,), 10)
+    cfg = StrategyConfig(name=StrategyName.FEDBUFF, buffer_size=3)
+    accuracy = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save on a busy machine
+    try:
+        for name, pair in (("plaintext", None), ("ckks", keys)):
+            model = build_model(spec)
+            set_weights(model, _simulate(parts, spec, cfg, 30, pair))
+            accuracy[name] = evaluate(model, x_test, y_test)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy["plaintext"] > 0.85, accuracy  # a trained model, not two equally bad ones
+    assert abs(accuracy["ckks"] - accuracy["plaintext"]) <= 0.003, accuracy
+
+
+# --------------------------------------------------------------------------- on a real broker
+
+
+def _declare_encrypted_job(url: str, job: str, strategy: StrategyConfig, pair: he.KeyPair) -> ModelVersion:
+    """What the coordinator does for an encrypted job: topology, aggregates queue + log, v0 with the
+    public context (never the secret)."""
+    names = JobNames(job)
+    spec = model_spec("mlp", (64,), 10, hidden=32)
+    meta = {he.META_ENCRYPTION: he.encryption_meta(pair.public), he.META_PUBLIC_CONTEXT: pair.public}
+    v0 = make_version(job=job, version=0, parent=-1, weights=get_weights(build_model(spec, seed=0)),
+                      included=[], strategy=strategy.name.value, params=strategy.to_params(), model=spec,
+                      meta=meta)
+    with Connection(url, name="fedmq-test-setup").open() as conn:
+        conn.declare_job(names, TopologyConfig())
+        conn.declare_encrypted(names, TopologyConfig())
+        conn.publish(names.models_exchange, "", v0.encode(), message_id="v0")
+    return v0
+
+
+def _aggregates(url: str, job: str) -> list[EncryptedAggregate]:
+    return [EncryptedAggregate.decode(d.body) for d in read_stream(url, JobNames(job).aggregates_log, "first")]
+
+
+def _wait_aggregates(url: str, job: str, n: int, timeout: float = 60.0) -> list[EncryptedAggregate]:
+    deadline = time.monotonic() + timeout
+    while (got := _aggregates(url, job)) and len(got) < n or not got:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(got)} aggregates after {timeout}s, expected {n}")
+        time.sleep(0.2)
+    return got
+
+
+@contextmanager
+def _running_keyholder(url: str, job: str, pair: he.KeyPair) -> Iterator[KeyHolder]:
+    stop = threading.Event()
+    holder = KeyHolder(url, job, pair.secret, stop=stop, name="keyholder-test")
+    t = threading.Thread(target=holder.run, name="keyholder-test", daemon=True)
+    t.start()
+    try:
+        yield holder
+    finally:
+        stop.set()
+        t.join(30)
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(180)
+def test_every_update_is_folded_once_across_aggregator_and_keyholder_restarts(
+        broker_url: str, job: str, keys: he.KeyPair) -> None:
+    cfg = StrategyConfig(buffer_size=2, flush_timeout=60.0)
+    v0 = _declare_encrypted_job(broker_url, job, cfg, keys)
+    template = {k: np.asarray(v) for k, v in v0.weights.items()}
+    plain = [make_update(job, f"u{i}", template, seed=i, num_samples=10 + i) for i in range(4)]
+    ups = [_encrypted(u, keys) for u in plain]
+
+    with running_aggregator(broker_url, job, name="agg-a"):
+        publish_updates(broker_url, job, ups[:2])
+        _wait_aggregates(broker_url, job, 1)
+    # a new replica; no key holder has run, so the models stream still ends at v0: its state (next
+    # version, dedup set) must come from the aggregates log, or u0/u1 would be folded a second time
+    with running_aggregator(broker_url, job, name="agg-b") as agg_b:
+        publish_updates(broker_url, job, ups)
+        got = _wait_aggregates(broker_url, job, 2)
+        deadline = time.monotonic() + 10
+        while agg_b.stats.duplicates < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert [(a.version, a.parent, a.included) for a in got] == [(1, 0, ("u0", "u1")), (2, 1, ("u2", "u3"))]
+    assert agg_b.stats.duplicates == 2
+
+    # the key holder decrypts both; a redelivered aggregate (published again) is dropped
+    with Connection(broker_url, name="fedmq-test-republish").open() as conn:
+        conn.publish(JobNames(job).aggregates_exchange, "", got[0].encode())
+    with _running_keyholder(broker_url, job, keys) as holder:
+        wait_for_version(broker_url, job, 2)
+        deadline = time.monotonic() + 10
+        while holder.stats.duplicates < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    models = versions(broker_url, job)
+    assert [(m.version, m.included) for m in models] == [(0, ()), (1, ("u0", "u1")), (2, ("u2", "u3"))]
+    assert holder.stats.duplicates == 1
+    assert he.META_PUBLIC_CONTEXT not in models[1].meta and models[1].meta["he"]["aggregate_id"] == "agg-v1"
+
+    # version 2 is what the plaintext accumulator makes of the same updates (u2, u3 are 2 versions stale)
+    acc = Accumulator(cfg)
+    for u in plain[:2]:
+        acc.fold(update_id=u.update_id, site=u.site, delta=u.delta or {}, tau=0, num_samples=u.num_samples,
+                 base_version=0)
+    v1 = acc.flush(template)[0]
+    for u in plain[2:]:
+        acc.fold(update_id=u.update_id, site=u.site, delta=u.delta or {}, tau=1, num_samples=u.num_samples,
+                 base_version=0)
+    v2 = acc.flush(v1)[0]
+    for k in template:
+        np.testing.assert_allclose(models[2].weights[k], v2[k], atol=1e-6)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_encrypted_signed_job_end_to_end(broker_url: str, job: str, tmp_path: Path) -> None:
+    """Coordinator (hosting the key holder), one aggregator and three signing workers on threads."""
+    from aggregator.he import plaintext_equivalent, replay_encrypted_version
+    from aggregator.he_service import load_public_context
+    from aggregator.service import Aggregator
+    from coordinator.service import Coordinator
+    from shared.config import load_job_config
+    from shared.datasets import load_site, write_partition
+    from shared.signing import generate_site_key
+    from worker.service import Worker, WorkerOptions
+
+    part = write_partition(tmp_path / "data", "digits", 3, scheme="iid", seed=0)
+    files = he.write_keys(tmp_path / "keys", job)
+    sites = [f"site-{i}" for i in range(3)]
+    for s in sites:
+        generate_site_key(tmp_path / "keys", s)
+    cfg = load_job_config(overrides={
+        "job": job, "data": {"test": str(part.test_file)}, "model": {"name": "mlp"},
+        "strategy": {"name": "fedbuff", "buffer_size": 2, "flush_timeout": 2.0},
+        "training": {"epochs": 1, "batch_size": 16, "lr": 0.1},
+        "coordinator": {"concurrency": 3, "target_accuracy": 0.85, "max_seconds": 240, "max_versions": 80,
+                        "out": str(tmp_path / "out")},
+        "encryption": {"scheme": "ckks", "public_context": str(files.public),
+                       "secret_context": str(files.secret)},
+        "signing": {"registry": str(tmp_path / "keys" / "registry.json")},
+    })
+    stop = threading.Event()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    coord = Coordinator(broker_url, cfg, stop=stop)
+    agg = Aggregator(broker_url, job, stop=threading.Event(), name="agg-e2e")
+    workers = [Worker(broker_url, job, s, f, options=WorkerOptions(key=str(tmp_path / "keys" / f"{s}.key"),
+                                                                  device="cpu"))
+               for s, f in zip(sites, part.site_files, strict=True)]
+    roles = [threading.Thread(target=agg.run, daemon=True)]
+    roles += [threading.Thread(target=w.run, daemon=True) for w in workers]
+    try:
+        for t in roles:
+            t.start()
+        result = coord.run()
+    finally:
+        stop.set()
+        agg.stop.set()
+        for w in workers:
+            w.stop.set()
+        for t in roles:
+            t.join(30)
+        torch.set_num_threads(threads)
+    assert result.stop_reason == "target_accuracy", result
+    names = JobNames(job)
+
+    # only ciphertext crossed the updates queue: every logged update is encrypted and signed
+    logged = [Update.decode(d.body) for d in read_stream(broker_url, names.updates_log, "first")]
+    assert logged and all(u.delta is None and u.ciphertext and u.signature for u in logged)
+    assert all(u.ciphertext["context_sha256"] == files.sha256 for u in logged if u.ciphertext)
+    assert read_stream(broker_url, names.dead_log, "first") == []
+
+    # the aggregator's context is the public one from v0: it cannot decrypt
+    models = versions(broker_url, job)
+    keys_at_aggregator = load_public_context(broker_url, names, dict(models[-1].meta))
+    assert not keys_at_aggregator.context.has_secret_key()
+    with pytest.raises(ValueError, match="secret"):
+        ts.ckks_vector_from(keys_at_aggregator.context, logged[0].ciphertext["chunks"][0]).decrypt()  # type: ignore[index]
+
+    # replay with the key holder's help: every version bit for bit, and the same job aggregated in
+    # plaintext (each update decrypted alone) lands within 0.3 points
+    by_id = {u.update_id: u for u in logged}
+    secret, _ = he.load_secret(files.secret.read_bytes())
+    public = keys_at_aggregator.context
+    plain = dict(models[0].weights)
+    for parent, mv in zip(models, models[1:], strict=False):
+        used = [by_id[i] for i in mv.included]
+        taus = [parent.version - u.base_version for u in used]
+        check = replay_encrypted_version(parent.weights, mv.sha256, mv.meta["he"], mv.params, used, taus,
+                                         public, secret)
+        assert check.sum_matches and check.weights_match, (mv.version, check.detail)
+        cts = [list(u.ciphertext["chunks"]) for u in used if u.ciphertext]
+        plain = plaintext_equivalent(secret, plain, cts, list(mv.contributions), StrategyConfig.from_params(mv.params))
+    x_test, y_test = load_site(part.test_file)
+    model = build_model(models[-1].model)
+    set_weights(model, dict(models[-1].weights))
+    acc_he = evaluate(model, x_test, y_test)[0]
+    set_weights(model, plain)
+    acc_plain = evaluate(model, x_test, y_test)[0]
+    assert abs(acc_he - acc_plain) <= 0.003, (acc_he, acc_plain)
