@@ -66,7 +66,7 @@ def test_big_endian_input_is_sent_little_endian_with_the_same_values(arr: np.nda
 def test_a_body_with_bytes_missing_or_extra_is_rejected(arr: np.ndarray, n: int) -> None:
     wire = encode_tensors({"t": arr})
     short = {"t": {**wire["t"], "data": wire["t"]["data"][:-n]}} if arr.nbytes >= n else None
-    long = {"t": {**wire["t"], "data": wire["t"]["data"] + b"\0" * n}}
+    long = {"t": {**wire["t"], "data": bytes(wire["t"]["data"]) + b"\0" * n}}
     with pytest.raises(CodecError, match="bytes but"):
         decode_tensors(long)
     if short is not None:
