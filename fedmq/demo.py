@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
 from shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
 from shared.datasets import write_partition
@@ -66,6 +67,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where data, config, logs and the model go (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
     add_privacy_arguments(p)
+    add_key_arguments(p)
 
 
 @dataclass
@@ -191,6 +193,7 @@ def run_demo(args: argparse.Namespace) -> int:
                         "out": str(work / "model")},
     }
     apply_privacy(args, work, sections)
+    keys = apply_keys(args, work, job, [f"site-{i}" for i in range(args.sites)], sections)
     config = work / "job.toml"
     write_job_toml(config, sections)
     console.print(f"[bold]fedmq demo[/] job [cyan]{job}[/] on {mask_url(url)}: {args.dataset}, "
@@ -204,16 +207,19 @@ def run_demo(args: argparse.Namespace) -> int:
         procs.start("coordinator", ["coordinator", *common, "--config", str(config)])
         for i in range(args.aggregators):
             procs.start(f"aggregator-{i}", ["aggregator", *common, "--name", f"aggregator-{i}"])
+        if keys.keyholder_secret is not None:
+            procs.start("keyholder", ["keyholder", *common, "--secret", str(keys.keyholder_secret)])
         for i, f in enumerate(part.site_files):
             slow = i >= args.sites - args.slow
             procs.start(f"site-{i}", ["worker", *common, "--site", f"site-{i}", "--data", str(f),
                                       "--slowdown", str(args.slowdown if slow else 1.0),
-                                      "--min-task-seconds", str(args.min_task_seconds)])
+                                      "--min-task-seconds", str(args.min_task_seconds),
+                                      *keys.worker_args(f"site-{i}")])
         st = _follow(url, job, procs, console, args)
         procs.wait_all(timeout=30)
     finally:
         procs.wait_all(timeout=0)
-    return _report(url, job, st, args, console, time.time() - t0, procs)
+    return _report(url, job, st, args, console, time.time() - t0, procs, keys.summary())
 
 
 def _follow(url: str, job: str, procs: Processes, console: Console, args: argparse.Namespace) -> Progress_:
@@ -239,7 +245,7 @@ def _follow(url: str, job: str, procs: Processes, console: Console, args: argpar
             for d in reader.poll(0.2):
                 _apply(Event.decode(d.body), st)
             bar.update(task, completed=min(st.accuracy, target), info=_describe(st))
-            dead = [n for n in procs.failed() if n == "coordinator" or n.startswith("aggregator")]
+            dead = [n for n in procs.failed() if n in ("coordinator", "keyholder") or n.startswith("aggregator")]
             if dead or time.monotonic() > hard_stop:
                 why = f"{dead[0]} exited:\n{procs.tail(dead[0])}" if dead else "the job did not finish in time"
                 raise FedmqError(f"demo job {job} failed: {why}")
@@ -247,7 +253,7 @@ def _follow(url: str, job: str, procs: Processes, console: Console, args: argpar
 
 
 def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console: Console,
-            total_seconds: float, procs: Processes) -> int:
+            total_seconds: float, procs: Processes, extra: dict[str, Any] | None = None) -> int:
     assert st.finished is not None
     names = JobNames(job)
     dead_letters = len(read_stream(url, names.dead_log, "first", idle=0.3))
@@ -258,6 +264,7 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
         "updates_dead_lettered": dead_letters, "wall_seconds": round(fin["wall_seconds"], 3),
         "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),
         **privacy_summary(url, job, args),
+        **(extra or {}),
     }
     table = Table(title=f"fedmq demo {job}", show_header=False)
     for k, v in result.items():
