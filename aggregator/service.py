@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.strategy import Accumulator
+from aggregator.dp import DpAggregation
+from aggregator.strategy import Accumulator, learning_rate
 from aggregator.validate import validate_update
 from shared import faults, metrics
 from shared.broker import (
@@ -168,6 +169,8 @@ class _Session:
         self.fence: StreamReader | None = None
         #: set just before the running sum is touched (see Aggregator._handle)
         self.folding = False
+        #: differential privacy of the job (v0's meta): central noise, per-version epsilon
+        self.dp = DpAggregation.from_version(current)
 
     @property
     def prefetch(self) -> int:
@@ -185,6 +188,7 @@ class _Session:
         self.seen = set(state.recent_included)
         self.recent = [state.latest.included]
         self.template = {k: np.asarray(v) for k, v in state.latest.weights.items()}
+        self.dp = DpAggregation.from_version(state.latest)
         self.close()
         self.fence = StreamReader(self.agg.url, self.names.models,
                                   name=f"fedmq-{self.agg.name}-fence-{self.names.job}", prefetch=8)
@@ -243,6 +247,12 @@ class _Session:
         delta = update.delta
         if delta is None:  # validate_update refuses these; keeps the type checker honest
             raise InvalidUpdateError(f"update {uid} has no plaintext delta")
+        if self.dp is not None:
+            try:
+                delta = self.dp.admit(update, delta, [c.site for c in self.acc.contributions])
+            except InvalidUpdateError as exc:  # central noise: the site's budget is spent
+                self.dead_letter(d, exc.reason, str(exc), uid)
+                return
         self.folding = True
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version)
@@ -264,10 +274,14 @@ class _Session:
         self._check_fence()
         new_weights, contributions = self.acc.flush(self.current.weights)
         cur = self.current
+        meta = dict(cur.meta)
+        if self.dp is not None:  # central noise goes on after the flush (aggregator/dp.py)
+            new_weights, meta["dp"] = self.dp.finish(cur.version + 1, new_weights, contributions,
+                                                     learning_rate(self.cfg))
         mv = make_version(
             job=self.names.job, version=cur.version + 1, parent=cur.version, weights=new_weights,
             included=[c.update_id for c in contributions], strategy=cur.strategy, params=cur.params,
-            model=cur.model, contributions=[c.to_dict() for c in contributions], meta=dict(cur.meta),
+            model=cur.model, contributions=[c.to_dict() for c in contributions], meta=meta,
         )
         self.conn.publish(self.names.models_exchange, "", mv.encode(), message_id=f"v{mv.version}")
         metrics.version_published(self.names.job, mv.version, len(mv.included),
@@ -284,7 +298,8 @@ class _Session:
                                                "folded": len(mv.included)})
         emit(self.conn, self.names, "aggregator", EventKind.VERSION_PUBLISHED, version=mv.version,
              parent=mv.parent, included=list(mv.included), sha256=mv.sha256, replica=self.agg.name,
-             sites=[c.site for c in contributions], staleness=[c.staleness for c in contributions])
+             sites=[c.site for c in contributions], staleness=[c.staleness for c in contributions],
+             epsilon=mv.meta.get("dp", {}).get("epsilon"))
 
     def _remember(self, ids: tuple[str, ...]) -> None:
         self.recent.append(ids)

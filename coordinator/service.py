@@ -55,7 +55,7 @@ from shared.jobstate import emit
 from shared.ledger import logged_update_id, read_dead_letter
 from shared.messages import Event, EventKind, ModelVersion, Task, make_version
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
-from shared.privacy import check_privacy, resolve_options
+from shared.privacy import check_privacy, privacy_strategy, resolve_options
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class Coordinator:
             raise ConfigError("config.job: a job id is required (--job or [job] in the TOML)")
         if not cfg.data.test:
             raise ConfigError("data.test: the coordinator needs held-out test data to evaluate versions")
+        cfg = privacy_strategy(cfg)  # central DP noise: the strategy clips at the DP clip
         self.url = url
         self.cfg = cfg
         self.names = JobNames(cfg.job)

@@ -75,7 +75,7 @@ MAX_ALTERNATIVES = 8
 #: below. Replay then re-applies the very same function to the recomputed sum. Without the noise
 #: key the function should raise a FedmqError (ConfigError / SealedSeedError): the version is then
 #: reported ``unverifiable`` with that message -- never ``ok``, never a false ``mismatch``.
-POST_FLUSH_STEPS: dict[str, str] = {}
+POST_FLUSH_STEPS: dict[str, str] = {"dp": "aggregator.dp:replay_central_noise"}
 
 PostFlushStep = Callable[..., Weights]
 

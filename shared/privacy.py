@@ -20,6 +20,7 @@ is decided by its speed, not by a random draw, so each participation is a plain 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import json
@@ -165,6 +166,19 @@ def check_privacy(cfg: JobConfig) -> None:
         if cfg.strategy.robust is not Robust.NONE:
             raise ConfigError("strategy.robust: central DP-FedAvg noises a weighted sum; "
                               "set strategy.robust = none")
+
+
+def privacy_strategy(cfg: JobConfig) -> JobConfig:
+    """`cfg` with the strategy's clip at the DP clip when the aggregator adds the noise.
+
+    Central DP-FedAvg's sensitivity is the clip C: the Accumulator clips every delta before it
+    folds it (strategy.clip_norm travels in v0's params, so replay clips identically). A tighter
+    strategy clip is kept; none, or a looser one, becomes C.
+    """
+    p, s = cfg.privacy, cfg.strategy
+    if not p.central or 0 < s.clip_norm <= p.clip_norm:
+        return cfg
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(s, clip_norm=p.clip_norm))
 
 
 def resolve_options(p: PrivacyConfig) -> dict[str, Any]:
