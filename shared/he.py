@@ -37,7 +37,7 @@ import tenseal as ts
 
 from shared.codec import Weights
 from shared.config import Robust, StrategyConfig
-from shared.errors import ConfigError, MalformedMessageError
+from shared.errors import ConfigError, MalformedMessageError, NonFiniteError
 from shared.messages import Update
 
 SCHEME = "ckks"
@@ -282,6 +282,9 @@ def encrypt_update(update: Update, ctx: ts.Context, context_sha: str, slots: int
     if update.delta is None:
         raise ValueError(f"update {update.update_id} has no plaintext delta to encrypt")
     layout = Layout.of(update.delta)
+    if not all(np.isfinite(v).all() for v in update.delta.values() if np.asarray(v).dtype.kind == "f"):
+        # CKKS cannot encode NaN/Inf; in plaintext the aggregator would dead-letter it as non_finite
+        raise NonFiniteError(f"update {update.update_id} has NaN or Inf values: not encrypted, not sent")
     chunks = encrypt(ctx, update.delta, layout, slots)
     size = sum(len(c) for c in chunks)
     if size > MAX_CIPHERTEXT_BYTES:

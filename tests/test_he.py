@@ -426,3 +426,13 @@ def test_encrypted_signed_job_end_to_end(broker_url: str, job: str, tmp_path: Pa
     set_weights(model, plain)
     acc_plain = evaluate(model, x_test, y_test)[0]
     assert abs(acc_he - acc_plain) <= 0.003, (acc_he, acc_plain)
+
+
+def test_a_non_finite_delta_is_never_encrypted(keys: he.KeyPair) -> None:
+    from shared.errors import NonFiniteError
+
+    u = make_update("j", "u1", _template())
+    assert u.delta is not None
+    bad = dataclasses.replace(u, delta={k: np.full_like(v, np.nan) for k, v in u.delta.items()})
+    with pytest.raises(NonFiniteError):
+        _encrypted(bad, keys)

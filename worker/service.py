@@ -33,7 +33,7 @@ from shared.broker import (
     validate_site,
 )
 from shared.datasets import load_site
-from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, PrivacyBudgetError
+from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, NonFiniteError, PrivacyBudgetError
 from shared.jobstate import emit, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
@@ -194,7 +194,13 @@ class Worker:
             metrics={**result.metrics, "task_seconds": time.monotonic() - started},
             privacy=plan.privacy_record() if plan else {},
         )
-        update = conn.wait_for(self._pool.submit(self._seal, update, base))
+        try:
+            update = conn.wait_for(self._pool.submit(self._seal, update, base))
+        except NonFiniteError as exc:  # training diverged; CKKS cannot carry it (plaintext: dead letter)
+            conn.publish(self.names.dead_exchange, "task", d.body,
+                         headers={REASON_HEADER: exc.reason, "x-fedmq-detail": str(exc)[:1000]})
+            d.ack()
+            return
         if not self._send(conn, _Outgoing(task.task_id, update.update_id, update.encode(), dict(
             task_id=task.task_id, update_id=update.update_id, site=self.site, base_version=base.version,
             num_samples=result.num_samples, loss=result.metrics["loss"],
