@@ -125,7 +125,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--min-task-seconds must be >= 0, got {args.min_task_seconds}")
     opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
                          device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
-                         wait_for_job=args.wait)
+                         wait_for_job=args.wait, epsilon_budget=args.epsilon_budget)
+    if args.epsilon_budget < 0:
+        raise ConfigError(f"--epsilon-budget must be >= 0, got {args.epsilon_budget}")
     site, data = args.site, args.data
     if args.site_pool:
         from fedmq.site_pool import claim_site
@@ -137,6 +139,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
                           "or --site-pool (env FEDMQ_SITE_POOL)")
     if args.key:  # "{site}" in the path picks the claimed site's key under --site-pool
         opts = dataclasses.replace(opts, key=args.key.replace("{site}", site))
+    if args.ledger:
+        opts = dataclasses.replace(opts, ledger=args.ledger.replace("{site}", site))
     worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop_on_signals())
     check_broker(args.broker)
     start_metrics(args)
@@ -239,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=os.environ.get("FEDMQ_SITE_KEY", ""),
                    help="the site's Ed25519 key file (fedmq keys --site NAME); signs every update; "
                    "'{site}' is replaced by the site name (env FEDMQ_SITE_KEY)")
+    p.add_argument("--ledger", default=os.environ.get("FEDMQ_DP_LEDGER", ""),
+                   help="the site's differential-privacy budget ledger (JSON, survives restarts; '{site}' "
+                   "is replaced); default <data stem>.<site>.dp-ledger.json beside the data (env FEDMQ_DP_LEDGER)")
+    p.add_argument("--epsilon-budget", type=float,
+                   default=float(os.environ.get("FEDMQ_SITE_EPSILON_BUDGET", "0") or 0),
+                   help="this site's own epsilon cap over all jobs on its data; the job's budget applies "
+                   "too, the tighter wins (0 = the job's only; env FEDMQ_SITE_EPSILON_BUDGET)")
     add_metrics_port(p)
     p.set_defaults(run=cmd_worker)
 
