@@ -413,9 +413,12 @@ class Connection:
             declare_encrypted(self.channel(), names, cfg)
 
     def job_exists(self, names: JobNames) -> bool:
-        """Passive check on the job's tasks queue; a 404 closes only the throw-away channel."""
+        """Passive check on the job's tasks queue; a 404 closes only the throw-away channel.
+
+        The tasks queue is declared after the updates queue and streams: a worker that sees it
+        can consume it (checking `updates` let a worker start in between and die with a 404)."""
         try:
-            self.queue_stats(names.updates)
+            self.queue_stats(names.tasks)
             return True
         except JobNotFoundError:
             return False
