@@ -14,8 +14,10 @@ What each status means (`Status`):
   weights do not hash to their own sha256, an included update is missing from an untruncated log
   or fails the aggregator's validation, or a parent is missing mid-stream.
 * ``root`` -- v0 has no parent; only the hash of its weights is checked.
-* ``chain_only`` -- built from CKKS ciphertexts: without the secret key the decryption cannot be
-  redone, so replay verifies the chain around it (see `check_encrypted`) and says so.
+* ``chain_only`` -- built from CKKS ciphertexts: replay recomputes the encrypted sum from the
+  logged ciphertexts with the job's public context (aggregator.he), but without the key holder's
+  secret context (``--secret``) it cannot redo the decryption, and says so (`check_encrypted`).
+  With ``--secret`` such a version is re-decrypted and is ``ok`` or ``mismatch`` like any other.
 * ``truncated`` -- retention dropped the parent or an update; only a leading run of versions can
   be truncated (retention drops the oldest segments), so `verifiable_from` is where proof starts.
 * ``unverifiable`` -- a post-flush step (central DP noise) cannot be re-applied here, e.g. without
@@ -33,6 +35,7 @@ import argparse
 import bisect
 import importlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,6 +156,15 @@ def _verdict(version: ModelVersion, status: Status, detail: str, *, recomputed: 
 # ---------------------------------------------------------------------------- pure checks
 
 
+@dataclass(frozen=True)
+class HeKeys:
+    """TenSEAL contexts for encrypted versions: the job's public context (published in v0's meta)
+    and, only for the key holder's own audit, its secret context."""
+
+    public: Any
+    secret: Any | None = None
+
+
 def fold_version(parent: ModelVersion, version: ModelVersion,
                  updates: Sequence[Update]) -> tuple[Weights, list[Contribution], StrategyConfig]:
     """The aggregator's computation of `version`: Accumulator(version's params), each update
@@ -224,15 +236,18 @@ def _weights_diff(recorded: Weights, recomputed: Weights) -> str:
     return f"largest difference {worst:.3g} in {where}" if where else "weights equal, names or dtypes differ"
 
 
-def check_encrypted(parent: ModelVersion, version: ModelVersion, used: Sequence[Update]) -> Verdict:
+def check_encrypted(parent: ModelVersion, version: ModelVersion, used: Sequence[Update],
+                    he_keys: HeKeys | None = None) -> Verdict:
     """What replay can prove about a version the CKKS key holder decrypted.
 
-    Verified (the caller has run the aggregator's header checks: job, signature against the
-    site registry, staleness bound): the parent link; the published weights hash to the recorded
+    Always (the caller has run the aggregator's header checks: job, signature against the site
+    registry, staleness bound): the parent link; the published weights hash to the recorded
     sha256; every included update is in the log, encrypted under the job's context (the
     fingerprint in meta["encryption"], shared.he.META_ENCRYPTION), with the recorded site, base
-    version, samples and staleness. Not verified: that the weights are the decryption of those
-    ciphertexts' weighted sum, which needs the secret key.
+    version, samples and staleness. With the public context (`he_keys`): the encrypted sum of
+    those ciphertexts with the strategy's weights, recomputed by `aggregator.he.
+    replay_encrypted_version`, hashes to the one the key holder decrypted (meta["he"]). With the
+    secret context too: the decryption is redone and the weights compared bit for bit.
     """
     problems = []
     enc = version.meta.get("encryption")
@@ -254,14 +269,34 @@ def check_encrypted(parent: ModelVersion, version: ModelVersion, used: Sequence[
                                 f"says {(u.site, u.base_version, u.num_samples, tau)}")
     if problems:
         return _verdict(version, Status.MISMATCH, "; ".join(problems), used=used)
-    return _verdict(version, Status.CHAIN_ONLY,
-                    "CKKS version: parent link, sha256 of the published weights and the included "
-                    "ciphertexts (context, site, base version, samples, staleness) verified; the "
-                    "decryption itself needs the secret key and is not re-done", used=used)
+    chain = ("parent link, sha256 of the published weights and the included ciphertexts (context, "
+             "site, base version, samples, staleness) verified")
+    meta_he = version.meta.get("he")  # shared.he.META_AGGREGATE, written by the key holder
+    if he_keys is None or not isinstance(meta_he, Mapping):
+        why = ("without the job's public context (published in v0, which was not read)" if he_keys is None
+               else "the version records no encrypted sum (meta['he'])")
+        return _verdict(version, Status.CHAIN_ONLY, f"CKKS version: {chain}; {why}, so the encrypted sum is "
+                        "not recomputed and the decryption is not re-done", used=used)
+    from aggregator.he import replay_encrypted_version
+
+    taus = [parent.version - u.base_version for u in used]
+    try:
+        res = replay_encrypted_version(parent.weights, version.sha256, meta_he, version.params, used, taus,
+                                       he_keys.public, he_keys.secret)
+    except (FedmqError, ValueError, RuntimeError) as exc:  # TenSEAL raises ValueError/RuntimeError
+        return _verdict(version, Status.MISMATCH, f"cannot recompute the encrypted sum: {exc}", used=used)
+    if not res.sum_matches or res.weights_match is False:
+        return _verdict(version, Status.MISMATCH, res.detail, used=used)
+    if res.weights_match:
+        return _verdict(version, Status.OK, f"CKKS version: {res.detail}", recomputed=version.sha256,
+                        used=used)
+    return _verdict(version, Status.CHAIN_ONLY, f"CKKS version: {chain}; the encrypted sum recomputed bit "
+                    "for bit with the public context; the decryption needs the key holder's secret "
+                    "context (--secret) and is not re-done", used=used)
 
 
 def check_version(parent: ModelVersion | None, version: ModelVersion,
-                  candidates: Mapping[str, Sequence[Update]]) -> Verdict:
+                  candidates: Mapping[str, Sequence[Update]], *, he_keys: HeKeys | None = None) -> Verdict:
     """Verify one version against its parent and the log copies of its included updates."""
     if not version.verify_hash():
         return _verdict(version, Status.MISMATCH, "the published weights do not hash to the recorded sha256")
@@ -281,7 +316,7 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
             invalid = f"cannot recompute: {exc}"
         if invalid:
             return _verdict(version, Status.MISMATCH, invalid, used=used)
-        return check_encrypted(parent, version, used)
+        return check_encrypted(parent, version, used, he_keys)
     tried: list[tuple[str, Weights, list[Contribution]]] = []
     for attempt in _attempts(options):
         try:
@@ -575,8 +610,12 @@ class WhatIfRequest:
 class Replayer:
     """Streams the models stream and the updates log side by side; memory O(model x in-flight)."""
 
-    def __init__(self, url: str, job: str, what_if: WhatIfRequest | None = None) -> None:
+    def __init__(self, url: str, job: str, what_if: WhatIfRequest | None = None, *,
+                 secret: str | None = None) -> None:
         self.url = url
+        self.secret_path = secret
+        self.he_public: bytes | None = None  # the public context v0 of an encrypted job carries
+        self.he_keys: HeKeys | None = None
         self.names = JobNames(job)
         self.request = what_if
         self.report = ReplayReport(job)
@@ -620,7 +659,7 @@ class Replayer:
             return
         parent = self.recent.get(mv.parent)
         candidates = updates.candidates(mv) if mv.parent >= 0 else {}
-        verdict = check_version(parent, mv, candidates)
+        verdict = check_version(parent, mv, candidates, he_keys=self._he_keys(mv))
         if verdict.check.status is Status.INCOMPLETE:
             verdict = self._classify_gap(mv, verdict.check, updates)
         if verdict.check.status is Status.OK:
@@ -634,6 +673,27 @@ class Replayer:
         self.recent[mv.version] = mv
         for v in sorted(self.recent)[:-4]:
             del self.recent[v]
+
+    def _he_keys(self, mv: ModelVersion) -> HeKeys | None:
+        """The job's CKKS contexts, loaded once (TenSEAL is imported only for encrypted jobs)."""
+        raw = mv.meta.get("he_public_context")  # shared.he.META_PUBLIC_CONTEXT: in v0 only
+        if isinstance(raw, bytes):
+            self.he_public = raw
+        enc = mv.meta.get("encryption")
+        if self.he_keys is not None or self.he_public is None or not isinstance(enc, Mapping):
+            return self.he_keys
+        from shared import he
+
+        expected = str(enc.get("context_sha256"))
+        public = he.public_context_from_meta({he.META_PUBLIC_CONTEXT: self.he_public}, expected)
+        secret = None
+        if self.secret_path:
+            secret, fingerprint = he.load_secret(he.read_file(self.secret_path, "secret context"))
+            if fingerprint != expected:
+                raise ConfigError(f"--secret {self.secret_path} is not job {self.names.job}'s key "
+                                  f"({fingerprint[:12]}... != {expected[:12]}...)")
+        self.he_keys = HeKeys(public, secret)
+        return self.he_keys
 
     def _begin(self, mv: ModelVersion) -> None:
         self.first_version = mv.version
@@ -688,8 +748,9 @@ class Replayer:
             return StrategyConfig().max_staleness
 
 
-def replay(url: str, job: str, what_if: WhatIfRequest | None = None) -> ReplayReport:
-    return Replayer(url, job, what_if).run()
+def replay(url: str, job: str, what_if: WhatIfRequest | None = None, *,
+           secret: str | None = None) -> ReplayReport:
+    return Replayer(url, job, what_if, secret=secret).run()
 
 
 # ---------------------------------------------------------------------------- output
@@ -769,7 +830,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         request = WhatIfRequest(args.strategy, _parse_params(args.param), args.test)
     elif args.test:
         raise ConfigError("--test is only used by a what-if replay: add --strategy or --param")
-    report = replay(args.broker, args.job, request)
+    report = replay(args.broker, args.job, request, secret=args.secret)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -787,4 +848,7 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="what-if: a strategy parameter (repeatable), e.g. alpha=0.6 buffer_size=8")
     p.add_argument("--test", help="what-if: the job's test data (the coordinator's data.test)")
+    p.add_argument("--secret", default=os.environ.get("FEDMQ_KEYHOLDER_SECRET"),
+                   help="CKKS jobs: the key holder's secret context file, to re-decrypt encrypted "
+                        "versions bit for bit (env FEDMQ_KEYHOLDER_SECRET)")
     p.set_defaults(run=cmd_replay)
