@@ -51,7 +51,7 @@ def encode_tensors(weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any
         arr = np.asarray(arr, dtype=DTYPES[wire], order="C")
         # a byte view, not arr.tobytes(): msgpack copies the view once into the body, while an
         # extra 4 MB bytes object made packing ~30x slower (BENCHMARKS.md, "Codec")
-        data = memoryview(arr).cast("B") if arr.size else b""
+        data = arr.data.cast("B") if arr.size else b""
         out[name] = {"dtype": wire, "shape": list(arr.shape), "data": data}
     return out
 

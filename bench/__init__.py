@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.run_all` (`make bench`) writes its sections of BENCHMARKS.md."""

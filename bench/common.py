@@ -1,0 +1,127 @@
+"""What every benchmark shares: timing, the machine note, and rewriting one section of BENCHMARKS.md.
+
+BENCHMARKS.md is written by several benchmarks (codec, aggregator, replay, privacy, ...). Each one
+owns the ``## <title>`` sections it writes and calls `replace_section`, which rewrites only that
+section and keeps every other one byte for byte. Figures are only comparable within one run on one
+machine, so every section carries the machine note (cores, load average, commit) of its own run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+HEADER = """# fedmq benchmarks
+
+Written by `make bench` (`python -m bench.run_all`); each `## ` section is rewritten by the benchmark
+that owns it and says when, on what machine and under what load it was measured. Ratios compare
+figures measured in the same run. Nothing here is asserted by a test: speed depends on the machine.
+"""
+
+
+def replace_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
+    """Write ``## title`` followed by `body`, replacing that section only (appended when absent).
+
+    A section runs from its heading to the next line starting with ``## `` or the end of the file;
+    everything outside it, including sections other benchmarks wrote, is kept unchanged.
+    """
+    text = path.read_text() if path.exists() else HEADER
+    block = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}[ \t]*\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block + "\n", text, count=1)
+        text = text.rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+@dataclass(frozen=True)
+class MachineNote:
+    """Where and under what load a section was measured; printed under its heading."""
+
+    started: str
+    cores: int
+    load_start: tuple[float, float, float]
+    load_end: tuple[float, float, float]
+    commit: str
+    python: str
+
+    def markdown(self) -> str:
+        def fmt(load: tuple[float, float, float]) -> str:
+            return " / ".join(f"{x:.2f}" for x in load)
+
+        return (f"_Measured {self.started} on {self.cores} cores (Python {self.python}, commit "
+                f"{self.commit}); load average 1/5/15 min {fmt(self.load_start)} at the start, "
+                f"{fmt(self.load_end)} at the end._")
+
+
+class Machine:
+    """Records the load at the start of a measurement; `note()` closes it."""
+
+    def __init__(self) -> None:
+        self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        self.load_start = load_average()
+
+    def note(self) -> MachineNote:
+        return MachineNote(self.started, os.cpu_count() or 0, self.load_start, load_average(), _git_commit(),
+                           platform.python_version())
+
+
+def best_and_median(fn: Callable[[], object], *, repeats: int = 7, min_seconds: float = 0.05) -> tuple[float, float]:
+    """(best, median) seconds per call of `fn`; each sample loops until it has run `min_seconds`.
+
+    The best is what the code can do; the median says how much the shared machine disturbed it.
+    """
+    fn()  # warm-up: allocator, caches, lazy imports
+    samples = []
+    for _ in range(repeats):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                break
+        samples.append(elapsed / n)
+    return min(samples), statistics.median(samples)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "—"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.1f} s"
