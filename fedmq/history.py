@@ -169,12 +169,13 @@ class VersionEntry:
     created_at: float
     accuracy: float | None
     offset: int | None
+    epsilon: float | None = None  # the job's DP epsilon after this version (meta["dp"]), None = no DP
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "parent": self.parent, "strategy": self.strategy,
                 "included": list(self.included), "contributions": [dict(c) for c in self.contributions],
                 "sha256": self.sha256, "accuracy": self.accuracy, "created_at": self.created_at,
-                "offset": self.offset}
+                "offset": self.offset, "epsilon": self.epsilon}
 
 
 @dataclass(frozen=True)
@@ -202,12 +203,13 @@ class SiteTotals:
     total_weight: float = 0.0
     staleness_sum: int = 0
     dead_lettered: int = 0
+    epsilon: float | None = None  # highest DP epsilon the site reported in its updates
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.staleness_sum / self.updates_included if self.updates_included else None
         return {"updates_logged": self.updates_logged, "updates_included": self.updates_included,
                 "samples_included": self.samples_included, "total_weight": self.total_weight,
-                "mean_staleness": mean, "dead_lettered": self.dead_lettered}
+                "mean_staleness": mean, "dead_lettered": self.dead_lettered, "epsilon": self.epsilon}
 
 
 @dataclass
@@ -311,7 +313,8 @@ def read_history(url: str, job: str) -> History:
                 continue
             hist.versions.append(VersionEntry(
                 mv.version, mv.parent, mv.strategy, mv.included, mv.contributions, mv.sha256,
-                mv.created_at, accuracy.get(mv.version), d.stream_offset))
+                mv.created_at, accuracy.get(mv.version), d.stream_offset,
+                _number((mv.meta.get("dp") or {}).get("epsilon"))))
         hist.models_first_offset = cur.first_offset
     if not hist.versions:
         raise JobNotFoundError(f"job {job} has no model version on the broker")
@@ -322,12 +325,20 @@ def read_history(url: str, job: str) -> History:
                 hist.unreadable_updates += 1
                 continue
             hist.updates_logged.append(u.update_id)
-            hist.sites.setdefault(u.site, SiteTotals()).updates_logged += 1
+            totals = hist.sites.setdefault(u.site, SiteTotals())
+            totals.updates_logged += 1
+            eps = _number(u.privacy.get("epsilon"))
+            if eps is not None:
+                totals.epsilon = max(eps, totals.epsilon or 0.0)
         hist.updates_first_offset = cur.first_offset
     with StreamCursor(url, names.dead_log, name=f"fedmq-history-dead-{job}", prefetch=32) as cur:
         hist.dead_letters = [parse_dead_letter(d) for d in cur]
     _site_totals(hist)
     return hist
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _site_totals(hist: History) -> None:
@@ -364,12 +375,13 @@ def render(hist: History) -> None:
                       f"v{hist.versions[0].version}[/]")
     t = Table(title=f"job {hist.job}: {len(hist.versions)} versions")
     for col in ("version", "parent", "strategy", "included updates (site, base, tau, weight, samples, id)",
-                "sha256", "accuracy"):
+                "sha256", "accuracy", "epsilon"):
         t.add_column(col)
     for v in hist.versions:
         lines = [_contribution_text(c) for c in v.contributions] or list(v.included) or ["-"]
         t.add_row(str(v.version), str(v.parent), v.strategy, "\n".join(lines), v.sha256[:16],
-                  "-" if v.accuracy is None else f"{v.accuracy:.4f}")
+                  "-" if v.accuracy is None else f"{v.accuracy:.4f}",
+                  "-" if v.epsilon is None else f"{v.epsilon:.3f}")
     console.print(t)
     d = Table(title=f"dead letters: {len(hist.dead_letters)}")
     for col in ("kind", "update id", "site", "reason", "detail"):
@@ -378,13 +390,15 @@ def render(hist: History) -> None:
         d.add_row(dl.kind, dl.update_id or "-", dl.site or "-", dl.reason, dl.detail[:80])
     console.print(d)
     s = Table(title="per site")
-    for col in ("site", "logged", "included", "samples", "total weight", "mean staleness", "dead-lettered"):
+    for col in ("site", "logged", "included", "samples", "total weight", "mean staleness", "dead-lettered",
+                "epsilon"):
         s.add_column(col)
     for site, tot in sorted(hist.sites.items()):
         row = tot.to_dict()
         mean = row["mean_staleness"]
         s.add_row(site, str(tot.updates_logged), str(tot.updates_included), str(tot.samples_included),
-                  f"{tot.total_weight:.4g}", "-" if mean is None else f"{mean:.2f}", str(tot.dead_lettered))
+                  f"{tot.total_weight:.4g}", "-" if mean is None else f"{mean:.2f}", str(tot.dead_lettered),
+                  "-" if tot.epsilon is None else f"{tot.epsilon:.3f}")
     console.print(s)
     missing = hist.not_included()
     console.print(f"{len(hist.updates_logged)} updates logged, {len(missing)} neither included nor "

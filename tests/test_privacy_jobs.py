@@ -12,6 +12,7 @@ import torch
 
 from aggregator.dp import add_releases, releases_epsilon
 from coordinator.service import Coordinator, JobResult
+from fedmq.history import read_history
 from fedmq.replay import replay
 from shared.broker import JobNames, read_stream
 from shared.config import JobConfig, PrivacyMechanism, load_job_config
@@ -101,6 +102,12 @@ def test_a_site_at_its_budget_refuses_tasks_and_the_job_completes_with_the_other
     mvs = versions(broker_url, job)
     assert mvs[-1].meta["dp"]["epsilon"] == pytest.approx(max(eps))
     assert set(mvs[-1].meta["dp"]["site_epsilon"]) <= {"site-0", "site-1"}
+    # and `fedmq history` shows both: per version and per site
+    hist = read_history(broker_url, job).to_dict()
+    assert hist["versions"][-1]["epsilon"] == pytest.approx(max(eps))
+    for site in ("site-0", "site-1"):
+        mine = [e.data["epsilon"] for e in published if e.data["site"] == site]
+        assert hist["sites"][site]["epsilon"] == pytest.approx(max(mine))
 
 
 def test_central_noise_versions_replay_bit_for_bit_and_report_their_epsilon(
