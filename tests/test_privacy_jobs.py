@@ -106,8 +106,8 @@ def test_a_site_at_its_budget_refuses_tasks_and_the_job_completes_with_the_other
     hist = read_history(broker_url, job).to_dict()
     assert hist["versions"][-1]["epsilon"] == pytest.approx(max(eps))
     for site in ("site-0", "site-1"):
-        mine = [e.data["epsilon"] for e in published if e.data["site"] == site]
-        assert hist["sites"][site]["epsilon"] == pytest.approx(max(mine))
+        reported = [float(e.data["epsilon"]) for e in published if e.data["site"] == site]
+        assert hist["sites"][site]["epsilon"] == pytest.approx(max(reported))
 
 
 def test_central_noise_versions_replay_bit_for_bit_and_report_their_epsilon(
