@@ -117,6 +117,7 @@ class Coordinator:
                                 if cfg.privacy.mechanism is not PrivacyMechanism.NONE else {})
         self.sites_seen: set[str] = set()   # sites that published an update
         self.sites_spent: set[str] = set()  # sites that refused a task: privacy budget spent
+        self.update_site: dict[str, str] = {}  # update id -> site, to attribute budget dead letters
         self.outstanding: dict[str, OutstandingTask] = {}
         self.finished_tasks: set[str] = set()
         self.update_ids: list[str] = []
@@ -135,7 +136,7 @@ class Coordinator:
 
     def _reset(self) -> None:
         """Forget all that the streams hold: each (re)connection reads it back (`_resume`)."""
-        self.sites_seen, self.sites_spent = set(), set()
+        self.sites_seen, self.sites_spent, self.update_site = set(), set(), {}
         self.outstanding, self.finished_tasks = {}, set()
         self.update_ids, self.included, self.dead_ids = [], set(), set()
         self.latest, self.latest_offset = None, None
@@ -236,12 +237,15 @@ class Coordinator:
                 self.update_ids.append(data.get("update_id", ""))
             self.outstanding.pop(tid, None)
             self.sites_seen.add(data.get("site", ""))
+            self.update_site[data.get("update_id", "")] = data.get("site", "")
         elif ev.event == EventKind.TASK_REFUSED:
             self.outstanding.pop(data.get("task_id", ""), None)  # _issue replaces it for the others
             if data.get("reason") == PrivacyBudgetError.reason:
                 self.sites_spent.add(data.get("site", ""))
         elif ev.event == EventKind.DEAD_LETTERED and data.get("update_id"):
             self.dead_ids.add(data["update_id"])
+            if data.get("reason") == PrivacyBudgetError.reason:  # central DP: the aggregator's verdict
+                self.sites_spent.add(self.update_site.get(data["update_id"], ""))
         elif ev.event == EventKind.VERSION_PUBLISHED:
             self.included.update(data.get("included", []))
         return False

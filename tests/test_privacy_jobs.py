@@ -28,12 +28,13 @@ SITES = [f"site-{i}" for i in range(3)]
 
 
 def _config(job: str, tmp_path: Path, test_file: Path, privacy: dict[str, Any],
-            strategy: dict[str, Any] | None = None) -> JobConfig:
+            strategy: dict[str, Any] | None = None, max_versions: int = 4) -> JobConfig:
     return load_job_config(overrides={
         "job": job, "data": {"test": str(test_file)}, "model": {"name": "logreg"},
         "strategy": {"name": "fedbuff", "buffer_size": 2, "flush_timeout": 2.0, **(strategy or {})},
         "training": {"epochs": 1, "batch_size": 64, "lr": 0.3},
-        "coordinator": {"concurrency": 3, "max_versions": 4, "max_seconds": 240, "out": str(tmp_path / "out")},
+        "coordinator": {"concurrency": 3, "max_versions": max_versions, "max_seconds": 240,
+                        "out": str(tmp_path / "out")},
         "privacy": privacy,
     }, environ={})
 
@@ -110,7 +111,7 @@ def test_a_site_at_its_budget_refuses_tasks_and_the_job_completes_with_the_other
         assert hist["sites"][site]["epsilon"] == pytest.approx(max(reported))
 
 
-def test_central_noise_versions_replay_bit_for_bit_and_report_their_epsilon(
+def test_central_noise_replays_bit_for_bit_and_the_aggregator_stops_every_site_at_its_budget(
         broker_url: str, job: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = tmp_path / "dp-noise.key"
     key.write_text("5a" * 32)
@@ -118,12 +119,16 @@ def test_central_noise_versions_replay_bit_for_bit_and_report_their_epsilon(
     part = write_partition(tmp_path / "data", "digits", 3, scheme="iid", seed=1)
     ledgers = [tmp_path / f"{s}.ledger.json" for s in SITES]
     cfg = _config(job, tmp_path, part.test_file,
-                  {"mechanism": "dp_fedavg", "noise_at": "aggregator", "epsilon": 6.0, "planned_tasks": 10,
-                   "clip_norm": 0.5}, strategy={"sample_weighted": False})
+                  {"mechanism": "dp_fedavg", "noise_at": "aggregator", "epsilon": 6.0, "planned_tasks": 2,
+                   "clip_norm": 0.5}, strategy={"sample_weighted": False}, max_versions=50)
 
     result, _ = _run_job(broker_url, cfg, part.site_files, ledgers)
 
-    assert result.stop_reason == "max_versions", result
+    # each site affords ~2 releases: then its updates are dead-lettered and, once every site is
+    # spent, the coordinator ends the job
+    assert result.stop_reason == "privacy_budget", result
+    dead = [e for e in _events(broker_url, job) if e.event == EventKind.DEAD_LETTERED]
+    assert dead and {e.data["reason"] for e in dead} == {"privacy_budget"}
     mvs = versions(broker_url, job)
     v0, later = mvs[0], mvs[1:]
     assert v0.params["clip_norm"] == 0.5  # the strategy clips at the DP clip
@@ -135,7 +140,7 @@ def test_central_noise_versions_replay_bit_for_bit_and_report_their_epsilon(
         assert {"noise_seed_sealed", "noise_scale"} <= set(dp) and "noise_seed" not in dp  # sealed only
         releases = add_releases(releases, [c["site"] for c in mv.contributions], central=True)
         assert dp["epsilon"] == pytest.approx(max(releases_epsilon(releases, sigma, 1e-5).values()))
-    assert later[-1].meta["dp"]["epsilon"] <= 6.0
+    assert 0 < later[-1].meta["dp"]["epsilon"] <= 6.0
     # sites add no noise of their own and spend nothing in their ledgers
     assert all(not p.exists() for p in ledgers)
 
