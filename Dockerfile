@@ -27,10 +27,11 @@ COPY worker ./worker
 COPY fedmq ./fedmq
 RUN pip install . && rm -rf /opt/fedmq/build
 
-# Unprivileged user; the mount points exist and /out is writable, so named volumes inherit it.
+# Unprivileged user; the mount points exist, and /out (models, reports) and /state (a site's DP
+# budget ledger) are writable, so named volumes mounted there inherit the ownership.
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/fedmq fedmq \
-    && mkdir -p /data /config /out \
-    && chown fedmq:fedmq /out
+    && mkdir -p /data /config /out /state \
+    && chown fedmq:fedmq /out /state
 USER 10001:10001
 WORKDIR /home/fedmq
 

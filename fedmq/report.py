@@ -26,8 +26,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from shared.broker import REASON_HEADER, Delivery, JobNames, read_stream
+from shared.broker import Delivery, JobNames, read_stream
 from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
+from shared.ledger import dead_reason
 from shared.messages import Event, EventKind
 
 log = logging.getLogger(__name__)
@@ -105,21 +106,6 @@ class ReportData:
             "stop_reason": fin.get("stop_reason"), "wall_seconds": fin.get("wall_seconds"),
             "seconds_to_target": fin.get("seconds_to_target"),
         }
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def dead_reason(headers: dict[str, Any]) -> str:
-    """fedmq's reason header, else the one the broker set when it dead-lettered the message itself."""
-    for key in (REASON_HEADER, "x-first-death-reason"):
-        if headers.get(key):
-            return _text(headers[key])
-    deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) and deaths[0].get("reason"):
-        return _text(deaths[0]["reason"])
-    return "unknown"
 
 
 def fold(job: str, events: Iterable[Event], dead: Iterable[Delivery] = ()) -> ReportData:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmq.report import collect, dead_reason, fold, write_report
+from fedmq.report import collect, fold, write_report
 from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames
 from shared.config import StrategyConfig
 from shared.jobstate import emit
@@ -109,10 +109,3 @@ def test_fold_counts_a_redelivered_update_once_and_keeps_the_first_publish() -> 
                     data={"update_id": "u1", "site": "s", "task_seconds": 1.0 + i}) for i in range(3)]
     data = fold("j", events)
     assert len(data.updates) == 1 and data.updates["u1"].ts == t and data.updates["u1"].seconds == 1.0
-
-
-def test_dead_reason_prefers_fedmq_header_then_the_brokers() -> None:
-    assert dead_reason({REASON_HEADER: b"stale", "x-first-death-reason": "rejected"}) == "stale"
-    assert dead_reason({"x-first-death-reason": "delivery_limit"}) == "delivery_limit"
-    assert dead_reason({"x-death": [{"reason": "expired"}]}) == "expired"
-    assert dead_reason({}) == "unknown"
