@@ -33,6 +33,9 @@ def genesis_meta(cfg: JobConfig) -> dict[str, Any]:
             raise ConfigError(f"signing.registry {cfg.signing.registry} lists no site")
         meta[META_REGISTRY] = registry
     if cfg.encryption.enabled:
+        if cfg.privacy.central:
+            raise ConfigError("privacy.noise_at = \"aggregator\" needs the plaintext sum; with encryption "
+                              "noise at the site (noise_at = \"site\") or use DP-SGD")
         he.check_strategy(cfg.strategy)
         public = he.read_file(cfg.encryption.public_context, "encryption.public_context")
         meta[he.META_ENCRYPTION] = he.encryption_meta(public)
