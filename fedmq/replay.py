@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import importlib
 import logging
 import os
@@ -61,6 +62,9 @@ log = logging.getLogger(__name__)
 HORIZON = 2
 #: how many other copies of a redelivered update id replay tries before calling a version a mismatch
 MAX_ALTERNATIVES = 8
+#: versions kept as possible parents, and versions a folded update is kept for: a fork (two
+#: replicas briefly both active) re-includes the same ids in a second entry of the same version
+RECENT_VERSIONS = 4
 
 # ---------------------------------------------------------------------------- post-flush hook
 
@@ -144,6 +148,11 @@ class VersionCheck:
 class Verdict:
     check: VersionCheck
     used: tuple[Update, ...] = ()  # the log copies the verdict rests on, in `included` order
+
+
+def _annotate(verdict: Verdict, note: str) -> Verdict:
+    detail = f"{verdict.check.detail}; {note}" if verdict.check.detail else note
+    return Verdict(dataclasses.replace(verdict.check, detail=detail), verdict.used)
 
 
 def _verdict(version: ModelVersion, status: Status, detail: str, *, recomputed: str | None = None,
@@ -375,6 +384,7 @@ class UpdateLog:
         self.cursor = cursor
         self.pending: dict[str, list[Update]] = {}
         self.folded: set[str] = set()
+        self.recently_folded: dict[str, tuple[int, list[Update]]] = {}  # id -> (version, copies)
         self.max_base_seen = -1
         self.read = 0
         self.unreadable = 0
@@ -386,8 +396,11 @@ class UpdateLog:
     def truncated(self) -> bool:
         return (self.cursor.first_offset or 0) > 0
 
+    def _known(self, uid: str) -> bool:
+        return uid in self.pending or uid in self.recently_folded
+
     def candidates(self, version: ModelVersion) -> dict[str, list[Update]]:
-        want = [uid for uid in version.included if uid not in self.pending]
+        want = [uid for uid in version.included if not self._known(uid)]
         while want and not self.exhausted and self.max_base_seen < version.version + HORIZON:
             d = self.cursor.next()
             if d is None:
@@ -396,8 +409,9 @@ class UpdateLog:
                 self.exhausted = True
                 break
             self._add(decode_or_none(Update, d))
-            want = [uid for uid in want if uid not in self.pending]
-        return {uid: self.pending.get(uid, []) for uid in version.included}
+            want = [uid for uid in want if not self._known(uid)]
+        return {uid: self.pending.get(uid) or self.recently_folded.get(uid, (0, []))[1]
+                for uid in version.included}
 
     def _add(self, u: Update | None) -> None:
         self.read += 1
@@ -412,8 +426,13 @@ class UpdateLog:
 
     def folded_into(self, version: ModelVersion, max_staleness: int) -> None:
         for uid in version.included:
-            self.pending.pop(uid, None)
+            copies = self.pending.pop(uid, None)
+            if copies is not None:
+                self.recently_folded[uid] = (version.version, copies)
             self.folded.add(uid)
+        old = [uid for uid, (v, _) in self.recently_folded.items() if v <= version.version - RECENT_VERSIONS]
+        for uid in old:
+            del self.recently_folded[uid]
         limit = version.version - max_staleness - 1
         for uid in [uid for uid, copies in self.pending.items() if all(u.base_version < limit for u in copies)]:
             del self.pending[uid]
@@ -558,6 +577,7 @@ class ReplayReport:
     what_if: WhatIf | None = None
     original_curve: list[CurvePoint] = field(default_factory=list)
     original_params: dict[str, Any] = field(default_factory=dict)
+    forks: list[int] = field(default_factory=list)  # version numbers with two different entries
 
     def count(self, *statuses: Status) -> int:
         return sum(c.status in statuses for c in self.checks)
@@ -590,6 +610,7 @@ class ReplayReport:
             "updates_read": self.updates_read,
             "updates_replayed": self.updates_replayed,
             "seconds": round(self.seconds, 3),
+            "forks": sorted(set(self.forks)),
             "versions": [c.to_dict() for c in self.checks],
         }
         if self.what_if is not None:
@@ -619,8 +640,8 @@ class Replayer:
         self.names = JobNames(job)
         self.request = what_if
         self.report = ReplayReport(job)
-        self.recent: dict[int, ModelVersion] = {}  # the last few versions: parents to come
-        self.seen_sha: dict[int, str] = {}
+        self.recent: dict[int, list[ModelVersion]] = {}  # the last few versions: parents to come
+        self.seen_sha: dict[int, list[str]] = {}
         self.first_version: int | None = None
         self.proven = False  # a version has been verified: truncation can no longer explain a gap
         self.evaluate: Evaluator | None = None
@@ -654,12 +675,15 @@ class Replayer:
     def _step(self, mv: ModelVersion, updates: UpdateLog) -> None:
         if self.first_version is None:
             self._begin(mv)
-        if self.seen_sha.get(mv.version) == mv.sha256:
+        earlier = self.seen_sha.get(mv.version, [])
+        if mv.sha256 in earlier:
             self._record(_verdict(mv, Status.DUPLICATE, "republished: same version, same sha256").check)
             return
-        parent = self.recent.get(mv.parent)
         candidates = updates.candidates(mv) if mv.parent >= 0 else {}
-        verdict = check_version(parent, mv, candidates, he_keys=self._he_keys(mv))
+        verdict = self._check_against_parents(mv, candidates)
+        if earlier:
+            self.report.forks.append(mv.version)
+            verdict = _annotate(verdict, f"fork: another v{mv.version} ({earlier[-1][:16]}) precedes this entry")
         if verdict.check.status is Status.INCOMPLETE:
             verdict = self._classify_gap(mv, verdict.check, updates)
         if verdict.check.status is Status.OK:
@@ -667,12 +691,29 @@ class Replayer:
         if verdict.check.status in (Status.OK, Status.CHAIN_ONLY):
             self.proven = True
         self._record(verdict.check)
-        self._feed_what_if(mv, candidates, verdict)
+        if not earlier:
+            self._feed_what_if(mv, candidates, verdict)
         updates.folded_into(mv, self._max_staleness(mv))
-        self.seen_sha[mv.version] = mv.sha256
-        self.recent[mv.version] = mv
-        for v in sorted(self.recent)[:-4]:
+        self.seen_sha.setdefault(mv.version, []).append(mv.sha256)
+        self.recent.setdefault(mv.version, []).append(mv)
+        for v in sorted(self.recent)[:-RECENT_VERSIONS]:
             del self.recent[v]
+
+    def _check_against_parents(self, mv: ModelVersion, candidates: Mapping[str, Sequence[Update]]) -> Verdict:
+        """Against the parent entry; after a fork, against each entry of the parent's number."""
+        parents = self.recent.get(mv.parent, [])
+        if not parents:
+            return check_version(None, mv, candidates, he_keys=self._he_keys(mv))
+        tried: list[tuple[ModelVersion, Verdict]] = []
+        for parent in reversed(parents):  # the newest entry first
+            tried.append((parent, check_version(parent, mv, candidates, he_keys=self._he_keys(mv))))
+            if tried[-1][1].check.status in (Status.OK, Status.CHAIN_ONLY):
+                break
+        parent, verdict = tried[-1] if tried[-1][1].check.status in (Status.OK, Status.CHAIN_ONLY) else tried[0]
+        if len(parents) > 1:
+            verdict = _annotate(verdict, f"the models stream holds {len(parents)} entries for parent "
+                                f"v{mv.parent} (a fork); checked against sha256 {parent.sha256[:16]}")
+        return verdict
 
     def _he_keys(self, mv: ModelVersion) -> HeKeys | None:
         """The job's CKKS contexts, loaded once (TenSEAL is imported only for encrypted jobs)."""

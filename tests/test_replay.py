@@ -245,3 +245,27 @@ def test_history_reads_the_brokers_own_delivery_limit_dead_letters(broker_url: s
 def test_replay_of_an_unknown_job_exits_4(broker_url: str) -> None:
     res = run_fedmq("replay", "--broker", broker_url, "--job", f"t-none-{uuid.uuid4().hex[:6]}", timeout=60)
     assert res.returncode == 4, res.stderr
+
+
+def test_a_fork_and_a_republished_version_are_reported_without_mismatch(broker_url: str, job: str) -> None:
+    """Two replicas briefly active: two different v2 entries share an update id; v3 builds on the first."""
+    v0 = _declare(broker_url, job)
+    names = JobNames(job)
+    u = {n: make_update(job, n, v0.weights, base_version=b, seed=i)
+         for i, (n, b) in enumerate([("u1a", 0), ("u1b", 0), ("u2a", 1), ("u2b", 1), ("u2c", 1),
+                                     ("u3a", 2), ("u3b", 2)])}
+    v1 = _next(v0, [u["u1a"], u["u1b"]])
+    v2a = _next(v1, [u["u2a"], u["u2b"]])
+    v2b = _next(v1, [u["u2a"], u["u2c"]])
+    v3 = _next(v2a, [u["u3a"], u["u3b"]])
+    with Connection(broker_url, name="fedmq-test-writer").open() as conn:
+        for upd in u.values():
+            conn.publish(names.updates_exchange, upd.site, upd.encode())
+        for mv in (v1, v1, v2a, v2b, v3):  # v1 twice: a republish after a lost confirm
+            conn.publish(names.models_exchange, "", mv.encode())
+    report = replay(broker_url, job)
+    assert [c.status for c in report.checks] == [Status.ROOT, Status.OK, Status.DUPLICATE, Status.OK,
+                                                Status.OK, Status.OK]
+    d = report.to_dict()
+    assert d["forks"] == [2] and d["mismatches"] == 0
+    assert "fork" in report.checks[4].detail and v2a.sha256[:16] in report.checks[5].detail
