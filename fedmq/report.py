@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 from shared.broker import Delivery, JobNames, read_stream
 from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
 from shared.ledger import dead_reason
@@ -149,7 +147,11 @@ class Plot:
     series: dict[str, list[Any]]
 
 
-def _figure() -> tuple[Figure, Any]:
+def _figure() -> tuple[Any, Any]:
+    """A pyplot-free Figure (no global state, no display backend); imported here, not at module
+    load, because every `fedmq` invocation imports this module to build its parser."""
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="tight")
     return fig, fig.add_subplot()
 
