@@ -224,6 +224,7 @@ class Worker:
         republishing is safe and training again is not needed.
         """
         self._outbox[out.task_id] = out
+        faults.point("worker.before_publish")
         try:
             conn.publish(self.names.updates_exchange, self.site, out.body,
                          headers={UPDATE_ID_HEADER: out.update_id}, message_id=out.update_id)

@@ -114,6 +114,10 @@ class Fleet:
         """SIGTERM by pid: the role finishes the step it is in and leaves (a coordinator finishes the job)."""
         os.kill(self.procs[name].pid, signal.SIGTERM)
 
+    def resume(self, name: str) -> None:
+        """SIGCONT a process a `stop:` fault froze."""
+        os.kill(self.procs[name].pid, signal.SIGCONT)
+
     def state(self, name: str) -> str:
         """Kernel state letter (R, S, T = stopped, ...), or "" once the process has exited."""
         proc = self.procs[name]

@@ -62,6 +62,8 @@ class Kill:
 class Record:
     kills: list[Kill] = field(default_factory=list)
     broker_restarts: list[float] = field(default_factory=list)  # seconds the node took to come back
+    #: seconds from the node answering again to the next version (every role reconnected)
+    broker_recovery: list[float | None] = field(default_factory=list)
     connection_drops: int = 0
     missed: list[str] = field(default_factory=list)  # actions that found nothing to act on
 
@@ -83,6 +85,8 @@ class Chaos:
         self.rng = random.Random(1)
         self.schedule = list(SCHEDULE)
         self.armed_at: float | None = None
+        self.finishing = False
+        self.broker_back_at: float | None = None
 
     # -------------------------------------------------------------- observation
 
@@ -92,8 +96,13 @@ class Chaos:
             if ev.event == EventKind.VERSION_PUBLISHED:
                 self.version = max(self.version, int(ev.data["version"]))
                 self._took_over(str(ev.data.get("replica")), ev.ts, "takeover")
+                if self.broker_back_at is not None and ev.ts > self.broker_back_at:
+                    self.record.broker_recovery.append(round(ev.ts - self.broker_back_at, 2))
+                    self.broker_back_at = None
             elif ev.event == EventKind.AGGREGATOR_ACTIVE:
                 self._took_over(str(ev.data.get("replica")), ev.ts, "active_after")
+            elif ev.event == EventKind.JOB_FINISHING:
+                self.finishing = True
 
     def _took_over(self, replica: str, ts: float, what: str) -> None:
         self.active = replica
@@ -105,6 +114,12 @@ class Chaos:
         """A dead process the test did not kill is a failure of the very thing under test."""
         bad = self.fleet.exited_unexpectedly()
         assert not bad, "\n".join(f"{n} exited {rc}:\n{self.fleet.tail(n)}" for n, rc in bad.items())
+        early = [n for n, p in self.fleet.procs.items() if p.poll() is not None and p.pid not in self.fleet.killed]
+        if early and not self.finishing:  # before the job ends nobody may leave, not even with status 0
+            deadline = time.monotonic() + 3  # unless JOB_FINISHING is merely not read yet
+            while not self.finishing and time.monotonic() < deadline:
+                self.observe()
+            assert self.finishing, "\n".join(f"{n} left early:\n{self.fleet.tail(n)}" for n in early)
         for name in self.replicas:
             if self.fleet.state(name) == "T":  # claimed the armed point: frozen between confirm and acks
                 self._kill_aggregator(name, "between confirm and ack")
@@ -165,6 +180,7 @@ class Chaos:
     def restart_broker(self) -> None:
         started = time.monotonic()
         self.node.restart()
+        self.broker_back_at = time.time()
         self.record.broker_restarts.append(round(time.monotonic() - started, 2))
 
     def kill_coordinator(self) -> None:
@@ -246,7 +262,8 @@ def test_a_job_survives_kills_broker_restart_and_dropped_connections(
         "aggregator_kills_between_confirm_and_ack": sum(k.kind == "between confirm and ack" for k in agg_kills),
         "worker_kills_mid_task": sum(k.role == "worker" for k in kills),
         "coordinator_kills": sum(k.role == "coordinator" for k in kills),
-        "broker_restarts": chaos.record.broker_restarts, "connection_drops": chaos.record.connection_drops,
+        "broker_restarts": chaos.record.broker_restarts, "broker_recovery": chaos.record.broker_recovery,
+        "connection_drops": chaos.record.connection_drops,
         "missed_actions": chaos.record.missed,
         "duplicates_dropped": sum(t.count("duplicate update dropped") for t in logs.values()),
         "tasks_redelivered": sum(len(re.findall(r'msg="task received" .*redelivered=True', t))

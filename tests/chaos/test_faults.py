@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from shared.broker import Connection, JobNames, TopologyConfig, read_stream
 from shared.config import StrategyConfig, StrategyName
 from shared.ledger import DELIVERY_LIMIT, logged_update_id, read_dead_letter, read_ledger
 from shared.messages import Event, EventKind, ModelVersion, Update
-from tests.chaos.harness import Fleet, count_stream, wait_until, write_job
+from tests.brokers import PrivateBroker
+from tests.chaos.harness import Fleet, close_connection, count_stream, wait_until, write_job
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates
 
 TASK_RE = re.compile(r'msg="task received" .*?task=(\w+)')
@@ -73,6 +75,38 @@ def test_worker_killed_after_publishing_before_acking_sends_a_duplicate_that_is_
     wait_until(lambda: f"duplicate update dropped job={job} update={uid}" in fleet.log("aggregator"), 30,
                "the aggregator to drop the second copy")
     _assert_ledger_ok(broker_url, names)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_whose_connection_drops_while_publishing_republishes_without_training_again(
+        private_broker: PrivateBroker, tmp_path: Path) -> None:
+    job = f"t-{uuid.uuid4().hex[:10]}"
+    names = JobNames(job)
+    files = write_job(tmp_path, sites=1, strategy={"name": "fedasync", "flush_timeout": 1.0},
+                      coordinator={"concurrency": 1, "max_versions": 2, "max_seconds": 200})
+    arm = tmp_path / "arm-publish"
+    arm.touch()
+    fleet = Fleet(private_broker.url, job, tmp_path / "logs")
+    try:
+        fleet.start("coordinator", "coordinator", "--config", str(files.config))
+        fleet.start("aggregator", "aggregator", "--name", "aggregator")
+        fleet.start("site-0", "worker", "--site", "site-0", "--data", str(files.sites[0]),
+                    faults=f"worker.before_publish=stop:{arm}")
+        wait_until(lambda: fleet.state("site-0") == "T", 150, "the worker to freeze with its update trained")
+        assert close_connection(private_broker, f"fedmq-worker-{job}-site-0") == 1
+        fleet.resume("site-0")  # its publish now meets a closed connection: no confirm
+        assert fleet.wait("coordinator", 150) == 0, fleet.tail("coordinator")
+        assert fleet.wait("site-0", 60) == 0, fleet.tail("site-0")
+    finally:
+        fleet.close()
+    log = fleet.log("site-0")
+    task = _tasks_received(log)[0]
+    assert log.count("republishing an unconfirmed update") == 1
+    assert re.search(rf'msg="task redelivered after its update was confirmed: acked, not trained again" .*'
+                     rf'task={task}', log)
+    logged = [logged_update_id(d) for d in read_stream(private_broker.url, names.updates_log, "first", idle=0.5)]
+    assert logged.count(f"u-{task}") == 1  # the first publish never reached the broker
+    _assert_ledger_ok(private_broker.url, names)
 
 
 @pytest.mark.timeout(300)
