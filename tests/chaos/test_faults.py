@@ -14,10 +14,10 @@ import pytest
 from shared.broker import Connection, JobNames, TopologyConfig, read_stream
 from shared.config import StrategyConfig, StrategyName
 from shared.ledger import DELIVERY_LIMIT, logged_update_id, read_dead_letter, read_ledger
-from shared.messages import Event, EventKind, ModelVersion, Update
+from shared.messages import Event, EventKind, ModelVersion, Update, make_version
 from tests.brokers import PrivateBroker
 from tests.chaos.harness import Fleet, close_connection, count_stream, wait_until, write_job
-from tests.jobkit import declare_job_with_v0, make_update, publish_updates
+from tests.jobkit import declare_job_with_v0, make_update, publish_updates, wait_for_version
 
 TASK_RE = re.compile(r'msg="task received" .*?task=(\w+)')
 
@@ -107,6 +107,31 @@ def test_a_worker_whose_connection_drops_while_publishing_republishes_without_tr
     logged = [logged_update_id(d) for d in read_stream(private_broker.url, names.updates_log, "first", idle=0.5)]
     assert logged.count(f"u-{task}") == 1  # the first publish never reached the broker
     _assert_ledger_ok(private_broker.url, names)
+
+
+@pytest.mark.timeout(200)
+def test_a_replica_that_sees_another_replicas_version_rebuilds_instead_of_forking(
+        broker_url: str, job: str, fleet: Fleet) -> None:
+    """Two replicas active at once (e.g. around a lost connection) must not both extend a parent:
+    the one that notices a version it did not build on drops its session and rebuilds."""
+    names = JobNames(job)
+    v0 = declare_job_with_v0(broker_url, job, StrategyConfig(name=StrategyName.FEDBUFF, buffer_size=2,
+                                                              flush_timeout=30.0))
+    fleet.start("agg", "aggregator", "--name", "agg")
+    publish_updates(broker_url, job, [make_update(job, f"u-{i}", v0.weights, seed=i) for i in range(2)])
+    v1 = wait_for_version(broker_url, job, 1)[-1]
+    other = make_version(job=job, version=2, parent=1, weights=v1.weights, included=[], strategy=v1.strategy,
+                         params=v1.params, model=v1.model)
+    with Connection(broker_url, name="fedmq-test-other-replica").open() as conn:
+        conn.publish(names.models_exchange, "", other.encode(), message_id="v2")
+    time.sleep(1.0)  # the replica's fence has received v2 by now
+    publish_updates(broker_url, job, [make_update(job, f"u-{i}", v0.weights, base_version=1, seed=i)
+                                      for i in range(2, 4)])
+    got = wait_for_version(broker_url, job, 3)
+    assert [v.version for v in got] == [0, 1, 2, 3]
+    assert got[3].parent == 2 and set(got[3].included) == {"u-2", "u-3"}
+    assert "version 2 was published by another replica" in fleet.log("agg")
+    _assert_ledger_ok(broker_url, names)
 
 
 @pytest.mark.timeout(300)
