@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -436,3 +437,65 @@ def test_a_non_finite_delta_is_never_encrypted(keys: he.KeyPair) -> None:
     bad = dataclasses.replace(u, delta={k: np.full_like(v, np.nan) for k, v in u.delta.items()})
     with pytest.raises(NonFiniteError):
         _encrypted(bad, keys)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_fedmq_keys_writes_a_key_pair_and_site_keys(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_fedmq
+
+    out = run_fedmq("keys", "--job", "j1", "--site", "a", "--out", str(tmp_path), "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["context_sha256"] == he.context_sha256((tmp_path / "j1.public.ctx").read_bytes())
+    assert set(got["sites"]) == {"a"} and Path(got["registry"]).is_file()
+    again = run_fedmq("keys", "--job", "j1", "--out", str(tmp_path), timeout=120)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    nothing = run_fedmq("keys", "--out", str(tmp_path), timeout=120)
+    assert nothing.returncode == 2
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_demo_with_homomorphic_aggregation(broker_url: str, tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_fedmq
+
+    out = run_fedmq("demo", "--privacy", "he", "--json", "--broker", broker_url, "--sites", "4", "--slow", "1",
+                    "--target", "0.85", "--workdir", str(tmp_path), timeout=560)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        assert result["encryption"] == "ckks" and result["signed"] is True
+        assert result["final_accuracy"] >= 0.85 and result["updates_dead_lettered"] == 0, result
+        logged = [Update.decode(d.body) for d in read_stream(broker_url, JobNames(result["job"]).updates_log, "first")]
+        assert logged and all(u.delta is None and u.signature for u in logged)
+        assert (tmp_path / "logs" / "keyholder.log").is_file()
+    finally:
+        with Connection(broker_url, name="fedmq-test-cleanup").open() as conn:
+            conn.delete_job(JobNames(result["job"]))
+
+
+def test_the_coordinator_refuses_encrypted_jobs_it_cannot_run(tmp_path: Path) -> None:
+    from coordinator.keys import genesis_meta
+    from shared.config import load_job_config
+
+    a, b = he.write_keys(tmp_path, "a"), he.write_keys(tmp_path, "b")
+
+    def meta(**sections: dict[str, object]) -> dict[str, Any]:
+        enc = {"scheme": "ckks", "public_context": str(a.public), **sections.pop("encryption", {})}
+        return genesis_meta(load_job_config(overrides={"encryption": enc, **sections}))
+
+    ok = meta()
+    assert ok[he.META_PUBLIC_CONTEXT] == a.public.read_bytes() and ok["encryption"]["context_sha256"] == a.sha256
+    with pytest.raises(ConfigError, match="not one key pair"):
+        meta(encryption={"secret_context": str(b.secret)})
+    with pytest.raises(ConfigError, match="robust"):
+        meta(strategy={"robust": "median"})
+    with pytest.raises(ConfigError, match="noise_at"):
+        meta(privacy={"mechanism": "dp_fedavg", "noise_at": "aggregator", "epsilon": 4.0})
