@@ -79,6 +79,10 @@ def validate_site(site: str) -> str:
     return site
 
 
+#: 404 texts that mean "exists, but not running yet" (measured right after a node restart)
+_TRANSIENT_404 = re.compile(r"is down or inaccessible|process is stopped")
+
+
 @contextmanager
 def amqp_errors(url: str) -> Iterator[None]:
     """Translate pika's exceptions into fedmq's, so callers never import pika."""
@@ -89,6 +93,9 @@ def amqp_errors(url: str) -> Iterator[None]:
     except pex.ProbableAccessDeniedError as exc:
         raise BrokerAccessError(f"broker {mask_url(url)} refused access to the vhost: {exc}") from exc
     except pex.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404 and _TRANSIENT_404.search(str(exc.reply_text)):
+            # a durable queue or stream whose process is not back yet after a broker restart
+            raise ConnectionLostError(f"queue not available yet on {mask_url(url)}: {exc.reply_text}") from exc
         if exc.reply_code == 404:
             raise JobNotFoundError(f"not found on {mask_url(url)}: {exc.reply_text}") from exc
         if exc.reply_code == 403:
