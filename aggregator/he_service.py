@@ -13,7 +13,8 @@ Exactly-once with two hops (docs/privacy.md, "Homomorphic aggregation"):
   redelivered aggregate whose version already exists in the models stream is acked and dropped.
 
 The replica reloads that state when it becomes active (first delivery), not when it connects: a
-standby may wait for hours while the active replica moves the job on.
+standby may wait for hours while the active replica moves the job on. From then on it follows the
+aggregates log and never publishes a second aggregate for a version another replica already sent.
 """
 
 from __future__ import annotations
@@ -24,10 +25,18 @@ import time
 from typing import TYPE_CHECKING
 
 from aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
-from aggregator.service import _Session
+from aggregator.service import SessionAbortedError, _Session
 from aggregator.validate import check_header
 from shared import he, metrics
-from shared.broker import UPDATE_ID_HEADER, Connection, Delivery, JobNames, read_last, read_stream
+from shared.broker import (
+    UPDATE_ID_HEADER,
+    Connection,
+    Delivery,
+    JobNames,
+    StreamReader,
+    read_last,
+    read_stream,
+)
 from shared.errors import InvalidUpdateError, MalformedMessageError
 from shared.jobstate import emit, find_version, load_model_state
 from shared.messages import EncryptedAggregate, EventKind, ModelVersion, Update
@@ -48,15 +57,15 @@ def load_public_context(url: str, names: JobNames, meta: dict[str, object]) -> J
     return JobKeys.of(ctx, str(enc["context_sha256"]), int(enc["slots"]), he.Layout.of(v0.weights))
 
 
-def load_aggregate_state(url: str, names: JobNames, window: int = 8) -> tuple[int, set[str]]:
-    """(newest aggregate's version or -1, update ids in the last `window` aggregates).
+def load_aggregate_state(url: str, names: JobNames, window: int = 8) -> tuple[int, set[str], int | None]:
+    """(newest aggregate's version or -1, update ids in the last `window` aggregates, its offset).
 
     Ids of aggregates that are already versions are in the models stream too; the window only has
     to cover the key holder's lag, which is one or two aggregates while it keeps up.
     """
     last = read_last(url, names.aggregates_log)
     if last is None:
-        return -1, set()
+        return -1, set(), None
     version, ids = -1, set[str]()
     for d in read_stream(url, names.aggregates_log, max(0, (last.stream_offset or 0) - window)):
         try:
@@ -66,7 +75,7 @@ def load_aggregate_state(url: str, names: JobNames, window: int = 8) -> tuple[in
             continue
         version = max(version, agg.version)
         ids.update(agg.included)
-    return version, ids
+    return version, ids, last.stream_offset
 
 
 class HeSession(_Session):
@@ -86,7 +95,12 @@ class HeSession(_Session):
     def _activate(self, d: Delivery) -> None:
         super()._activate(d)
         state = load_model_state(self.agg.url, self.names, window=self.agg.dedup_window)
-        agg_version, agg_ids = load_aggregate_state(self.agg.url, self.names)
+        agg_version, agg_ids, agg_offset = load_aggregate_state(self.agg.url, self.names)
+        # the fence: versions come from the key holder here, so watch the aggregates log instead
+        self.close()
+        self.fence = StreamReader(self.agg.url, self.names.aggregates_log,
+                                  name=f"fedmq-{self.agg.name}-fence-{self.names.job}", prefetch=2)
+        self.fence.start(agg_offset + 1 if agg_offset is not None else "first")
         self.current = state.latest
         self.version = max(state.latest.version, agg_version)
         self.seen = state.recent_included | agg_ids
@@ -132,11 +146,26 @@ class HeSession(_Session):
         if self.he_acc.ready():
             self.flush()
 
+    def _check_aggregate_fence(self) -> None:
+        """Never publish a second aggregate for one version: another replica's aggregate newer than
+        ours means two replicas were briefly active; drop this session (its updates return)."""
+        if self.fence is None:
+            return
+        for d in self.fence.poll(0.0):
+            try:
+                version = EncryptedAggregate.decode(d.body).version
+            except MalformedMessageError:
+                continue
+            if version > self.version:
+                raise SessionAbortedError(f"aggregate {version} was published by another replica while "
+                                          f"this one was at {self.version}")
+
     def flush(self) -> None:
         """Publish the encrypted sum (confirmed: queue + log), then ack what it includes."""
         if self.keys is None:
             raise RuntimeError("encrypted session used before activation")
         started = time.perf_counter()
+        self._check_aggregate_fence()
         total = self.he_acc.flush()
         agg = EncryptedAggregate(
             job=self.names.job, aggregate_id=f"agg-v{self.version + 1}", version=self.version + 1,

@@ -340,6 +340,33 @@ def test_every_update_is_folded_once_across_aggregator_and_keyholder_restarts(
 
 
 @pytest.mark.broker
+@pytest.mark.timeout(180)
+def test_a_replica_never_publishes_a_second_aggregate_for_one_version(
+        broker_url: str, job: str, keys: he.KeyPair) -> None:
+    cfg = StrategyConfig(buffer_size=2, flush_timeout=60.0)
+    v0 = _declare_encrypted_job(broker_url, job, cfg, keys)
+    template = {k: np.asarray(v) for k, v in v0.weights.items()}
+    ups = [_encrypted(make_update(job, f"u{i}", template, seed=i), keys) for i in range(2)]
+    foreign = EncryptedAggregate(job=job, aggregate_id="agg-v1", version=1, parent=0, included=("x",),
+                                 contributions=(), strategy="fedbuff", params=cfg.to_params(), denominator=1.0,
+                                 sample_ref=1.0, context_sha256=keys.sha256, size=0, chunks=(),
+                                 ciphertext_sha256="")
+    with running_aggregator(broker_url, job, name="agg-a") as agg:
+        publish_updates(broker_url, job, ups[:1])
+        deadline = time.monotonic() + 30
+        while not agg.active and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(3.0)  # let it finish reading its state (models stream, aggregates log, v0)
+        # another replica, briefly active too, publishes version 1 first
+        with Connection(broker_url, name="fedmq-test-other-replica").open() as conn:
+            conn.publish(JobNames(job).aggregates_exchange, "", foreign.encode())
+        time.sleep(1.0)
+        publish_updates(broker_url, job, ups[1:])
+        got = _wait_aggregates(broker_url, job, 2)
+    assert [(a.version, a.parent, a.included) for a in got] == [(1, 0, ("x",)), (2, 1, ("u0", "u1"))]
+
+
+@pytest.mark.broker
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_encrypted_signed_job_end_to_end(broker_url: str, job: str, tmp_path: Path) -> None:
