@@ -174,8 +174,8 @@ def _demo_section(runs: list[dict[str, Any]]) -> str:
     ])
 
 
-def run(quick: bool = False) -> str:
-    """The per-update section."""
+def run(url: str = DEFAULT_URL, quick: bool = False) -> str:
+    """The per-update section (no broker needed; `url` keeps bench.run_all's signature)."""
     machine = Machine()
     keys = he.generate()
     results = {n: measure_update(n, keys, repeats=3 if quick else 5) for n in SIZES}
@@ -187,11 +187,11 @@ def run(quick: bool = False) -> str:
         _per_update_section(results)])
 
 
-def run_time_to_accuracy(demo_runs: int = 2, broker: str = DEFAULT_URL) -> str:
+def run_time_to_accuracy(broker: str = DEFAULT_URL, quick: bool = False, demo_runs: int | None = None) -> str:
     """The time-to-accuracy section: `demo_runs` pairs of demos, plaintext and HE alternating."""
     machine = Machine()
     runs = []
-    for i in range(demo_runs):
+    for i in range(demo_runs or (1 if quick else 2)):
         for privacy in ("none", "he"):
             r = run_demo(privacy, broker, seed=i)
             runs.append({**r, "privacy_arg": privacy})
@@ -210,11 +210,11 @@ def main() -> None:
     p.add_argument("--broker", default=os.environ.get("FEDMQ_BROKER_URL", DEFAULT_URL))
     args = p.parse_args()
     if args.part in ("micro", "all"):
-        body = run(args.quick)
+        body = run(args.broker, args.quick)
         replace_section(TITLE, body)
         print(body)
     if args.part in ("demo", "all"):
-        body = run_time_to_accuracy(args.demo_runs, args.broker)
+        body = run_time_to_accuracy(args.broker, args.quick, args.demo_runs)
         replace_section(TITLE_DEMO, body)
         print(body)
 

@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "aggregator": ("bench.aggregator", "Aggregator throughput"),
     "overhead": ("bench.overhead", "Per-version overhead"),
     "tta": ("bench.time_to_accuracy", "Time to accuracy"),
+    "he": ("bench.he_bench", "Homomorphic aggregation"),
+    "he_tta": ("bench.he_tta", "Homomorphic aggregation: time to accuracy"),
 }
 
 
