@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import Connection, JobNames, StreamReader, read_last, read_stream
+from shared.broker import Connection, JobNames, StreamReader, read_last
 from shared.errors import JobNotFoundError, MalformedMessageError
 from shared.messages import Event, ModelVersion
 
@@ -47,19 +47,25 @@ def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float
         if time.monotonic() >= deadline:
             raise JobNotFoundError(f"job {names.job} has no model version yet (is its coordinator running?)")
         time.sleep(0.5)
-    start = max(0, (last.stream_offset or 0) - window)
+    last_offset = last.stream_offset or 0
     best: ModelVersion | None = None
     best_offset = 0
     included: set[str] = set()
-    for d in read_stream(url, names.models, start):
-        try:
-            mv = ModelVersion.decode(d.body)
-        except MalformedMessageError as exc:
-            log.error("unreadable model version job=%s offset=%s error=%s", names.job, d.stream_offset, exc)
-            continue
-        included.update(mv.included)
-        if best is None or mv.version >= best.version:
-            best, best_offset = mv, d.stream_offset or 0
+    # stop at the offset "last" found instead of waiting for the stream to go quiet: this read is
+    # on the takeover path, and the idle wait would be most of a standby's takeover time
+    with StreamReader(url, names.models, name=f"fedmq-state-{names.job}") as reader:
+        for d in reader.read(max(0, last_offset - window), idle=2.0):
+            try:
+                mv = ModelVersion.decode(d.body)
+            except MalformedMessageError as exc:
+                log.error("unreadable model version job=%s offset=%s error=%s", names.job, d.stream_offset, exc)
+                mv = None
+            if mv is not None:
+                included.update(mv.included)
+                if best is None or mv.version >= best.version:
+                    best, best_offset = mv, d.stream_offset or 0
+            if (d.stream_offset or 0) >= last_offset:
+                break
     if best is None:
         raise JobNotFoundError(f"job {names.job}: models stream has no readable version")
     return ModelState(best, best_offset, included)
