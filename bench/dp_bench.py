@@ -46,6 +46,8 @@ SETTINGS = [
     Setting("sgd-8", "DP-SGD, epsilon 8", ("--privacy", "dp", "--dp", "sgd", "--epsilon", "8")),
     Setting("sgd-4", "DP-SGD, epsilon 4", ("--privacy", "dp", "--dp", "sgd", "--epsilon", "4")),
     Setting("sgd-1", "DP-SGD, epsilon 1", ("--privacy", "dp", "--dp", "sgd", "--epsilon", "1")),
+    Setting("sgd-4-all", "DP-SGD, epsilon 4, until every site is spent",
+            ("--privacy", "dp", "--dp", "sgd", "--epsilon", "4", "--stop-when-spent", "1")),
     Setting("local-4", "DP-FedAvg local noise, epsilon 4",
             ("--privacy", "dp", "--dp", "fedavg-local", "--epsilon", "4")),
     Setting("central-4", "DP-FedAvg central noise, epsilon 4",
@@ -122,7 +124,9 @@ METHOD = """`python -m bench.dp_bench` (bench/dp_bench.py): one `fedmq demo --js
 the demo's defaults (digits, 8 sites, Dirichlet 0.5, 2 sites 5x slower, FedBuff K=3, MLP 4,810
 parameters, batch 16, lr 0.1, 1 local epoch, seed 0), target 90 % test accuracy. DP rows add
 `--privacy dp --dp {sgd,fedavg-local,fedavg-central} --epsilon E` (delta 1e-5, per-site budget
-calibrated to last 20 tasks: `--planned-tasks 20`). Times are seconds from job start to the first
+calibrated to last 20 tasks: `--planned-tasks 20`; the job ends when half of the sites that
+trained have spent their budget, `--stop-when-spent 0.5`, unless the row says otherwise). Times
+are seconds from job start to the first
 version the coordinator evaluated at or above the threshold; "epsilon spent" is the worst site's
 (DP-SGD and local noise: the sites' own ledgers; central noise: the aggregator's account of the
 released versions). One run per row on a shared machine: the accuracies are what the noise

@@ -331,8 +331,11 @@ class Coordinator:
             return "max_versions"
         if time.time() - self.started >= c.max_seconds:
             return "max_seconds"
-        if self.sites_seen and self.sites_seen <= self.sites_spent:
-            return "privacy_budget"  # every site that trained has spent its budget: nobody left
+        spent = len(self.sites_seen & self.sites_spent)
+        if self.sites_seen and spent >= self.cfg.privacy.stop_when_spent * len(self.sites_seen):
+            # the sites that trained have (mostly) spent their budgets: what is left would train on
+            # a shrinking, biased minority (docs/privacy.md, caveats)
+            return "privacy_budget"
         return None
 
     # ------------------------------------------------------------------ main loop

@@ -37,6 +37,9 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=float, default=1e-5, help="with --privacy dp: delta of the budget")
     p.add_argument("--planned-tasks", type=int, default=20,
                    help="with --privacy dp: tasks per site the budget is calibrated to pay for")
+    p.add_argument("--stop-when-spent", type=float, default=0.5,
+                   help="with --privacy dp: end the job once this fraction of the training sites has "
+                        "spent its budget (the fast ones spend first; 1 = wait for the slowest)")
 
 
 def apply_privacy(args: argparse.Namespace, work: Path, sections: dict[str, dict[str, Any]]) -> None:
@@ -47,9 +50,11 @@ def apply_privacy(args: argparse.Namespace, work: Path, sections: dict[str, dict
         return  # [encryption], the key pair and the key holder: fedmq/demo_keys.py
     if args.epsilon <= 0:
         raise ConfigError(f"--epsilon must be > 0, got {args.epsilon}")
+    if not 0 < args.stop_when_spent <= 1:
+        raise ConfigError(f"--stop-when-spent must be in (0, 1], got {args.stop_when_spent}")
     dp = dict(DP_MECHANISMS[args.dp])
     sections["privacy"] = {**dp, "epsilon": args.epsilon, "delta": args.delta,
-                           "planned_tasks": args.planned_tasks}
+                           "planned_tasks": args.planned_tasks, "stop_when_spent": args.stop_when_spent}
     if dp.get("noise_at") == "aggregator":
         # central noise bounds every update's weight by 1 and seals its seeds with a key of the job's
         sections["strategy"]["sample_weighted"] = False

@@ -181,6 +181,7 @@ class PrivacyConfig:
     accountant: AccountantName = AccountantName.RDP  # dp_sgd: the site ledger's Opacus accountant
     clip_norm: float = 1.0         # dp_fedavg: update L2 clip C
     noise_at: NoisePlacement = NoisePlacement.SITE  # dp_fedavg: local or central noise
+    stop_when_spent: float = 1.0   # end the job once this fraction of the sites that trained is spent
 
     def __post_init__(self) -> None:
         _require(self.epsilon >= 0, "privacy.epsilon", f"must be >= 0, got {self.epsilon}")
@@ -190,6 +191,8 @@ class PrivacyConfig:
         _require(self.planned_tasks >= 1, "privacy.planned_tasks", f"must be >= 1, got {self.planned_tasks}")
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _require(0 < self.stop_when_spent <= 1, "privacy.stop_when_spent",
+                 f"must be in (0, 1], got {self.stop_when_spent}")
         if self.mechanism is not PrivacyMechanism.NONE:
             _require(self.epsilon > 0 or self.noise_multiplier > 0, "privacy.epsilon",
                      "set privacy.epsilon (a budget) or privacy.noise_multiplier (a fixed sigma)")

@@ -312,6 +312,8 @@ def test_config_combinations_that_would_void_the_guarantee_are_refused() -> None
         PrivacyConfig.from_options({"mechanism": "dp_sgd"})
     with pytest.raises(ConfigError, match="privacy.delta"):
         PrivacyConfig.from_options({"mechanism": "dp_sgd", "epsilon": 1.0, "delta": 0})
+    with pytest.raises(ConfigError, match="privacy.stop_when_spent"):
+        PrivacyConfig.from_options({"mechanism": "dp_sgd", "epsilon": 1.0, "stop_when_spent": 0})
 
 
 def test_central_noise_makes_the_strategy_clip_at_the_dp_clip() -> None:
