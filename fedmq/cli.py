@@ -56,8 +56,9 @@ def add_common(p: argparse.ArgumentParser, *, job: bool = True, job_required: bo
     p.add_argument("--broker", default=os.environ.get("FEDMQ_BROKER_URL", DEFAULT_URL),
                    help="AMQP URL, amqps:// for TLS (env FEDMQ_BROKER_URL)")
     if job:
-        p.add_argument("--job", type=_job, required=job_required and "FEDMQ_JOB" not in os.environ,
-                       default=os.environ.get("FEDMQ_JOB"), help="job id (env FEDMQ_JOB)")
+        env_job = os.environ.get("FEDMQ_JOB") or None  # an exported but empty FEDMQ_JOB is unset
+        p.add_argument("--job", type=_job, required=job_required and env_job is None,
+                       default=env_job, help="job id (env FEDMQ_JOB)")
     p.add_argument("--log-level", default=os.environ.get("FEDMQ_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"],
                    help="log level; logs go to stderr (env FEDMQ_LOG_LEVEL; default %(default)s)")

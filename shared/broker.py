@@ -342,6 +342,8 @@ class Connection:
                  connect_timeout: float = 5.0) -> None:
         self.url = url
         self.name = name
+        if urlsplit(url).scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"broker URL {mask_url(url)} must start with amqp:// or amqps://")
         try:
             params = pika.URLParameters(url)
         except Exception as exc:  # pika raises ValueError/AttributeError/... on bad URLs
