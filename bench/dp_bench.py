@@ -8,8 +8,9 @@ the accuracy curve (coordinator's evaluation of every version), the stop reason 
 training seconds per task; the job is deleted afterwards.
 
 Usage: ``python -m bench.dp_bench [--only none,sgd-8,...] [--max-seconds 300] [--no-write]``.
-The last stdout line is one JSON object with every figure; the table goes to stderr and, unless
-``--no-write``, into the "Differential privacy" section of BENCHMARKS.md.
+The last stdout line is one JSON object with every figure (curves included); the table goes to
+stderr and, unless ``--no-write``, into the "Differential privacy" section of BENCHMARKS.md.
+``--from-json FILE`` renders (and writes) a saved run again without running anything.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from shared.broker import DEFAULT_URL, Connection, JobNames, read_stream
 from shared.errors import MalformedMessageError
 from shared.messages import Event, EventKind, Update
 
-THRESHOLDS = (0.8, 0.85, 0.9)
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,14 @@ def _from_streams(url: str, job: str) -> dict[str, Any]:
             train.append(float(Update.decode(d.body).metrics["train_seconds"]))
         except (MalformedMessageError, KeyError, TypeError, ValueError):
             continue
-    reached = {f"{th:.2f}": next((t for _, t, a in curve if a >= th), None) for th in THRESHOLDS}
-    return {"curve": curve, "stop_reason": stop_reason, "seconds_to": reached,
+    return {"curve": curve, "stop_reason": stop_reason,
             "best_accuracy": max((a for _, _, a in curve), default=None),
             "train_seconds_median": statistics.median(train) if train else None, "updates_logged": len(train)}
+
+
+def seconds_to(curve: list[list[float]], threshold: float) -> float | None:
+    """Seconds from job start to the first evaluated version at or above `threshold`."""
+    return next((float(t) for _, t, a in curve if a >= threshold), None)
 
 
 def _fmt_t(t: float | None) -> str:
@@ -105,14 +110,14 @@ def _fmt_t(t: float | None) -> str:
 
 
 def render(runs: list[dict[str, Any]]) -> str:
-    header = ["setting", "epsilon spent", "t to 0.80", "t to 0.85", "t to 0.90", "best acc", "final acc",
+    header = ["setting", "epsilon spent", *(f"t to {th:.2f}" for th in THRESHOLDS), "best acc", "final acc",
               "versions", "updates", "stop", "train s/task (median)"]
     rows = []
     for r in runs:
         d = r["demo"]
         eps = d.get("epsilon")
         rows.append([r["label"], "—" if eps is None else f"{eps:.2f}",
-                     *(_fmt_t(r["seconds_to"][f"{th:.2f}"]) for th in THRESHOLDS),
+                     *(_fmt_t(seconds_to(r["curve"], th)) for th in THRESHOLDS),
                      f"{r['best_accuracy']:.3f}" if r["best_accuracy"] is not None else "—",
                      f"{d['final_accuracy']:.3f}", str(d["versions"]), str(d["updates_applied"]),
                      str(r["stop_reason"]),
@@ -125,9 +130,9 @@ the demo's defaults (digits, 8 sites, Dirichlet 0.5, 2 sites 5x slower, FedBuff 
 parameters, batch 16, lr 0.1, 1 local epoch, seed 0), target 90 % test accuracy. DP rows add
 `--privacy dp --dp {sgd,fedavg-local,fedavg-central} --epsilon E` (delta 1e-5, per-site budget
 calibrated to last 20 tasks: `--planned-tasks 20`; the job ends when half of the sites that
-trained have spent their budget, `--stop-when-spent 0.5`, unless the row says otherwise). Times
-are seconds from job start to the first
-version the coordinator evaluated at or above the threshold; "epsilon spent" is the worst site's
+trained have spent their budget, `--stop-when-spent 0.5`, unless the row says otherwise).
+Times are seconds from job start to the first version the coordinator evaluated at or above the
+threshold; "epsilon spent" is the worst site's
 (DP-SGD and local noise: the sites' own ledgers; central noise: the aggregator's account of the
 released versions). One run per row on a shared machine: the accuracies are what the noise
 costs, the times are indicative only."""
@@ -139,7 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated setting names (default: all)")
     p.add_argument("--max-seconds", type=float, default=300.0)
     p.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    p.add_argument("--from-json", help="a saved run (this script's stdout): render it, run nothing")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(open(args.from_json).read().strip().splitlines()[-1])
+        body = f"{METHOD}\n\n{saved['machine']}\n\n{render(saved['runs'])}"
+        print(body, file=sys.stderr)
+        if not args.no_write:
+            replace_section("Differential privacy", body)
+        return 0
     chosen = [s for s in SETTINGS if not args.only or s.name in args.only.split(",")]
     machine = Machine()
     runs = []
