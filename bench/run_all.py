@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tta": ("bench.time_to_accuracy", "Time to accuracy"),
     "he": ("bench.he_bench", "Homomorphic aggregation"),
     "he_tta": ("bench.he_tta", "Homomorphic aggregation: time to accuracy"),
+    "dp": ("bench.dp_bench", "Differential privacy"),
 }
 
 
