@@ -42,7 +42,7 @@ from shared.broker import (
     TopologyConfig,
     run_forever,
 )
-from shared.config import JobConfig, PrivacyMechanism, StrategyName
+from shared.config import ExportPolicy, JobConfig, PrivacyMechanism, StrategyName
 from shared.datasets import load_site
 from shared.errors import (
     BrokerUnavailableError,
@@ -51,7 +51,7 @@ from shared.errors import (
     MalformedMessageError,
     PrivacyBudgetError,
 )
-from shared.jobstate import emit
+from shared.jobstate import emit, find_version
 from shared.ledger import logged_update_id, read_dead_letter
 from shared.messages import Event, EventKind, ModelVersion, Task, make_version
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
@@ -75,9 +75,9 @@ class OutstandingTask:
 class JobResult:
     job: str
     strategy: str
-    final_version: int
-    final_accuracy: float
-    versions: int
+    final_version: int      # the version handed over (exported), see CoordinatorConfig.export
+    final_accuracy: float   # its test accuracy
+    versions: int           # the newest version number (the chain's length)
     updates_applied: int
     stop_reason: str
     wall_seconds: float
@@ -87,6 +87,7 @@ class JobResult:
     #: logged updates neither in a version nor dead-lettered when the grace ran out (normally 0);
     #: the updates queue is then kept, so an aggregator started later can still fold them
     updates_unresolved: int = 0
+    last_accuracy: float | None = None  # test accuracy of the newest version
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -128,6 +129,7 @@ class Coordinator:
         self.curve: list[tuple[int, float, float]] = []
         self.started = time.time()
         self.target_at: float | None = None
+        self.target_version: int | None = None
         self.round_version = -1  # fedavg: the version the current cohort was issued from
         self.evaluated: set[int] = set()
         self.job_started = False
@@ -140,7 +142,7 @@ class Coordinator:
         self.outstanding, self.finished_tasks = {}, set()
         self.update_ids, self.included, self.dead_ids = [], set(), set()
         self.latest, self.latest_offset = None, None
-        self.curve, self.evaluated, self.target_at = [], set(), None
+        self.curve, self.evaluated, self.target_at, self.target_version = [], set(), None, None
         self.round_version = -1
         self.started, self.job_started = time.time(), False
         self.finishing, self.finished = None, None
@@ -221,11 +223,8 @@ class Coordinator:
             return True
         if ev.event == EventKind.VERSION_EVALUATED and replaying:  # live ones are our own
             version, t, acc = int(data["version"]), float(data["t"]), float(data["accuracy"])
-            self.curve.append((version, t, acc))
             self.evaluated.add(version)
-            target = self.cfg.coordinator.target_accuracy
-            if target and acc >= target and self.target_at is None:
-                self.target_at = t
+            self._record_accuracy(version, t, acc)
         elif ev.event == EventKind.JOB_FINISHING:
             self.finishing = str(data.get("reason", "interrupted"))
         elif ev.event == EventKind.JOB_FINISHED:
@@ -311,15 +310,29 @@ class Coordinator:
         self.evaluated.add(mv.version)
         acc, loss = evaluate(self.model, self.x_test, self.y_test)
         t = time.time() - self.started
-        self.curve.append((mv.version, t, acc))
+        self._record_accuracy(mv.version, t, acc)
         metrics.version_evaluated(self.cfg.job, mv.version, acc)
-        target = self.cfg.coordinator.target_accuracy
-        if target and acc >= target and self.target_at is None:
-            self.target_at = t
         emit(conn, self.names, "coordinator", EventKind.VERSION_EVALUATED, version=mv.version,
              accuracy=acc, loss=loss, t=t, included=len(mv.included), sha256=mv.sha256)
         log.info("version evaluated", extra={"job": self.cfg.job, "version": mv.version,
                                               "accuracy": round(acc, 4), "t": round(t, 2)})
+
+    def _record_accuracy(self, version: int, t: float, acc: float) -> None:
+        self.curve.append((version, t, acc))
+        target = self.cfg.coordinator.target_accuracy
+        if target and acc >= target and self.target_at is None:
+            self.target_at, self.target_version = t, version
+
+    def _handover(self) -> tuple[ModelVersion, float]:
+        """The version the job hands over and its accuracy (CoordinatorConfig.export)."""
+        if self.latest is None:
+            raise JobNotFoundError(f"job {self.cfg.job} has no model version to export")
+        accuracy = {v: a for v, _, a in self.curve}
+        chosen = self.latest
+        if self.cfg.coordinator.export is ExportPolicy.TARGET and self.target_version is not None:
+            if self.target_version != self.latest.version:
+                chosen, _ = find_version(self.url, self.names, self.target_version)
+        return chosen, accuracy.get(chosen.version, 0.0)
 
     def _stop_reason(self) -> str | None:
         c = self.cfg.coordinator
@@ -437,19 +450,20 @@ class Coordinator:
             conn.delete_queue(self.names.updates)  # aggregators are cancelled and leave
             if self.cfg.encryption.enabled:
                 conn.delete_queue(self.names.aggregates)  # so are key holders (all sums are versions now)
-        assert self.latest is not None
-        path = self.export(Path(self.cfg.coordinator.out))
-        final_acc = self.curve[-1][2] if self.curve else 0.0
+        final, final_acc = self._handover()
+        path = self.export(Path(self.cfg.coordinator.out), final, final_acc)
+        newest = self.latest or final
         result = JobResult(
-            job=self.cfg.job, strategy=self.cfg.strategy.name.value, final_version=self.latest.version,
-            final_accuracy=final_acc, versions=self.latest.version, updates_applied=len(self.included),
+            job=self.cfg.job, strategy=self.cfg.strategy.name.value, final_version=final.version,
+            final_accuracy=final_acc, versions=newest.version, updates_applied=len(self.included),
             stop_reason=reason, wall_seconds=time.time() - self.started, seconds_to_target=self.target_at,
             export_path=str(path), accuracy_curve=self.curve, updates_unresolved=len(unresolved),
+            last_accuracy=self.curve[-1][2] if self.curve else None,
         )
         emit(conn, self.names, "coordinator", EventKind.JOB_FINISHED, **{
             k: v for k, v in result.to_dict().items() if k != "accuracy_curve"})
-        log.info("job finished job=%s reason=%s version=%d accuracy=%.4f", self.cfg.job, reason,
-                 self.latest.version, final_acc)
+        log.info("job finished job=%s reason=%s exported=%d accuracy=%.4f newest=%d", self.cfg.job, reason,
+                 final.version, final_acc, newest.version)
         return result
 
     def _drain_updates(self, conn: Connection, streams: _Streams) -> set[str]:
@@ -493,15 +507,16 @@ class Coordinator:
         log.info("job already finished job=%s", self.cfg.job)
         return JobResult(**{k: v for k, v in data.items() if k in known}, accuracy_curve=self.curve)
 
-    def export(self, out_dir: Path) -> Path:
+    def export(self, out_dir: Path, mv: ModelVersion, accuracy: float) -> Path:
         """state_dict as .pt plus JSON metadata (version, sha256, accuracy) beside it."""
-        assert self.latest is not None
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{self.cfg.job}-v{self.latest.version}.pt"
+        path = out_dir / f"{self.cfg.job}-v{mv.version}.pt"
+        set_weights(self.model, {k: np.asarray(v) for k, v in mv.weights.items()})
         torch.save(self.model.state_dict(), path)
-        meta = {"job": self.cfg.job, "version": self.latest.version, "sha256": self.latest.sha256,
-                "accuracy": self.curve[-1][2] if self.curve else None, "model": self.spec,
-                "strategy": self.latest.strategy, "params": self.latest.params}
+        meta = {"job": self.cfg.job, "version": mv.version, "sha256": mv.sha256,
+                "accuracy": accuracy, "model": self.spec, "strategy": mv.strategy, "params": mv.params,
+                "newest_version": self.latest.version if self.latest else mv.version,
+                "export_policy": self.cfg.coordinator.export.value}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2))
         return path
 

@@ -34,6 +34,13 @@ class StalenessFn(StrEnum):
     HINGE = "hinge"
 
 
+class ExportPolicy(StrEnum):
+    """Which version a finished job hands over (exports and reports as final)."""
+
+    TARGET = "target"  # the first version that reached target_accuracy; the newest when none did
+    LAST = "last"      # always the newest version, whatever its accuracy
+
+
 class Robust(StrEnum):
     NONE = "none"
     TRIMMED_MEAN = "trimmed_mean"
@@ -131,6 +138,9 @@ class CoordinatorConfig:
     max_seconds: float = 600.0
     task_deadline: float = 300.0     # a task unfinished after this is reissued
     out: str = "fedmq-out"           # where the final model is exported
+    #: "target": export the version that met the target (versions folded from updates still in
+    #: flight at the stop are kept in the stream, but can be worse); "last": the newest version
+    export: ExportPolicy = ExportPolicy.TARGET
 
     def __post_init__(self) -> None:
         _require(self.concurrency >= 1, "coordinator.concurrency", f"must be >= 1, got {self.concurrency}")
