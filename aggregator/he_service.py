@@ -19,7 +19,6 @@ aggregates log and never publishes a second aggregate for a version another repl
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -27,9 +26,8 @@ from typing import TYPE_CHECKING
 from aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
 from aggregator.service import SessionAbortedError, _Session
 from aggregator.validate import check_header
-from shared import he, metrics
+from shared import he
 from shared.broker import (
-    UPDATE_ID_HEADER,
     Connection,
     Delivery,
     JobNames,
@@ -37,7 +35,7 @@ from shared.broker import (
     read_last,
     read_stream,
 )
-from shared.errors import InvalidUpdateError, MalformedMessageError
+from shared.errors import MalformedMessageError
 from shared.jobstate import emit, find_version, load_model_state
 from shared.messages import EncryptedAggregate, EventKind, ModelVersion, Update
 
@@ -110,41 +108,20 @@ class HeSession(_Session):
             "job": self.names.job, "version": self.version, "models_version": state.latest.version,
             "dedup": len(self.seen), "context": self.keys.context_sha256[:12]})
 
-    def handle(self, d: Delivery) -> None:
-        if not self.agg.active:
-            self._activate(d)
-        try:
-            update = Update.decode(d.body)
-        except MalformedMessageError as exc:
-            self.dead_letter(d, exc.reason, str(exc), d.headers.get(UPDATE_ID_HEADER))
-            return
-        uid = update.update_id
-        if uid in self.seen or uid in self.buffered_ids:
-            self.agg.stats.duplicates += 1
-            metrics.update_duplicate(self.names.job)
-            log.info("duplicate update dropped job=%s update=%s", self.names.job, uid)
-            d.ack()
-            return
+    def _fold(self, update: Update) -> int:
+        """Check the header and the ciphertext chunks, then add them to the encrypted sum."""
         if self.keys is None:  # _activate sets it; keeps the type checker honest
             raise RuntimeError("encrypted session used before activation")
-        started = time.perf_counter()
-        try:
-            tau = check_header(update, job=self.names.job, current_version=self.version, cfg=self.cfg,
-                               registry=self.registry)
-            vectors = check_ciphertext(update, self.keys)
-            self.folding = True  # fold is all-or-nothing, but a crash here must drop the session
-            self.he_acc.fold(update_id=uid, site=update.site, vectors=vectors, tau=tau,
-                             num_samples=update.num_samples, base_version=update.base_version)
-        except (InvalidUpdateError, MalformedMessageError) as exc:
-            self.dead_letter(d, exc.reason, str(exc), uid)
-            return
-        metrics.update_folded(self.names.job, tau, time.perf_counter() - started)
-        if not self.buffered:
-            self.first_fold_at = time.monotonic()
-        self.buffered.append(dataclasses.replace(d, body=b""))  # the sum holds it now: O(model)
-        self.buffered_ids.add(uid)
-        if self.he_acc.ready():
-            self.flush()
+        tau = check_header(update, job=self.names.job, current_version=self.version, cfg=self.cfg,
+                           registry=self.registry)
+        vectors = check_ciphertext(update, self.keys)
+        self.folding = True  # fold is all-or-nothing, but a crash here must drop the session
+        self.he_acc.fold(update_id=update.update_id, site=update.site, vectors=vectors, tau=tau,
+                         num_samples=update.num_samples, base_version=update.base_version)
+        return tau
+
+    def _ready(self) -> bool:
+        return self.he_acc.ready()
 
     def _check_aggregate_fence(self) -> None:
         """Never publish a second aggregate for one version: another replica's aggregate newer than

@@ -15,6 +15,7 @@ other replica appended a version meanwhile (docs/guarantees.md).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -222,6 +223,7 @@ class _Session:
              takeover=d.redelivered)
 
     def handle(self, d: Delivery) -> None:
+        """Decode, drop duplicates, validate and fold one delivery; dead-letter what is invalid."""
         if not self.agg.active:
             self._activate(d)
         try:
@@ -237,32 +239,38 @@ class _Session:
             log.info("duplicate update dropped job=%s update=%s", self.names.job, uid)
             d.ack()
             return
-        fold_started = time.perf_counter()
+        started = time.perf_counter()
         try:
-            tau = validate_update(update, job=self.names.job, current_version=self.current.version,
-                                  template=self.template, cfg=self.cfg, registry=self.registry)
-        except InvalidUpdateError as exc:
+            tau = self._fold(update)
+        except (InvalidUpdateError, MalformedMessageError) as exc:
             self.dead_letter(d, exc.reason, str(exc), uid)
             return
+        metrics.update_folded(self.names.job, tau, time.perf_counter() - started)
+        if not self.buffered:
+            self.first_fold_at = time.monotonic()
+        # the running sum holds the update now: keep only what acking needs, so memory is O(model)
+        self.buffered.append(dataclasses.replace(d, body=b""))
+        self.buffered_ids.add(uid)
+        if self._ready():
+            self.flush()
+
+    def _fold(self, update: Update) -> int:
+        """Validate and fold one plaintext update; returns its staleness, raises what dead-letters it."""
+        uid = update.update_id
+        tau = validate_update(update, job=self.names.job, current_version=self.current.version,
+                              template=self.template, cfg=self.cfg, registry=self.registry)
         delta = update.delta
         if delta is None:  # validate_update refuses these; keeps the type checker honest
             raise InvalidUpdateError(f"update {uid} has no plaintext delta")
-        if self.dp is not None:
-            try:
-                delta = self.dp.admit(update, delta, [c.site for c in self.acc.contributions])
-            except InvalidUpdateError as exc:  # central noise: the site's budget is spent
-                self.dead_letter(d, exc.reason, str(exc), uid)
-                return
+        if self.dp is not None:  # central noise: an update past its site's budget is refused here
+            delta = self.dp.admit(update, delta, [c.site for c in self.acc.contributions])
         self.folding = True
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version)
-        metrics.update_folded(self.names.job, tau, time.perf_counter() - fold_started)
-        if not self.buffered:
-            self.first_fold_at = time.monotonic()
-        self.buffered.append(d)
-        self.buffered_ids.add(uid)
-        if self.acc.ready():
-            self.flush()
+        return tau
+
+    def _ready(self) -> bool:
+        return self.acc.ready()
 
     def maybe_flush(self) -> None:
         if self.buffered and time.monotonic() - self.first_fold_at >= self.cfg.flush_timeout:

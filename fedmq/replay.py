@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
-import importlib
 import logging
 import os
 import time
@@ -53,6 +52,7 @@ from shared.codec import Weights, weights_sha256
 from shared.config import StrategyConfig, StrategyName
 from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError
 from shared.messages import ModelVersion, Update
+from shared.plugins import import_callable
 from shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
@@ -88,14 +88,7 @@ PostFlushStep = Callable[..., Weights]
 
 
 def _load_step(target: str) -> PostFlushStep:
-    mod_name, _, attr = target.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"post-flush step {target!r} cannot be imported here: {exc}") from exc
-    if not callable(fn):
-        raise ConfigError(f"post-flush step {target!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return import_callable(target, "post-flush step")
 
 
 def apply_post_flush(weights: Weights, version: ModelVersion, cfg: StrategyConfig,

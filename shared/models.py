@@ -8,7 +8,6 @@ site operator installs them, so a broker message can never make a site run code 
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +18,7 @@ from torch import nn
 
 from shared.codec import Weights
 from shared.errors import ConfigError
+from shared.plugins import import_callable
 
 
 def logreg(input_dim: int, num_classes: int, **_: Any) -> nn.Module:
@@ -60,14 +60,7 @@ def resolve(name: str) -> Callable[..., nn.Module]:
         return REGISTRY[name]
     if ":" not in name:
         raise ConfigError(f"model {name!r} is not one of {', '.join(REGISTRY)} nor package.module:callable")
-    mod_name, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"model {name!r} cannot be imported on this machine: {exc}") from exc
-    if not callable(fn):
-        raise ConfigError(f"model {name!r} is not callable")
-    return fn  # type: ignore[no-any-return]
+    return import_callable(name, "model")
 
 
 def build_model(spec: dict[str, Any], *, seed: int | None = None) -> nn.Module:
