@@ -112,3 +112,26 @@ def running_aggregator(url: str, job: str, name: str = "aggregator-test") -> Ite
         t.join(30)
     if errors:
         raise errors[0]
+
+
+def run_threaded_job(coord: Any, agg: Aggregator, workers: list[Any]) -> Any:
+    """Run a coordinator to its end with an aggregator and workers on threads of this process
+    (one torch thread each, as in separate processes); returns the coordinator's JobResult."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    roles = [threading.Thread(target=agg.run, daemon=True)]
+    roles += [threading.Thread(target=w.run, daemon=True) for w in workers]
+    try:
+        for t in roles:
+            t.start()
+        return coord.run()
+    finally:
+        coord.stop.set()
+        agg.stop.set()
+        for w in workers:
+            w.stop.set()
+        for t in roles:
+            t.join(30)
+        torch.set_num_threads(threads)

@@ -36,7 +36,14 @@ from shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
 from shared.errors import ConfigError, EncryptionMismatchError, MalformedMessageError, ShapeMismatchError
 from shared.messages import EncryptedAggregate, ModelVersion, Update, make_version
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
-from tests.jobkit import make_update, publish_updates, running_aggregator, versions, wait_for_version
+from tests.jobkit import (
+    make_update,
+    publish_updates,
+    run_threaded_job,
+    running_aggregator,
+    versions,
+    wait_for_version,
+)
 
 
 @pytest.fixture(scope="module")
@@ -395,28 +402,12 @@ def test_encrypted_signed_job_end_to_end(broker_url: str, job: str, tmp_path: Pa
                        "secret_context": str(files.secret)},
         "signing": {"registry": str(tmp_path / "keys" / "registry.json")},
     })
-    stop = threading.Event()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    coord = Coordinator(broker_url, cfg, stop=stop)
+    coord = Coordinator(broker_url, cfg, stop=threading.Event())
     agg = Aggregator(broker_url, job, stop=threading.Event(), name="agg-e2e")
     workers = [Worker(broker_url, job, s, f, options=WorkerOptions(key=str(tmp_path / "keys" / f"{s}.key"),
                                                                   device="cpu"))
                for s, f in zip(sites, part.site_files, strict=True)]
-    roles = [threading.Thread(target=agg.run, daemon=True)]
-    roles += [threading.Thread(target=w.run, daemon=True) for w in workers]
-    try:
-        for t in roles:
-            t.start()
-        result = coord.run()
-    finally:
-        stop.set()
-        agg.stop.set()
-        for w in workers:
-            w.stop.set()
-        for t in roles:
-            t.join(30)
-        torch.set_num_threads(threads)
+    result = run_threaded_job(coord, agg, workers)
     assert result.stop_reason == "target_accuracy", result
     names = JobNames(job)
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from aggregator.dp import add_releases, releases_epsilon
 from coordinator.service import Coordinator, JobResult
@@ -19,7 +18,7 @@ from shared.config import JobConfig, PrivacyMechanism, load_job_config
 from shared.datasets import write_partition
 from shared.messages import Event, EventKind
 from shared.privacy import NOISE_KEY_ENV, PrivacyLedger, new_spend
-from tests.jobkit import versions
+from tests.jobkit import run_threaded_job, versions
 from worker.service import Worker, WorkerOptions
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(400)]
@@ -42,27 +41,11 @@ def _config(job: str, tmp_path: Path, test_file: Path, privacy: dict[str, Any],
 def _run_job(url: str, cfg: JobConfig, site_files: list[Path], ledgers: list[Path]) -> tuple[JobResult, list[Worker]]:
     from aggregator.service import Aggregator
 
-    stop = threading.Event()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    coord = Coordinator(url, cfg, stop=stop)
+    coord = Coordinator(url, cfg, stop=threading.Event())
     agg = Aggregator(url, cfg.job, stop=threading.Event(), name="agg-dp")
     workers = [Worker(url, cfg.job, s, f, options=WorkerOptions(device="cpu", ledger=str(led)))
                for s, f, led in zip(SITES, site_files, ledgers, strict=True)]
-    roles = [threading.Thread(target=agg.run, daemon=True)]
-    roles += [threading.Thread(target=w.run, daemon=True) for w in workers]
-    try:
-        for t in roles:
-            t.start()
-        result = coord.run()
-    finally:
-        stop.set()
-        agg.stop.set()
-        for w in workers:
-            w.stop.set()
-        for t in roles:
-            t.join(30)
-        torch.set_num_threads(threads)
+    result = run_threaded_job(coord, agg, workers)
     return result, workers
 
 
