@@ -169,8 +169,8 @@ def _demo_section(runs: list[dict[str, Any]]) -> str:
         table(["--privacy", "seconds to 0.90", "final accuracy", "versions", "updates applied", "wall s"], rows),
         "Median time to target: " + ", ".join(medians) + ". Run one after the other on the shared machine, "
         "so the load differs between runs; the digits MLP has 4,810 parameters (2 CKKS chunks per update). "
-        "Final accuracy is the last version's, after the coordinator folded the updates still in flight "
-        "when the target was reached, so it can end below the target.",
+        "Final accuracy is that of the version the job hands over (the first at the target; "
+        "`[coordinator] export = \"target\"`).",
     ])
 
 

@@ -40,7 +40,8 @@ class Run:
     total_seconds: float  # the whole `fedmq demo` command, start-up included
     versions: int
     updates_applied: int
-    final_accuracy: float
+    final_accuracy: float  # the version the job handed over (exported)
+    last_accuracy: float   # the newest version, after the updates in flight at the stop were folded
     best_accuracy: float
 
 
@@ -71,7 +72,8 @@ def demo(url: str, label: str, strategy: str, extra: list[str], max_seconds: flo
             conn.delete_job(JobNames(job))
         shutil.rmtree(work, ignore_errors=True)
     return Run(label, strategy, res["seconds_to_target"], float(res["wall_seconds"]), total,
-               int(res["versions"]), int(res["updates_applied"]), float(res["final_accuracy"]), best)
+               int(res["versions"]), int(res["updates_applied"]), float(res["final_accuracy"]),
+               float(res.get("last_accuracy") or res["final_accuracy"]), best)
 
 
 def _median(xs: list[float | None]) -> float | None:
@@ -97,7 +99,7 @@ def run(url: str, quick: bool = False, repeats: int = 2) -> str:
             runs.append(demo(url, label, strategy, extra, max_seconds=600.0))
     rows = [[r.label, f"{r.seconds_to_target:.1f} s" if r.seconds_to_target is not None else "not reached",
              f"{r.wall_seconds:.1f} s", f"{r.total_seconds:.1f} s", str(r.versions), str(r.updates_applied),
-             f"{r.final_accuracy:.3f}", f"{r.best_accuracy:.3f}"] for r in runs]
+             f"{r.final_accuracy:.3f}", f"{r.last_accuracy:.3f}", f"{r.best_accuracy:.3f}"] for r in runs]
     med = {label: _median([r.seconds_to_target for r in runs if r.label == label]) for label, _, _ in plan}
     fedavg = med["FedAvg (synchronous)"]
     ratios = []
@@ -114,10 +116,11 @@ def run(url: str, quick: bool = False, repeats: int = 2) -> str:
                     f"tasks padded to 0.2 s): **{_s(default)} of training wall time to {TARGET:.2f}** "
                     f"(median of {len(default_totals)}; the issue asks for <= 60 s), "
                     f"{statistics.median(default_totals):.1f} s for the whole command incl. start-up.")
-    dipped = sum(1 for r in runs if r.seconds_to_target is not None and r.final_accuracy < TARGET)
-    dip_line = (f"In {dipped} of {len(runs)} runs the newest version ended below {TARGET:.2f} after reaching it: "
-                "the coordinator stops at the first version at the target but still folds the updates in "
-                "flight (the last version may hold 1-2 updates of skewed sites) and exports the newest.")
+    dipped = sum(1 for r in runs if r.seconds_to_target is not None and r.last_accuracy < TARGET)
+    dip_line = (f"In {dipped} of {len(runs)} runs the newest version ended below {TARGET:.2f} after the target was "
+                "reached: the coordinator stops at the first version at the target, still folds the updates in "
+                "flight (a last version may hold 1-2 updates of skewed sites), and hands over the version that "
+                "met the target (`[coordinator] export = \"target\"`, the default).")
     return "\n\n".join([
         machine.note().markdown(),
         "Real processes: `fedmq demo --json` starts the coordinator, an aggregator and 8 workers; digits, "
@@ -125,8 +128,10 @@ def run(url: str, quick: bool = False, repeats: int = 2) -> str:
         "tasks >= 0.5 s, the 2 slow sites' >= 5 s); FedBuff K=3, FedAsync alpha=0.6, both with "
         "s(tau)=1/sqrt(1+tau); FedAvg waits for all 8 sites every round. Time to target = coordinator's "
         "clock from v0 to the first version evaluated >= target on the held-out 20 %. \"final\" is the "
-        "newest version's accuracy after in-flight updates were folded; \"best\" the highest evaluated.",
-        table(["run", "to 0.90", "job wall", "command total", "versions", "updates", "final acc", "best acc"], rows),
+        "accuracy of the version handed over, \"newest\" that of the newest version after in-flight updates "
+        "were folded, \"best\" the highest evaluated.",
+        table(["run", "to 0.90", "job wall", "command total", "versions", "updates", "final acc", "newest acc",
+               "best acc"], rows),
         "Medians (same run): " + "; ".join(ratios) + ".",
         default_line,
         dip_line,
