@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "he": ("bench.he_bench", "Homomorphic aggregation"),
     "he_tta": ("bench.he_tta", "Homomorphic aggregation: time to accuracy"),
     "dp": ("bench.dp_bench", "Differential privacy"),
+    "replay": ("bench.replay_bench", "Replay"),
 }
 
 
