@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
@@ -74,6 +76,7 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
 class Progress_:
     version: int = 0
     accuracy: float = 0.0
+    best: float = 0.0
     updates: int = 0
     dead: int = 0
     per_site: Counter[str] = field(default_factory=Counter)
@@ -150,6 +153,7 @@ def _apply(ev: Event, st: Progress_) -> None:
         st.updates += len(d.get("included", []))
     elif ev.event == EventKind.VERSION_EVALUATED:
         st.version, st.accuracy = int(d["version"]), float(d["accuracy"])
+        st.best = max(st.best, st.accuracy)
     elif ev.event == EventKind.DEAD_LETTERED:
         st.dead += 1
     elif ev.event == EventKind.JOB_FINISHED:
@@ -158,8 +162,13 @@ def _apply(ev: Event, st: Progress_) -> None:
 
 def _describe(st: Progress_) -> str:
     rate = st.updates / max(time.time() - st.started, 1e-9) if st.started else 0.0
-    sites = " ".join(f"{s.removeprefix('site-')}:{n}" for s, n in sorted(st.per_site.items()))
-    return f"v{st.version:<4} acc {st.accuracy:.3f}  {rate:5.1f} upd/s  sites {sites}"
+    return f"acc {st.accuracy:.3f} (best {st.best:.3f})  {rate:4.1f} upd/s"
+
+
+def _sites_line(st: Progress_) -> Text:
+    """Updates per site: the slow sites' lower counts are asynchrony at work."""
+    counts = "  ".join(f"{s}:{n}" for s, n in sorted(st.per_site.items()))
+    return Text(f"updates per site  {counts}", style="dim", overflow="fold")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -234,17 +243,19 @@ def _follow(url: str, job: str, procs: Processes, console: Console, args: argpar
         time.sleep(0.2)
     conn.close()
     target = args.target or 1.0
-    with StreamReader(url, names.events, name="fedmq-demo-events") as reader, Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console, transient=False,
-    ) as bar:
-        task = bar.add_task("accuracy", total=target, info="")
+    bar = Progress(TextColumn("[bold blue]{task.description}"), BarColumn(bar_width=24),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+    task = bar.add_task("v0", total=target, info="")
+    with StreamReader(url, names.events, name="fedmq-demo-events") as reader, Live(
+        Group(bar, _sites_line(st)), console=console, refresh_per_second=4, transient=False,
+    ) as live:
         reader.start("first")
         hard_stop = time.monotonic() + args.max_seconds + 120
         while st.finished is None:
             for d in reader.poll(0.2):
                 _apply(Event.decode(d.body), st)
-            bar.update(task, completed=min(st.accuracy, target), info=_describe(st))
+            bar.update(task, completed=min(st.accuracy, target), description=f"v{st.version}", info=_describe(st))
+            live.update(Group(bar, _sites_line(st)))
             dead = [n for n in procs.failed() if n in ("coordinator", "keyholder") or n.startswith("aggregator")]
             if dead or time.monotonic() > hard_stop:
                 why = f"{dead[0]} exited:\n{procs.tail(dead[0])}" if dead else "the job did not finish in time"
@@ -269,12 +280,15 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
         **(extra or {}),
     }
     table = Table(title=f"fedmq demo {job}", show_header=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")
     for k, v in result.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     table.add_row("stop_reason", fin["stop_reason"])
     table.add_row("updates per site", " ".join(f"{s}:{n}" for s, n in sorted(st.per_site.items())))
     table.add_row("model", fin["export_path"])
     table.add_row("total seconds (incl. start-up)", f"{total_seconds:.1f}")
+    console.print()
     if args.json:
         console.print(table)
         from fedmq.cli import print_json
