@@ -122,5 +122,5 @@ def run(url: str, quick: bool = False) -> str:
                "baseline publish+consume+ack/s", "aggregator updates/s", "aggregator / pipeline",
                "aggregator / consume+ack", "aggregator MB/s"], out),
         "Ratios are figures of the same run. On this 2-core machine the broker, the publisher and the "
-        "aggregator share the cores with other engineers' jobs, so absolute rates are low and noisy.",
+        "aggregator share the two cores (the load average above says what else ran), so absolute rates are low.",
     ])
