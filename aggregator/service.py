@@ -21,8 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from aggregator.dp import DpAggregation
 from aggregator.strategy import Accumulator, learning_rate
 from aggregator.validate import validate_update
@@ -38,7 +36,6 @@ from shared.broker import (
     StreamReader,
     run_forever,
 )
-from shared.codec import Weights
 from shared.config import StrategyConfig
 from shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError, MalformedMessageError
 from shared.he import is_encrypted
@@ -163,7 +160,6 @@ class _Session:
         self.buffered: list[Delivery] = []
         self.buffered_ids: set[str] = set()
         self.first_fold_at = 0.0
-        self.template: Weights = {k: np.asarray(v) for k, v in current.weights.items()}
         #: site -> Ed25519 public key (hex) from v0; None = the job does not require signatures
         self.registry: dict[str, str] | None = current.meta.get(META_REGISTRY) or None
         #: follows the models stream while active, to notice another replica's version
@@ -188,7 +184,6 @@ class _Session:
         self.current = state.latest
         self.seen = set(state.recent_included)
         self.recent = [state.latest.included]
-        self.template = {k: np.asarray(v) for k, v in state.latest.weights.items()}
         self.dp = DpAggregation.from_version(state.latest)
         self.close()
         self.fence = StreamReader(self.agg.url, self.names.models,
@@ -258,7 +253,7 @@ class _Session:
         """Validate and fold one plaintext update; returns its staleness, raises what dead-letters it."""
         uid = update.update_id
         tau = validate_update(update, job=self.names.job, current_version=self.current.version,
-                              template=self.template, cfg=self.cfg, registry=self.registry)
+                              template=self.current.weights, cfg=self.cfg, registry=self.registry)
         delta = update.delta
         if delta is None:  # validate_update refuses these; keeps the type checker honest
             raise InvalidUpdateError(f"update {uid} has no plaintext delta")

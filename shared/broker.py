@@ -404,6 +404,19 @@ class Connection:
         with amqp_errors(self.url):
             return self._require().channel()
 
+    @contextmanager
+    def _scratch(self) -> Iterator[BlockingChannel]:
+        """A channel for one management call, closed afterwards: a broker error (404, 406) closes
+        only this channel, never the publish or consume channel."""
+        ch = self.channel()
+        try:
+            with amqp_errors(self.url):
+                yield ch
+        finally:
+            if ch.is_open:
+                with suppress(Exception):
+                    ch.close()
+
     @property
     def consumer_channel(self) -> BlockingChannel:
         if self._cons is None or not self._cons.is_open:
@@ -414,15 +427,15 @@ class Connection:
     # -- topology
 
     def declare_job(self, names: JobNames, cfg: TopologyConfig) -> None:
-        with amqp_errors(self.url):
-            declare_job(self.channel(), names, cfg)
+        with self._scratch() as ch:
+            declare_job(ch, names, cfg)
 
     def declare_encrypted(self, names: JobNames, cfg: TopologyConfig) -> None:
-        with amqp_errors(self.url):
-            declare_encrypted(self.channel(), names, cfg)
+        with self._scratch() as ch:
+            declare_encrypted(ch, names, cfg)
 
     def job_exists(self, names: JobNames) -> bool:
-        """Passive check on the job's tasks queue; a 404 closes only the throw-away channel.
+        """Passive check on the job's tasks queue.
 
         The tasks queue is declared after the updates queue and streams: a worker that sees it
         can consume it (checking `updates` let a worker start in between and die with a 404)."""
@@ -434,46 +447,31 @@ class Connection:
 
     def queue_stats(self, queue: str) -> tuple[int, int]:
         """(ready messages, consumers) by passive declare; streams always answer (0, 0)."""
-        ch = self.channel()
-        try:
-            with amqp_errors(self.url):
-                ok = ch.queue_declare(queue, passive=True)
-            return ok.method.message_count, ok.method.consumer_count
-        finally:
-            if ch.is_open:
-                with suppress(Exception):
-                    ch.close()
+        with self._scratch() as ch:
+            ok = ch.queue_declare(queue, passive=True)
+        return ok.method.message_count, ok.method.consumer_count
 
     def delete_job(self, names: JobNames) -> None:
-        """Remove every queue and exchange of a job (tests, `fedmq` cleanup)."""
+        """Remove every queue and exchange of a job that exists (tests, benchmarks, cleanup)."""
         for q in names.queues():
-            ch = self.channel()
-            with suppress(Exception):
-                ch.queue_delete(q)
-            with suppress(Exception):
-                ch.close()
+            with suppress(FedmqError):
+                self.delete_queue(q)
         for x in names.exchanges():
-            ch = self.channel()
-            with suppress(Exception):
-                ch.exchange_delete(x)
-            with suppress(Exception):
-                ch.close()
+            with suppress(FedmqError):
+                self.delete_exchange(x)
 
     def delete_queue(self, queue: str) -> None:
-        with amqp_errors(self.url):
-            self.channel().queue_delete(queue)
+        with self._scratch() as ch:
+            ch.queue_delete(queue)
 
     def delete_exchange(self, exchange: str) -> None:
         """Delete an exchange (idempotent): publishes to it then fail with JobNotFoundError."""
-        ch = self.channel()
-        with amqp_errors(self.url):
+        with self._scratch() as ch:
             ch.exchange_delete(exchange)
-        with suppress(Exception):
-            ch.close()
 
     def purge_queue(self, queue: str) -> None:
-        with amqp_errors(self.url):
-            self.channel().queue_purge(queue)
+        with self._scratch() as ch:
+            ch.queue_purge(queue)
 
     # -- publish
 
