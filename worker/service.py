@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shared import faults, he, metrics
 from shared.broker import (
+    DETAIL_HEADER,
     REASON_HEADER,
     UPDATE_ID_HEADER,
     Connection,
@@ -155,14 +154,10 @@ class Worker:
         try:
             task = Task.decode(d.body)
         except MalformedMessageError as exc:
-            conn.publish(self.names.dead_exchange, "task", d.body,
-                         headers={REASON_HEADER: exc.reason, "x-fedmq-detail": str(exc)[:1000]})
-            d.ack()
+            self._park(conn, d, exc.reason, str(exc))
             return
         if task.job != self.names.job:
-            conn.publish(self.names.dead_exchange, "task", d.body,
-                         headers={REASON_HEADER: "wrong_job", "x-fedmq-detail": f"task for {task.job}"})
-            d.ack()
+            self._park(conn, d, "wrong_job", f"task for {task.job}")
             return
         log.info("task received", extra={"job": task.job, "site": self.site, "task": task.task_id,
                                          "version": task.version, "redelivered": d.redelivered})
@@ -179,9 +174,7 @@ class Worker:
             self._refuse(conn, d, task, exc)
             return
         except ConfigError as exc:
-            conn.publish(self.names.dead_exchange, "task", d.body,
-                         headers={REASON_HEADER: "bad_options", "x-fedmq-detail": str(exc)[:1000]})
-            d.ack()
+            self._park(conn, d, "bad_options", str(exc))
             return
         started = time.monotonic()
         base = self._model(task)
@@ -197,9 +190,7 @@ class Worker:
         try:
             update = conn.wait_for(self._pool.submit(self._seal, update, base))
         except NonFiniteError as exc:  # training diverged; CKKS cannot carry it (plaintext: dead letter)
-            conn.publish(self.names.dead_exchange, "task", d.body,
-                         headers={REASON_HEADER: exc.reason, "x-fedmq-detail": str(exc)[:1000]})
-            d.ack()
+            self._park(conn, d, exc.reason, str(exc))
             return
         if not self._send(conn, _Outgoing(task.task_id, update.update_id, update.encode(), dict(
             task_id=task.task_id, update_id=update.update_id, site=self.site, base_version=base.version,
@@ -215,6 +206,12 @@ class Worker:
         log.info("update published", extra={"job": task.job, "site": self.site, "task": task.task_id,
                                              "base_version": base.version,
                                              "seconds": round(update.metrics["task_seconds"], 3)})
+
+    def _park(self, conn: Connection, d: Delivery, reason: str, detail: str) -> None:
+        """A task this site cannot train goes to dead letters with the reason (confirmed), then is acked."""
+        conn.publish(self.names.dead_exchange, "task", d.body,
+                     headers={REASON_HEADER: reason, DETAIL_HEADER: detail[:1000]})
+        d.ack()
 
     def _send(self, conn: Connection, out: _Outgoing) -> bool:
         """Publish the update (confirmed), then its event; False when the job is closed.
@@ -285,13 +282,13 @@ class Worker:
         """One throw-away step, so torch's first-call set-up is not billed to the first task
         (it would be multiplied by --slowdown and make a slow site look stuck)."""
         n = min(len(self.y), 8)
-        train_local(mv.model, {k: np.asarray(v) for k, v in mv.weights.items()}, self.x[:n], self.y[:n],
-                    epochs=1, batch_size=n, lr=1e-3, device=self.device)
+        train_local(mv.model, mv.weights, self.x[:n], self.y[:n], epochs=1, batch_size=n, lr=1e-3,
+                    device=self.device)
 
     def _train(self, task: Task, base: ModelVersion, started: float, plan: DpPlan | None = None) -> LocalResult:
         """Runs on the training thread: compute, then simulate a slower site if asked to."""
         t0 = time.monotonic()
-        weights = {k: np.asarray(v) for k, v in base.weights.items()}
+        weights = base.weights
         if plan is not None:
             result = self.privacy.train(plan, task, base.model, weights, self.x, self.y, device=self.device)
         else:
