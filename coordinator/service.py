@@ -66,12 +66,6 @@ LOG_QUIET = 1.0
 
 
 @dataclass
-class OutstandingTask:
-    task: Task
-    issued_mono: float
-
-
-@dataclass
 class JobResult:
     job: str
     strategy: str
@@ -119,9 +113,8 @@ class Coordinator:
         self.sites_seen: set[str] = set()   # sites that published an update
         self.sites_spent: set[str] = set()  # sites that refused a task: privacy budget spent
         self.update_site: dict[str, str] = {}  # update id -> site, to attribute budget dead letters
-        self.outstanding: dict[str, OutstandingTask] = {}
+        self.outstanding: dict[str, Task] = {}  # issued, neither finished, refused nor expired
         self.finished_tasks: set[str] = set()
-        self.update_ids: list[str] = []
         self.included: set[str] = set()
         self.dead_ids: set[str] = set()
         self.latest: ModelVersion | None = None
@@ -140,7 +133,7 @@ class Coordinator:
         """Forget all that the streams hold: each (re)connection reads it back (`_resume`)."""
         self.sites_seen, self.sites_spent, self.update_site = set(), set(), {}
         self.outstanding, self.finished_tasks = {}, set()
-        self.update_ids, self.included, self.dead_ids = [], set(), set()
+        self.included, self.dead_ids = set(), set()
         self.latest, self.latest_offset = None, None
         self.curve, self.evaluated, self.target_at, self.target_version = [], set(), None, None
         self.round_version = -1
@@ -190,7 +183,7 @@ class Coordinator:
                 t = Task.decode(d.body)
             except MalformedMessageError:
                 continue
-            self.outstanding[t.task_id] = OutstandingTask(t, time.monotonic() - (time.time() - t.issued_at))
+            self.outstanding[t.task_id] = t
             self.round_version = max(self.round_version, t.version)
         for d in self._replay(n.events, follow):
             try:
@@ -231,9 +224,7 @@ class Coordinator:
             self.finished = dict(data)
         elif ev.event == EventKind.UPDATE_PUBLISHED:
             tid = data.get("task_id", "")
-            if tid not in self.finished_tasks:
-                self.finished_tasks.add(tid)
-                self.update_ids.append(data.get("update_id", ""))
+            self.finished_tasks.add(tid)
             self.outstanding.pop(tid, None)
             self.sites_seen.add(data.get("site", ""))
             self.update_site[data.get("update_id", "")] = data.get("site", "")
@@ -281,7 +272,7 @@ class Coordinator:
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
             faults.point("coordinator.after_task_publish")
             emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
-            self.outstanding[task.task_id] = OutstandingTask(task, time.monotonic())
+            self.outstanding[task.task_id] = task
             metrics.tasks_issued(self.cfg.job, 1, len(self.outstanding))
 
     def _expire(self) -> None:
@@ -292,8 +283,8 @@ class Coordinator:
         restart an expired task that was replaced before is dropped again here, not replaced twice.
         """
         now = time.time()
-        for tid, o in list(self.outstanding.items()):
-            if o.task.deadline < now:
+        for tid, task in list(self.outstanding.items()):
+            if task.deadline < now:
                 log.warning("task past deadline, reissuing job=%s task=%s", self.cfg.job, tid)
                 del self.outstanding[tid]
 
