@@ -108,12 +108,12 @@ class HeSession(_Session):
             "job": self.names.job, "version": self.version, "models_version": state.latest.version,
             "dedup": len(self.seen), "context": self.keys.context_sha256[:12]})
 
-    def _fold(self, update: Update) -> int:
+    def _fold(self, update: Update, routing_key: str | None) -> int:
         """Check the header and the ciphertext chunks, then add them to the encrypted sum."""
         if self.keys is None:  # _activate sets it; keeps the type checker honest
             raise RuntimeError("encrypted session used before activation")
         tau = check_header(update, job=self.names.job, current_version=self.version, cfg=self.cfg,
-                           registry=self.registry)
+                           trust=self.trust, routing_key=routing_key)
         vectors = check_ciphertext(update, self.keys)
         self.folding = True  # fold is all-or-nothing, but a crash here must drop the session
         self.he_acc.fold(update_id=update.update_id, site=update.site, vectors=vectors, tau=tau,

@@ -41,7 +41,7 @@ from shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError, Malf
 from shared.he import is_encrypted
 from shared.jobstate import emit, load_model_state
 from shared.messages import EventKind, ModelVersion, Update, make_version
-from shared.signing import META_REGISTRY
+from shared.signing import JobTrust
 
 log = logging.getLogger(__name__)
 
@@ -160,8 +160,8 @@ class _Session:
         self.buffered: list[Delivery] = []
         self.buffered_ids: set[str] = set()
         self.first_fold_at = 0.0
-        #: site -> Ed25519 public key (hex) from v0; None = the job does not require signatures
-        self.registry: dict[str, str] | None = current.meta.get(META_REGISTRY) or None
+        #: site registry and task key from v0: what every update must prove (shared/signing.py)
+        self.trust = JobTrust.from_meta(current.meta)
         #: follows the models stream while active, to notice another replica's version
         self.fence: StreamReader | None = None
         #: set just before the running sum is touched (see Aggregator._handle)
@@ -236,7 +236,7 @@ class _Session:
             return
         started = time.perf_counter()
         try:
-            tau = self._fold(update)
+            tau = self._fold(update, d.routing_key)
         except (InvalidUpdateError, MalformedMessageError) as exc:
             self.dead_letter(d, exc.reason, str(exc), uid)
             return
@@ -249,11 +249,12 @@ class _Session:
         if self._ready():
             self.flush()
 
-    def _fold(self, update: Update) -> int:
+    def _fold(self, update: Update, routing_key: str | None) -> int:
         """Validate and fold one plaintext update; returns its staleness, raises what dead-letters it."""
         uid = update.update_id
         tau = validate_update(update, job=self.names.job, current_version=self.current.version,
-                              template=self.current.weights, cfg=self.cfg, registry=self.registry)
+                              template=self.current.weights, cfg=self.cfg, trust=self.trust,
+                              routing_key=routing_key)
         delta = update.delta
         if delta is None:  # validate_update refuses these; keeps the type checker honest
             raise InvalidUpdateError(f"update {uid} has no plaintext delta")

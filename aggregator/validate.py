@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from aggregator.strategy import l2_norm
@@ -19,7 +17,7 @@ from shared.errors import (
     WrongJobError,
 )
 from shared.messages import Update
-from shared.signing import verify_update
+from shared.signing import JobTrust
 
 
 def check_delta(delta: Weights, template: Weights, update_id: str) -> None:
@@ -40,14 +38,14 @@ def check_delta(delta: Weights, template: Weights, update_id: str) -> None:
 
 
 def check_header(update: Update, *, job: str, current_version: int, cfg: StrategyConfig,
-                 registry: Mapping[str, str] | None = None) -> int:
-    """Checks shared by plaintext and encrypted jobs: job, signature (when the job has a site
-    registry), base version. Returns the staleness tau."""
+                 trust: JobTrust | None = None, routing_key: str | None = None) -> int:
+    """Checks shared by plaintext and encrypted jobs: job, sender (routing key = site), task proof
+    and signature (as v0 requires), base version. Returns the staleness tau."""
     uid = update.update_id
     if update.job != job:
         raise WrongJobError(f"update {uid} is for job {update.job!r}, this aggregator serves {job!r}")
-    if registry is not None:
-        verify_update(update, registry)
+    if trust is not None:
+        trust.verify(update, routing_key)
     if update.base_version > current_version:
         raise FutureVersionError(
             f"update {uid} starts from version {update.base_version}, newest is {current_version}"
@@ -59,10 +57,11 @@ def check_header(update: Update, *, job: str, current_version: int, cfg: Strateg
 
 
 def validate_update(update: Update, *, job: str, current_version: int, template: Weights,
-                    cfg: StrategyConfig, registry: Mapping[str, str] | None = None) -> int:
+                    cfg: StrategyConfig, trust: JobTrust | None = None, routing_key: str | None = None) -> int:
     """Return the update's staleness tau, or raise the InvalidUpdateError that dead-letters it."""
     uid = update.update_id
-    tau = check_header(update, job=job, current_version=current_version, cfg=cfg, registry=registry)
+    tau = check_header(update, job=job, current_version=current_version, cfg=cfg, trust=trust,
+                       routing_key=routing_key)
     if update.delta is None:
         raise EncryptionMismatchError(f"update {uid} is encrypted but job {job} aggregates in plaintext")
     check_delta(update.delta, template, uid)

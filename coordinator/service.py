@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.keys import HostedKeyHolder, genesis_meta
 from shared import faults, metrics
@@ -56,6 +57,7 @@ from shared.ledger import logged_update_id, read_dead_letter
 from shared.messages import Event, EventKind, ModelVersion, Task, make_version
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
 from shared.privacy import check_privacy, privacy_strategy, resolve_options
+from shared.signing import META_TASK_KEY, load_or_create_task_key, public_hex, sign_task
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class Coordinator:
         self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, **cfg.model.args)
         self.model = build_model(self.spec, seed=cfg.seed)
         self.key_meta = genesis_meta(cfg)
+        self.task_key: Ed25519PrivateKey | None = None  # loaded once the job's state is known (_serve)
         self.keyholder: HostedKeyHolder | None = None
         check_privacy(cfg)
         #: [privacy] as sites get it in Task.options and the aggregator in v0's meta (sigma resolved)
@@ -161,7 +164,26 @@ class Coordinator:
         if self.privacy_options:
             meta["privacy"] = self.privacy_options  # read by the aggregator (aggregator/dp.py)
         meta.update(self.key_meta)  # site registry, CKKS public context (coordinator/keys.py)
+        meta[META_TASK_KEY] = public_hex(self._signing_key())
         return meta
+
+    def _task_key_path(self) -> Path:
+        c = self.cfg.coordinator
+        return Path(c.task_key) if c.task_key else Path(c.out) / f"{self.cfg.job}.task.key"
+
+    def _load_task_key(self, newest: tuple[ModelVersion, int] | None) -> None:
+        """Create the key with the job; afterwards it must be the one v0 published."""
+        key = load_or_create_task_key(self._task_key_path(), create=newest is None)
+        published = newest[0].meta.get(META_TASK_KEY) if newest is not None else None
+        if published is not None and published != public_hex(key):
+            raise ConfigError(f"task key {self._task_key_path()} is not the key job {self.cfg.job} was "
+                              "started with; updates signed for its tasks would all be refused")
+        self.task_key = key
+
+    def _signing_key(self) -> Ed25519PrivateKey:
+        if self.task_key is None:
+            raise RuntimeError("task key used before _serve loaded it")
+        return self.task_key
 
     def _replay(self, stream: str, follow: dict[str, int | str]) -> Iterator[Delivery]:
         """Every entry of `stream` so far; records in `follow` the offset to follow it from."""
@@ -265,10 +287,11 @@ class Coordinator:
             want = c.concurrency - len(self.outstanding)
         now = time.time()
         for _ in range(max(want, 0)):
-            task = Task(job=self.cfg.job, task_id=uuid.uuid4().hex[:16], version=self.latest.version,
-                        model_offset=self.latest_offset, epochs=t.epochs, batch_size=t.batch_size,
-                        lr=t.lr, mu=t.mu, issued_at=now, deadline=now + c.task_deadline,
-                        options={"privacy": self.privacy_options} if self.privacy_options else {})
+            task = sign_task(Task(
+                job=self.cfg.job, task_id=uuid.uuid4().hex[:16], version=self.latest.version,
+                model_offset=self.latest_offset, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, mu=t.mu,
+                issued_at=now, deadline=now + c.task_deadline,
+                options={"privacy": self.privacy_options} if self.privacy_options else {}), self._signing_key())
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
             faults.point("coordinator.after_task_publish")
             emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
@@ -382,6 +405,7 @@ class Coordinator:
                 return self._journaled_result(self.finished)
             if self.finishing is None and not fresh:
                 self._declare(conn)  # idempotent; never after JOB_FINISHING (it would revive the tasks queue)
+            self._load_task_key(newest)
             if newest is None:
                 self._publish_v0(conn)  # new job, or killed between declaring and publishing v0
             elif not self.job_started:

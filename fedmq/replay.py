@@ -53,7 +53,7 @@ from shared.config import StrategyConfig, StrategyName
 from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError
 from shared.messages import ModelVersion, Update
 from shared.plugins import import_callable
-from shared.signing import META_REGISTRY
+from shared.signing import JobTrust
 
 log = logging.getLogger(__name__)
 
@@ -347,17 +347,18 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
 
 
 def _refused_by_validation(parent: ModelVersion, version: ModelVersion, updates: Sequence[Update]) -> str:
-    """The aggregator's own validation, as at fold time (signatures against the job's site
-    registry included, when v0 published one): an included update it refuses is evidence."""
+    """The aggregator's own validation, as at fold time (task proofs and signatures included, as
+    v0 requires them): an included update it refuses is evidence. The sender check (routing key
+    = site) was made when the update was read from the log (`UpdateLog`)."""
     cfg = StrategyConfig.from_params(version.params)
-    registry = parent.meta.get(META_REGISTRY) or None
+    trust = JobTrust.from_meta(parent.meta)
     for u in updates:
         try:
             if u.delta is None:
-                check_header(u, job=version.job, current_version=parent.version, cfg=cfg, registry=registry)
+                check_header(u, job=version.job, current_version=parent.version, cfg=cfg, trust=trust)
             else:
                 validate_update(u, job=version.job, current_version=parent.version,
-                                template=parent.weights, cfg=cfg, registry=registry)
+                                template=parent.weights, cfg=cfg, trust=trust)
         except InvalidUpdateError as exc:
             return f"included update {u.update_id} fails the aggregator's validation ({exc.reason}): {exc}"
     return ""
@@ -401,7 +402,8 @@ class UpdateLog:
             if d is None:
                 self.exhausted = True
                 break
-            self._add(decode_or_none(Update, d))
+            u = decode_or_none(Update, d)
+            self._add(u if u is None or u.site == d.routing_key else None)  # a body lying about its sender
             want = [uid for uid in want if not self._known(uid)]
         return {uid: self.pending.get(uid) or self.recently_folded.get(uid, (0, []))[1]
                 for uid in version.included}

@@ -18,6 +18,8 @@ Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead lett
         ├── StaleUpdateError        "stale"
         ├── FutureVersionError      "future_version"
         ├── SignatureError          "bad_signature"
+        ├── UnknownTaskError        "unknown_task"  no valid proof that the job issued its task
+        ├── SiteMismatchError       "wrong_site"  the update's site is not the broker identity that sent it
         ├── EncryptionMismatchError "encryption_mismatch"  plaintext in a CKKS job or vice versa
         └── PrivacyBudgetError      "privacy_budget"  also a site's reason to refuse a task
 """
@@ -94,6 +96,20 @@ class FutureVersionError(InvalidUpdateError):
 
 class SignatureError(InvalidUpdateError):
     reason = "bad_signature"
+
+
+class UnknownTaskError(InvalidUpdateError):
+    """The update answers no task the job's coordinator issued (missing or forged task proof, or
+    an update id that is not its task's): folding it would let a site multiply its weight."""
+
+    reason = "unknown_task"
+
+
+class SiteMismatchError(InvalidUpdateError):
+    """The update names another site than the routing key it was published with; per-site topic
+    permissions pin the routing key to the sender's broker user, so the body is lying."""
+
+    reason = "wrong_site"
 
 
 class EncryptionMismatchError(InvalidUpdateError):

@@ -9,7 +9,10 @@ the aggregator can dead-letter it with a precise reason. Every message carries w
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
@@ -21,15 +24,185 @@ from shared.errors import MalformedMessageError
 
 SCHEMA = 1
 
-_NUM = (int, float)
 T = TypeVar("T", bound="_Message")
+
+#: ids a sender chooses (task, update, aggregate): short, printable, safe in a header or a log line
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # job and site names (shared.broker too)
+SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+MAX_INT = 2**53  # counts and versions; also exact in a float64 (JSON readers, Prometheus)
+MAX_LIST = 100_000
+MAX_DEPTH = 8
+MB = 2**20
+
+
+# --------------------------------------------------------------------------- field checks
+#
+# Each check takes (message name, field name, value) and returns the value to store or raises
+# MalformedMessageError: types are exact (an int is not a bool or a float) and every size is
+# bounded, so a decoded message is safe to use without further type checks.
+
+Check = Callable[[str, str, Any], Any]
+
+
+def _bad(msg: str, name: str, text: str) -> MalformedMessageError:
+    return MalformedMessageError(f"{msg}: field {name!r} {text}")
+
+
+def _type_error(msg: str, name: str, value: Any, expected: str) -> MalformedMessageError:
+    if isinstance(value, bool):
+        return _bad(msg, name, "is a bool")
+    return _bad(msg, name, f"is {type(value).__name__}, expected {expected}")
+
+
+def integer(lo: int = 0, hi: int = MAX_INT) -> Check:
+    def check(msg: str, name: str, value: Any) -> int:
+        if type(value) is not int:
+            raise _type_error(msg, name, value, "int")
+        if not lo <= value <= hi:
+            raise _bad(msg, name, f"is {value}, outside [{lo}, {hi}]")
+        return value
+    return check
+
+
+def number(lo: float = -math.inf, hi: float = math.inf) -> Check:
+    """A finite float (an int is accepted and kept exact; a bool is not)."""
+    def check(msg: str, name: str, value: Any) -> float:
+        if type(value) not in (int, float):
+            raise _type_error(msg, name, value, "int/float")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise _bad(msg, name, f"is {value}, not a finite number in [{lo}, {hi}]")
+        return value
+    return check
+
+
+def text(pattern: re.Pattern[str] | None = None, max_len: int = 256) -> Check:
+    def check(msg: str, name: str, value: Any) -> str:
+        if type(value) is not str:
+            raise _type_error(msg, name, value, "str")
+        if len(value) > max_len:
+            raise _bad(msg, name, f"has {len(value)} characters, at most {max_len}")
+        if pattern is not None and not pattern.match(value):
+            raise _bad(msg, name, f"{value[:40]!r} does not match {pattern.pattern}")
+        return value
+    return check
+
+
+def binary(max_len: int) -> Check:
+    def check(msg: str, name: str, value: Any) -> bytes:
+        if type(value) is not bytes:
+            raise _type_error(msg, name, value, "bytes")
+        if len(value) > max_len:
+            raise _bad(msg, name, f"has {len(value)} bytes, at most {max_len}")
+        return value
+    return check
+
+
+def id_list(max_items: int = MAX_LIST) -> Check:
+    item = text(ID_RE, 128)
+
+    def check(msg: str, name: str, value: Any) -> tuple[str, ...]:
+        if type(value) not in (list, tuple):
+            raise _type_error(msg, name, value, "list")
+        if len(value) > max_items:
+            raise _bad(msg, name, f"has {len(value)} items, at most {max_items}")
+        return tuple(item(msg, f"{name}[{i}]", v) for i, v in enumerate(value))
+    return check
+
+
+def bytes_list(max_items: int = MAX_LIST) -> Check:
+    def check(msg: str, name: str, value: Any) -> tuple[bytes, ...]:
+        if type(value) not in (list, tuple):
+            raise _type_error(msg, name, value, "list")
+        if len(value) > max_items or not all(type(v) is bytes for v in value):
+            raise _bad(msg, name, f"must be a list of at most {max_items} byte strings")
+        return tuple(value)
+    return check
+
+
+def plain(max_items: int = MAX_LIST, *, allow_bytes: bool = True) -> Check:
+    """A free-form map (params, meta, metrics, event data): str keys, plain values only.
+
+    Plain means None, bool, int (64-bit), float (not NaN), str, bytes (if allowed), list, map,
+    nested at most MAX_DEPTH deep; a reader may then use any value without a type surprise
+    beyond these few types."""
+    def check(msg: str, name: str, value: Any) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise _type_error(msg, name, value, "dict")
+        count = [0]
+        _plain_value(value, msg, name, 0, count, max_items, allow_bytes)
+        return value
+    return check
+
+
+def _plain_value(value: Any, msg: str, path: str, depth: int, count: list[int], max_items: int,
+                 allow_bytes: bool) -> None:
+    count[0] += 1
+    if count[0] > max_items:
+        raise _bad(msg, path, f"holds more than {max_items} values")
+    kind = type(value)
+    if value is None or kind in (bool, str):
+        return
+    if kind is int:
+        if not -2**63 <= value < 2**64:
+            raise _bad(msg, path, "holds an integer outside 64 bits")
+        return
+    if kind is float:
+        if math.isnan(value):
+            raise _bad(msg, path, "holds NaN")
+        return
+    if kind is bytes and allow_bytes:
+        return
+    if kind not in (dict, list):
+        raise _bad(msg, path, f"holds a {kind.__name__}")
+    if depth >= MAX_DEPTH:
+        raise _bad(msg, path, f"is nested deeper than {MAX_DEPTH}")
+    if kind is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _bad(msg, path, f"has a {type(k).__name__} key")
+            _plain_value(v, msg, f"{path}.{k[:40]}", depth + 1, count, max_items, allow_bytes)
+    else:
+        for i, v in enumerate(value):
+            _plain_value(v, msg, f"{path}[{i}]", depth + 1, count, max_items, allow_bytes)
+
+
+def plain_list(max_items: int = MAX_LIST) -> Check:
+    """A list of free-form maps (a version's contributions)."""
+    item = plain(64)
+
+    def check(msg: str, name: str, value: Any) -> tuple[dict[str, Any], ...]:
+        if type(value) not in (list, tuple):
+            raise _type_error(msg, name, value, "list")
+        if len(value) > max_items:
+            raise _bad(msg, name, f"has {len(value)} items, at most {max_items}")
+        return tuple(item(msg, f"{name}[{i}]", v) for i, v in enumerate(value))
+    return check
+
+
+def tensors(msg: str, name: str, value: Any) -> Weights:
+    return decode_tensors(value)
+
+
+def optional(check: Check) -> Check:
+    def opt(msg: str, name: str, value: Any) -> Any:
+        return None if value is None else check(msg, name, value)
+    return opt
+
+
+_ANY_TIME = number(0.0, 1e11)  # seconds since the epoch, until the year 5138
 
 
 class _Message:
-    """Shared strict encode/decode; subclasses list their field types in `_types`."""
+    """Shared strict encode/decode; subclasses list a check per field in `_fields`.
 
-    _types: ClassVar[dict[str, tuple[type, ...]]]
+    `decode` is total: for any byte string it returns a valid message or raises
+    `MalformedMessageError` naming the field, never another exception."""
+
+    _fields: ClassVar[dict[str, Check]]
     _tensor_fields: ClassVar[tuple[str, ...]] = ()
+    #: largest body of this kind that is decoded at all
+    max_body: ClassVar[int] = 128 * MB
     kind: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,8 +222,10 @@ class _Message:
     @classmethod
     def from_dict(cls: type[T], obj: dict[str, Any]) -> T:
         name = cls.__name__
+        if not all(type(k) is str for k in obj):
+            raise MalformedMessageError(f"{name}: a top-level key is not a string")
         schema = obj.get("schema")
-        if not isinstance(schema, int) or isinstance(schema, bool):
+        if type(schema) is not int:
             raise MalformedMessageError(f"{name}: field 'schema' missing or not an int")
         if schema > SCHEMA:
             raise MalformedMessageError(
@@ -59,29 +234,14 @@ class _Message:
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(obj) - set(known)
         if unknown:
-            raise MalformedMessageError(f"{name}: unknown field(s) {sorted(unknown)}")
+            raise MalformedMessageError(f"{name}: unknown field(s) {sorted(k[:40] for k in unknown)[:8]}")
         kwargs: dict[str, Any] = {}
         for fname, f in known.items():
             if fname not in obj:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise MalformedMessageError(f"{name}: field {fname!r} is missing")
                 continue
-            value = obj[fname]
-            types = cls._types[fname]
-            if value is None and type(None) in types:
-                kwargs[fname] = None
-                continue
-            if fname in cls._tensor_fields:
-                kwargs[fname] = decode_tensors(value)
-                continue
-            if isinstance(value, bool) and bool not in types:
-                raise MalformedMessageError(f"{name}: field {fname!r} is a bool")
-            if not isinstance(value, types):
-                raise MalformedMessageError(
-                    f"{name}: field {fname!r} is {type(value).__name__}, expected "
-                    + "/".join(t.__name__ for t in types)
-                )
-            kwargs[fname] = tuple(value) if isinstance(value, list) and tuple in types else value
+            kwargs[fname] = cls._fields[fname](name, fname, obj[fname])
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -89,7 +249,7 @@ class _Message:
 
     @classmethod
     def decode(cls: type[T], body: bytes) -> T:
-        return cls.from_dict(unpack(body))
+        return cls.from_dict(unpack(body, cls.max_body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +273,11 @@ class ModelVersion(_Message):
 
     kind: ClassVar[str] = "model_version"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("weights",)
-    _types: ClassVar[dict[str, tuple[type, ...]]] = {
-        "job": (str,), "version": (int,), "parent": (int,), "weights": (dict,),
-        "included": (list, tuple), "strategy": (str,), "params": (dict,), "model": (dict,),
-        "sha256": (str,), "contributions": (list, tuple), "created_at": _NUM, "meta": (dict,),
-        "schema": (int,),
+    _fields: ClassVar[dict[str, Check]] = {
+        "job": text(NAME_RE), "version": integer(0), "parent": integer(-1), "weights": tensors,
+        "included": id_list(), "strategy": text(max_len=200), "params": plain(), "model": plain(),
+        "sha256": text(SHA_RE), "contributions": plain_list(), "created_at": _ANY_TIME, "meta": plain(),
+        "schema": integer(0, SCHEMA),
     }
 
     def __post_init__(self) -> None:
@@ -144,19 +304,36 @@ class Task(_Message):
     mu: float = 0.0
     #: site-side options the coordinator sets for the whole job (e.g. DP parameters).
     options: dict[str, Any] = field(default_factory=dict)
+    #: the coordinator's Ed25519 signature over `proof_bytes()`; the update carries it back as
+    #: `Update.task_proof`, so an aggregator can tell an issued task from an invented one
+    signature: bytes = b""
     schema: int = SCHEMA
 
     kind: ClassVar[str] = "task"
-    _types: ClassVar[dict[str, tuple[type, ...]]] = {
-        "job": (str,), "task_id": (str,), "version": (int,), "epochs": (int,), "batch_size": (int,),
-        "lr": _NUM, "issued_at": _NUM, "deadline": _NUM, "model_offset": (int, type(None)),
-        "mu": _NUM, "options": (dict,), "schema": (int,),
+    max_body: ClassVar[int] = 1 * MB
+    _fields: ClassVar[dict[str, Check]] = {
+        "job": text(NAME_RE), "task_id": text(ID_RE), "version": integer(0), "epochs": integer(1, 100_000),
+        "batch_size": integer(1, 2**24), "lr": number(0, 1e6), "issued_at": _ANY_TIME, "deadline": _ANY_TIME,
+        "model_offset": optional(integer(0, 2**63)), "mu": number(0, 1e6), "options": plain(10_000),
+        "signature": binary(64), "schema": integer(0, SCHEMA),
     }
 
     @property
     def update_id(self) -> str:
         """Derived from the task alone, so a redelivered task yields the same update id."""
-        return f"u-{self.task_id}"
+        return update_id_for(self.task_id)
+
+    def proof_bytes(self) -> bytes:
+        return task_proof_bytes(self.job, self.task_id, self.version)
+
+
+def update_id_for(task_id: str) -> str:
+    return f"u-{task_id}"
+
+
+def task_proof_bytes(job: str, task_id: str, version: int) -> bytes:
+    """What the coordinator signs for a task: all an update must agree with to answer it."""
+    return pack({"kind": "fedmq-task", "job": job, "task_id": task_id, "version": version})
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,15 +353,18 @@ class Update(_Message):
     ciphertext: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
     signature: bytes = b""
+    #: the task's signature from the coordinator (Task.signature), proof this answers an issued task
+    task_proof: bytes = b""
     schema: int = SCHEMA
 
     kind: ClassVar[str] = "update"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("delta",)
-    _types: ClassVar[dict[str, tuple[type, ...]]] = {
-        "job": (str,), "update_id": (str,), "task_id": (str,), "site": (str,),
-        "base_version": (int,), "num_samples": (int,), "delta": (dict, type(None)),
-        "metrics": (dict,), "privacy": (dict,), "ciphertext": (dict, type(None)),
-        "created_at": _NUM, "signature": (bytes,), "schema": (int,),
+    _fields: ClassVar[dict[str, Check]] = {
+        "job": text(NAME_RE), "update_id": text(ID_RE), "task_id": text(ID_RE), "site": text(NAME_RE),
+        "base_version": integer(0), "num_samples": integer(0, 2**40), "delta": optional(tensors),
+        "metrics": plain(256, allow_bytes=False), "privacy": plain(256, allow_bytes=False),
+        "ciphertext": optional(plain()), "created_at": _ANY_TIME, "signature": binary(64),
+        "task_proof": binary(64), "schema": integer(0, SCHEMA),
     }
 
     def __post_init__(self) -> None:
@@ -229,11 +409,12 @@ class EncryptedAggregate(_Message):
     schema: int = SCHEMA
 
     kind: ClassVar[str] = "encrypted_aggregate"
-    _types: ClassVar[dict[str, tuple[type, ...]]] = {
-        "job": (str,), "aggregate_id": (str,), "version": (int,), "parent": (int,),
-        "included": (list, tuple), "contributions": (list, tuple), "strategy": (str,), "params": (dict,),
-        "denominator": _NUM, "sample_ref": _NUM, "context_sha256": (str,), "size": (int,),
-        "chunks": (list, tuple), "ciphertext_sha256": (str,), "created_at": _NUM, "schema": (int,),
+    _fields: ClassVar[dict[str, Check]] = {
+        "job": text(NAME_RE), "aggregate_id": text(ID_RE), "version": integer(1), "parent": integer(0),
+        "included": id_list(), "contributions": plain_list(), "strategy": text(max_len=200), "params": plain(),
+        "denominator": number(), "sample_ref": number(), "context_sha256": text(SHA_RE),
+        "size": integer(0, 2**40), "chunks": bytes_list(), "ciphertext_sha256": text(SHA_RE),
+        "created_at": _ANY_TIME, "schema": integer(0, SCHEMA),
     }
 
     def __post_init__(self) -> None:
@@ -241,6 +422,8 @@ class EncryptedAggregate(_Message):
             raise ValueError(f"aggregate for version {self.version} must have parent {self.version - 1}")
         if not all(isinstance(c, bytes) for c in self.chunks):
             raise ValueError("chunks must be bytes")
+        if len(self.included) != len(self.contributions):
+            raise ValueError("included and contributions differ in length")
 
 
 class EventKind(StrEnum):
@@ -271,9 +454,10 @@ class Event(_Message):
     schema: int = SCHEMA
 
     kind: ClassVar[str] = "event"
-    _types: ClassVar[dict[str, tuple[type, ...]]] = {
-        "job": (str,), "event": (str,), "source": (str,), "data": (dict,), "ts": _NUM,
-        "schema": (int,),
+    max_body: ClassVar[int] = 8 * MB
+    _fields: ClassVar[dict[str, Check]] = {
+        "job": text(NAME_RE), "event": text(max_len=64), "source": text(max_len=128), "data": plain(),
+        "ts": _ANY_TIME, "schema": integer(0, SCHEMA),
     }
 
 

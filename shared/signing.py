@@ -17,17 +17,21 @@ import dataclasses
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.broker import validate_site
-from shared.errors import ConfigError, SignatureError
-from shared.messages import Update
+from shared.errors import ConfigError, SignatureError, SiteMismatchError, UnknownTaskError
+from shared.messages import Task, Update, task_proof_bytes, update_id_for
 
 META_REGISTRY = "site_keys"
+#: v0's meta: the coordinator's task-signing public key (hex); every update must carry a proof
+META_TASK_KEY = "task_key"
 REGISTRY_FILE = "registry.json"
 
 
@@ -63,6 +67,84 @@ def verify_update(update: Update, registry: Mapping[str, str]) -> None:
                              f"(altered in transit, or signed with another key): {exc or 'invalid'}") from exc
 
 
+# --------------------------------------------------------------------------- task proofs
+#
+# Why: the aggregator is stateless and cannot ask the coordinator which tasks exist. The
+# coordinator signs each task it issues; the update carries that signature back. A site cannot
+# invent tasks (it has no key) nor reuse one task's proof under other update ids (the id is
+# derived from the task id), so every issued task yields at most one update and nothing else
+# counts. Replay checks the same proof from the updates log, years later.
+
+
+def sign_task(task: Task, key: Ed25519PrivateKey) -> Task:
+    return dataclasses.replace(task, signature=key.sign(task.proof_bytes()))
+
+
+def verify_task_proof(update: Update, task_key_hex: str) -> None:
+    """Raise `UnknownTaskError` (dead-letter reason "unknown_task") unless `update` answers a task
+    the job's coordinator issued, from the version that task named, under the task's own id."""
+    uid = update.update_id
+    if uid != update_id_for(update.task_id):
+        raise UnknownTaskError(f"update {uid} does not carry the id of its task {update.task_id}")
+    if not update.task_proof:
+        raise UnknownTaskError(f"update {uid} carries no task proof: it answers no task this job issued")
+    try:
+        _public_key(task_key_hex, "coordinator").verify(
+            update.task_proof, task_proof_bytes(update.job, update.task_id, update.base_version))
+    except (InvalidSignature, ConfigError) as exc:
+        raise UnknownTaskError(f"update {uid}: task {update.task_id} at version {update.base_version} was "
+                               f"never issued by this job's coordinator ({exc or 'proof does not verify'})") from exc
+
+
+@dataclass(frozen=True)
+class JobTrust:
+    """What v0 says an update must prove: a site registry (signatures) and a task key (proofs).
+
+    A job without them (built by hand, e.g. in tests) checks neither; `fedmq coordinator` always
+    publishes a task key."""
+
+    registry: Mapping[str, str] | None = None
+    task_key: str | None = None
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> JobTrust:
+        registry, task_key = meta.get(META_REGISTRY), meta.get(META_TASK_KEY)
+        return cls(registry if isinstance(registry, dict) and registry else None,
+                   task_key if isinstance(task_key, str) and task_key else None)
+
+    def verify(self, update: Update, routing_key: str | None) -> None:
+        """Sender identity first (cheapest, and what the broker pinned), then task, then signature."""
+        if routing_key is not None and routing_key != update.site:
+            raise SiteMismatchError(f"update {update.update_id} names site {update.site!r} but was "
+                                    f"published by {routing_key[:64]!r}")
+        if self.task_key is not None:
+            verify_task_proof(update, self.task_key)
+        if self.registry is not None:
+            verify_update(update, self.registry)
+
+
+def load_or_create_task_key(path: str | Path, *, create: bool) -> Ed25519PrivateKey:
+    """The coordinator's task-signing key: created (0600) for a new job, loaded on every restart."""
+    p = Path(path)
+    if not p.exists():
+        if not create:
+            raise ConfigError(f"task key {p} is missing: this job's coordinator created it when the job "
+                              "started; restore it (or point [coordinator] task_key at it) to resume")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        _write_private(p, key)
+        return key
+    return load_private_key(p)
+
+
+def _write_private(path: Path, key: Ed25519PrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -75,11 +157,7 @@ def generate_site_key(out_dir: str | Path, site: str, *, force: bool = False) ->
     if key_path.exists() and not force:
         raise ConfigError(f"{key_path} exists already; pass --force to replace the site's key")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
+    _write_private(key_path, key)
     hex_key = public_hex(key)
     (out / f"{site}.pub").write_text(hex_key + "\n")
     reg_path = out / REGISTRY_FILE

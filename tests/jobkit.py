@@ -3,6 +3,7 @@ run an in-process aggregator, read back versions and dead letters. Real broker, 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -11,12 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.service import Aggregator
 from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames, TopologyConfig, read_stream
 from shared.codec import Weights
 from shared.config import StrategyConfig
-from shared.messages import ModelVersion, Update, make_version
+from shared.messages import ModelVersion, Update, make_version, task_proof_bytes, update_id_for
 from shared.models import build_model, get_weights, model_spec
 
 
@@ -39,6 +41,14 @@ def make_update(job: str, uid: str, template: Weights, *, base_version: int = 0,
     delta = {k: (scale * rng.normal(size=v.shape)).astype(v.dtype) for k, v in template.items()}
     return Update(job=job, update_id=uid, task_id=uid, site=site, base_version=base_version,
                   num_samples=num_samples, delta=delta)
+
+
+def with_task_proof(update: Update, task_key: Ed25519PrivateKey) -> Update:
+    """The update as the answer to a task the coordinator holding `task_key` issued: its id becomes
+    the task's update id and it carries the task's signature."""
+    task_id = update.task_id
+    proof = task_key.sign(task_proof_bytes(update.job, task_id, update.base_version))
+    return dataclasses.replace(update, update_id=update_id_for(task_id), task_proof=proof)
 
 
 def publish_raw(url: str, job: str, body: bytes, *, site: str = "site-0", update_id: str | None = None) -> None:

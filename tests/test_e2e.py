@@ -16,7 +16,7 @@ from shared.codec import pack
 from shared.messages import Event, EventKind, ModelVersion, Update
 from shared.signing import load_private_key, sign_update
 from tests.conftest import ROOT, child_env, fedmq_cmd, run_fedmq
-from tests.jobkit import dead_letters, make_update, publish_raw, publish_updates, versions
+from tests.jobkit import dead_letters, make_update, publish_raw, publish_updates, versions, with_task_proof
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -105,15 +105,18 @@ def test_malformed_updates_are_dead_lettered_and_the_job_still_finishes(
     try:
         v0 = _wait_for_v0(broker_url, job, proc)
         template = {k: np.asarray(v) for k, v in v0.weights.items()}
+        # answers to "issued" tasks (signed with the coordinator's own task key), signed like site-0
+        # (the demo gives every site a key and the job a registry): these fail on their content
+        task_key = load_private_key(tmp_path / "model" / f"{job}.task.key")
         wrong_shape = make_update(job, "evil-shape", {k: np.zeros(3, v.dtype) for k, v in template.items()})
         nan = Update(job=job, update_id="evil-nan", task_id="evil-nan", site="site-0", base_version=0,
                      num_samples=10, delta={k: np.full(v.shape, np.nan, v.dtype) for k, v in template.items()})
         wrong_job = make_update("not-this-job", "evil-job", template)
-        unsigned = make_update(job, "evil-unsigned", template)
-        # the demo gives every site a key and the job a registry: sign like site-0, so these
-        # fail on their content, not on their signature
+        unsigned = with_task_proof(make_update(job, "evil-unsigned", template), task_key)
+        forged = make_update(job, "evil-forged", template)  # signed by the site, but no task was issued
         key = load_private_key(tmp_path / "keys" / "site-0.key")
-        signed = [sign_update(u, key) for u in (wrong_shape, nan, wrong_job)]
+        signed = [sign_update(u, key) for u in (with_task_proof(wrong_shape, task_key),
+                                                with_task_proof(nan, task_key), wrong_job, forged)]
         publish_updates(broker_url, job, [*signed, unsigned])
         publish_raw(broker_url, job, b"\x92\xc1 not msgpack", update_id="evil-msgpack")
         publish_raw(broker_url, job, pack({"schema": 1, "job": job, "update_id": "evil-fields"}),
@@ -126,9 +129,10 @@ def test_malformed_updates_are_dead_lettered_and_the_job_still_finishes(
     assert proc.returncode == 0, stderr[-3000:]
     res = _result(stdout)
     assert res["seconds_to_target"] is not None and max(_evaluated(broker_url, job).values()) >= 0.85
-    assert res["updates_dead_lettered"] == 6
+    assert res["updates_dead_lettered"] == 7
     reasons = {d.update_id: d.reason for d in dead_letters(broker_url, job)}
-    assert reasons == {"evil-shape": "shape_mismatch", "evil-nan": "non_finite", "evil-job": "wrong_job",
-                       "evil-unsigned": "bad_signature", "evil-msgpack": "malformed", "evil-fields": "malformed"}
+    assert reasons == {"u-evil-shape": "shape_mismatch", "u-evil-nan": "non_finite", "evil-job": "wrong_job",
+                       "u-evil-unsigned": "bad_signature", "evil-forged": "unknown_task",
+                       "evil-msgpack": "malformed", "evil-fields": "malformed"}
     included = {uid for mv in versions(broker_url, job) for uid in mv.included}
-    assert not any(uid.startswith("evil-") for uid in included)
+    assert not any("evil-" in uid for uid in included)

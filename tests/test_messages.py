@@ -93,7 +93,7 @@ def test_event_round_trips() -> None:
     ({"site": None}, "field 'site' is NoneType, expected str"),
     ({"signature": "text"}, "field 'signature' is str, expected bytes"),
     ({"metrics": [1]}, "field 'metrics' is list, expected dict"),
-    ({"num_samples": -1}, "num_samples must be >= 0"),
+    ({"num_samples": -1}, "field .num_samples. is -1, outside"),
     ({"delta": None}, "exactly one of delta and ciphertext"),
     ({"ciphertext": {"scheme": "ckks"}}, "exactly one of delta and ciphertext"),
 ])

@@ -19,6 +19,7 @@ from shared.errors import ConfigError, SignatureError
 from shared.messages import Update, make_version
 from shared.models import build_model, get_weights, model_spec
 from shared.signing import (
+    JobTrust,
     META_REGISTRY,
     generate_site_key,
     load_private_key,
@@ -80,7 +81,7 @@ def test_validation_checks_signatures_only_when_the_job_has_a_registry() -> None
     assert validate_update(unsigned, job="j", current_version=0, template=TEMPLATE, cfg=cfg) == 0
     with pytest.raises(SignatureError):
         validate_update(unsigned, job="j", current_version=0, template=TEMPLATE, cfg=cfg,
-                        registry={"site-a": public_hex(Ed25519PrivateKey.generate())})
+                        trust=JobTrust(registry={"site-a": public_hex(Ed25519PrivateKey.generate())}))
 
 
 def test_site_keys_are_private_files_and_the_registry_collects_them(tmp_path: Path) -> None:

@@ -185,7 +185,7 @@ class Worker:
             job=task.job, update_id=task.update_id, task_id=task.task_id, site=self.site,
             base_version=base.version, num_samples=result.num_samples, delta=result.delta,
             metrics={**result.metrics, "task_seconds": time.monotonic() - started},
-            privacy=plan.privacy_record() if plan else {},
+            privacy=plan.privacy_record() if plan else {}, task_proof=task.signature,
         )
         try:
             update = conn.wait_for(self._pool.submit(self._seal, update, base))
