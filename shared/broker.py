@@ -59,11 +59,23 @@ class ConnectionLostError(BrokerUnavailableError):
 
 
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, for error messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password replaced by ***, for error messages and logs.
+
+    Never raises: the message saying that a URL is malformed (an unbalanced IPv6 bracket, a bad
+    port) is built with it, so when urlsplit refuses the URL the password is cut out by hand.
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        scheme, sep, rest = url.partition("://")
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        userinfo, at, host = rest[:end].rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        return f"{scheme}://{user}:***@{host}{rest[end:]}" if sep and at and colon else url
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -342,17 +354,24 @@ class Connection:
                  connect_timeout: float = 5.0) -> None:
         self.url = url
         self.name = name
-        if urlsplit(url).scheme not in ("amqp", "amqps"):
+        try:
+            scheme = urlsplit(url).scheme
+        except ValueError as exc:  # "Invalid IPv6 URL", a bracketed host that is no IP address
+            raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
+        if scheme not in ("amqp", "amqps"):
             raise ConfigError(f"broker URL {mask_url(url)} must start with amqp:// or amqps://")
         try:
             params = pika.URLParameters(url)
         except Exception as exc:  # pika raises ValueError/AttributeError/... on bad URLs
             raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
-        params.heartbeat = heartbeat
-        params.blocked_connection_timeout = 60
-        params.socket_timeout = connect_timeout
-        params.connection_attempts = 1
-        params.client_properties = {"connection_name": name}
+        try:  # pika validates these setters with ValueError/TypeError
+            params.heartbeat = heartbeat
+            params.blocked_connection_timeout = 60
+            params.socket_timeout = connect_timeout
+            params.connection_attempts = 1
+            params.client_properties = {"connection_name": name}
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"connection settings for {mask_url(url)}: {exc}") from exc
         self._params = params
         self._conn: pika.BlockingConnection | None = None
         self._pub: BlockingChannel | None = None
