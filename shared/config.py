@@ -3,19 +3,29 @@
 Every section is a frozen dataclass validated in ``__post_init__``; an unknown key, a wrong type or
 an out-of-range value raises `ConfigError` naming the key (``strategy.buffer_size``), which the CLI
 prints as one line and exits 2.
+
+Every numeric key declares its range on its annotation (``Annotated[int, In("[1, 10_000]")]``) and
+`Section.__post_init__` checks them all, whoever built the object (TOML, env, flags, a ModelVersion's
+params). So NaN and infinities never pass (they lie in no interval), a bool is not an integer, a
+float is not accepted where an integer is required, and no value is unbounded: a 20-digit
+buffer size or a ten-year-plus timeout is refused rather than overflowing or never firing. The
+bounds are sanity limits, documented in docs/deploy.md, not tuning advice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
+import re
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 from shared.errors import ConfigError
 
@@ -52,41 +62,159 @@ def _require(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-@dataclass(frozen=True)
-class StrategyConfig:
-    """How the aggregator merges updates. Travels inside every ModelVersion as `params`."""
+_INTERVAL_RE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+_INT_RE = re.compile(r"^[+-]?[0-9]+$")
 
-    name: StrategyName = StrategyName.FEDBUFF
-    buffer_size: int = 4           # K: updates per version (FedAsync forces 1)
-    server_lr: float = 1.0         # FedBuff's global step on the buffered mean delta
-    alpha: float = 0.6             # FedAsync mixing weight
-    staleness: StalenessFn = StalenessFn.POLYNOMIAL
-    staleness_a: float = 0.5       # polynomial/hinge exponent; 0.5 = FedBuff's 1/sqrt(1+tau)
-    staleness_b: int = 4           # hinge: no discount up to b versions
-    max_staleness: int = 50        # older updates are dead-lettered with reason "stale"
-    sample_weighted: bool = True   # weight by num_samples (FedAvg's n_k/n)
-    flush_timeout: float = 10.0    # publish a partial buffer after this many idle seconds
-    robust: Robust = Robust.NONE   # trimmed_mean / median keep the buffer in memory
-    trim_fraction: float = 0.1
-    clip_norm: float = 0.0         # > 0: scale each delta to at most this L2 norm before folding
-    max_update_norm: float = 0.0   # > 0: dead-letter deltas with a larger L2 norm ("norm_bound")
+
+@dataclass(frozen=True)
+class In:
+    """A numeric interval written as in maths, "(0, 1]" or "[1, 10_000]": the range of one key.
+
+    Written as one string so the bound reads like the docs and the field stays on one line (the
+    starter config takes each field's comment from its source line).
+    """
+
+    text: str
+    lo: float = field(init=False)
+    hi: float = field(init=False)
+    lo_open: bool = field(init=False)
+    hi_open: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        _require(self.buffer_size >= 1, "strategy.buffer_size", f"must be >= 1, got {self.buffer_size}")
-        _require(self.server_lr > 0, "strategy.server_lr", f"must be > 0, got {self.server_lr}")
-        _require(0 < self.alpha <= 1, "strategy.alpha", f"must be in (0, 1], got {self.alpha}")
-        _require(self.staleness_a >= 0, "strategy.staleness_a", f"must be >= 0, got {self.staleness_a}")
-        _require(self.staleness_b >= 0, "strategy.staleness_b", f"must be >= 0, got {self.staleness_b}")
-        _require(self.max_staleness >= 0, "strategy.max_staleness", f"must be >= 0, got {self.max_staleness}")
-        _require(self.flush_timeout > 0, "strategy.flush_timeout", f"must be > 0, got {self.flush_timeout}")
-        _require(0 <= self.trim_fraction < 0.5, "strategy.trim_fraction",
-                 f"must be in [0, 0.5), got {self.trim_fraction}")
-        _require(self.clip_norm >= 0, "strategy.clip_norm", f"must be >= 0, got {self.clip_norm}")
-        _require(self.max_update_norm >= 0, "strategy.max_update_norm",
-                 f"must be >= 0, got {self.max_update_norm}")
+        m = _INTERVAL_RE.match(self.text)
+        if not m:
+            raise ValueError(f"interval {self.text!r} must look like [0, 1] or (0, 1]")
+        object.__setattr__(self, "lo", float(m.group(2)))
+        object.__setattr__(self, "hi", float(m.group(3)))
+        object.__setattr__(self, "lo_open", m.group(1) == "(")
+        object.__setattr__(self, "hi_open", m.group(4) == ")")
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below  # NaN compares false both ways: never inside
+
+    def __str__(self) -> str:
+        return "{}{}, {}{}".format("(" if self.lo_open else "[", _plain_number(self.lo),
+                                   _plain_number(self.hi), ")" if self.hi_open else "]")
+
+    def violation(self, value: float) -> str | None:
+        """None when `value` is inside, else the one-line reason ("must be in (0, 1], got 1.5")."""
+        return None if value in self else f"must be in {self}, got {value!r}"
+
+
+def _plain_number(v: float) -> str:
+    return str(int(v)) if v.is_integer() and abs(v) < 1e16 else repr(v)
+
+
+def parse_number(value: Any, kind: type, key: str) -> int | float:
+    """`value` (TOML value, env or flag string) as `kind` (int or float), or ConfigError naming `key`.
+
+    Strict on purpose: a bool is not a number, 2.0 is not an integer (write 2), "1e3" is not an
+    integer, and a float must be finite (NaN and infinities are refused here already).
+    """
+    noun = "an integer" if kind is int else "a number"
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: {value!r} is not {noun}")
+    if isinstance(value, str):
+        text = value.strip()
+        if kind is int and not _INT_RE.match(text):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        try:
+            value = int(text) if kind is int else float(text)
+        except ValueError:  # also a string of more digits than Python converts
+            raise ConfigError(f"{key}: {value!r} is not {noun}") from None
+    if kind is int:
+        if not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if not isinstance(value, int | float):
+        raise ConfigError(f"{key}: {value!r} is not a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}: {value!r} is too large") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return value
+
+
+#: at most ten years: a longer timeout or deadline is a typo, and would never fire anyway
+TEN_YEARS = 315_360_000
+Seconds = Annotated[float, In("(0, 315_360_000]")]
+Norm = Annotated[float, In("[0, 1e9]")]          # an L2 norm bound; 0 = off
+Rate = Annotated[float, In("(0, 1000]")]         # a learning rate
+Fraction = Annotated[float, In("(0, 1]")]
+Seed = Annotated[int, In("[0, 4_294_967_295]")]  # what numpy and torch both take
+
+
+def _field_ranges(cls: type) -> dict[str, tuple[type, In]]:
+    """Field name -> (int or float, its declared interval), read from the Annotated hints."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if typing.get_origin(hint) is Annotated:
+            base, *extras = typing.get_args(hint)
+            out.update((name, (base, e)) for e in extras if isinstance(e, In))
+    return out
+
+
+def range_of(cls: type, name: str) -> tuple[type, In]:
+    """(int or float, interval) of numeric field `name` of section `cls` (flags reuse it)."""
+    return _field_ranges(cls)[name]
+
+
+class Section:
+    """Base of every config table: checks each numeric field's type and declared range.
+
+    Subclasses set `KEY` (the TOML table name, used in messages) and put cross-field rules in
+    `check`, which runs after the per-field checks.
+    """
+
+    KEY: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name, (kind, interval) in _field_ranges(type(self)).items():
+            key = f"{self.KEY}.{name}"
+            value = parse_number(getattr(self, name), kind, key)
+            problem = interval.violation(value)
+            if problem:
+                raise ConfigError(f"{key}: {problem}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules that involve more than one key (none by default)."""
+
+
+@dataclass(frozen=True)
+class StrategyConfig(Section):
+    """How the aggregator merges updates. Travels inside every ModelVersion as `params`."""
+
+    KEY: ClassVar[str] = "strategy"
+
+    name: StrategyName = StrategyName.FEDBUFF
+    buffer_size: Annotated[int, In("[1, 10_000]")] = 4  # K: updates per version (FedAsync forces 1)
+    server_lr: Rate = 1.0          # FedBuff's global step on the buffered mean delta
+    alpha: Fraction = 0.6          # FedAsync mixing weight
+    staleness: StalenessFn = StalenessFn.POLYNOMIAL
+    staleness_a: Annotated[float, In("[0, 100]")] = 0.5  # polynomial/hinge exponent; 0.5 = FedBuff's 1/sqrt(1+tau)
+    staleness_b: Annotated[int, In("[0, 1_000_000]")] = 4  # hinge: no discount up to b versions
+    max_staleness: Annotated[int, In("[0, 1_000_000]")] = 50  # older updates are dead-lettered ("stale")
+    sample_weighted: bool = True   # weight by num_samples (FedAvg's n_k/n)
+    flush_timeout: Seconds = 10.0  # publish a partial buffer after this many idle seconds
+    robust: Robust = Robust.NONE   # trimmed_mean / median keep the buffer in memory
+    trim_fraction: Annotated[float, In("[0, 0.5)")] = 0.1
+    clip_norm: Norm = 0.0          # > 0: scale each delta to at most this L2 norm before folding
+    max_update_norm: Norm = 0.0    # > 0: dead-letter deltas with a larger L2 norm ("norm_bound")
+    clip_median_factor: Annotated[float, In("[0, 1000]")] = 0.0  # >= 1: clip to factor x running median norm; 0 = off
+    clip_window: Annotated[int, In("[1, 1000]")] = 10  # versions whose recorded norms form that median
+
+    def check(self) -> None:
         if self.name is StrategyName.FEDAVG:
             _require(self.max_staleness == 0, "strategy.max_staleness",
                      "synchronous fedavg needs max_staleness = 0 (every update from the current version)")
+        _require(self.clip_median_factor == 0 or self.clip_median_factor >= 1, "strategy.clip_median_factor",
+                 f"must be 0 (off) or >= 1 (below 1 it shrinks the typical honest update), "
+                 f"got {self.clip_median_factor!r}")
 
     @property
     def effective_buffer(self) -> int:
@@ -101,60 +229,75 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class TrainingConfig(Section):
     """Local hyper-parameters sent in every task."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    mu: float = 0.0  # FedProx proximal term; 0 = plain local SGD
+    KEY: ClassVar[str] = "training"
 
-    def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "training.epochs", f"must be >= 1, got {self.epochs}")
-        _require(self.batch_size >= 1, "training.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.lr > 0, "training.lr", f"must be > 0, got {self.lr}")
-        _require(self.mu >= 0, "training.mu", f"must be >= 0, got {self.mu}")
+    epochs: Annotated[int, In("[1, 10_000]")] = 1
+    batch_size: Annotated[int, In("[1, 1_000_000]")] = 32
+    lr: Rate = 0.05
+    mu: Annotated[float, In("[0, 1e6]")] = 0.0  # FedProx proximal term; 0 = plain local SGD
+
+
+#: spec arguments the coordinator derives from the test data; model.args may not set them
+DERIVED_MODEL_ARGS = ("input_dim", "input_shape", "num_classes")
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z_][\w.]*(:[A-Za-z_]\w*)?$")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
+    KEY: ClassVar[str] = "model"
+
     name: str = "mlp"  # logreg | mlp | cnn | package.module:callable
     args: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        _require(bool(_MODEL_NAME_RE.match(self.name)), "model.name",
+                 f"{self.name!r} must be logreg, mlp, cnn or package.module:callable")
+        derived = sorted(set(self.args) & set(DERIVED_MODEL_ARGS))
+        _require(not derived, f"model.args.{derived[0] if derived else ''}",
+                 "is derived from the data (data.test); remove it from model.args")
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "args": dict(self.args)}
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
+    KEY: ClassVar[str] = "data"
+
     test: str = ""  # NPZ/CSV file of held-out test data the coordinator evaluates on
 
 
 @dataclass(frozen=True)
-class CoordinatorConfig:
-    concurrency: int = 8             # tasks kept outstanding (fedavg: the cohort size)
-    target_accuracy: float = 0.0     # stop when a version reaches it; 0 = no target
-    max_versions: int = 200
-    max_seconds: float = 600.0
-    task_deadline: float = 300.0     # a task unfinished after this is reissued
+class CoordinatorConfig(Section):
+    KEY: ClassVar[str] = "coordinator"
+
+    concurrency: Annotated[int, In("[1, 10_000]")] = 8  # tasks kept outstanding (fedavg: the cohort size)
+    target_accuracy: Annotated[float, In("[0, 1]")] = 0.0  # stop when a version reaches it; 0 = no target
+    max_versions: Annotated[int, In("[1, 10_000_000]")] = 200
+    max_seconds: Seconds = 600.0
+    task_deadline: Seconds = 300.0   # a task unfinished after this is reissued
     out: str = "fedmq-out"           # where the final model is exported
     #: "target": export the version that met the target (versions folded from updates still in
     #: flight at the stop are kept in the stream, but can be worse); "last": the newest version
     export: ExportPolicy = ExportPolicy.TARGET
 
-    def __post_init__(self) -> None:
-        _require(self.concurrency >= 1, "coordinator.concurrency", f"must be >= 1, got {self.concurrency}")
-        _require(0 <= self.target_accuracy <= 1, "coordinator.target_accuracy",
-                 f"must be in [0, 1], got {self.target_accuracy}")
-        _require(self.max_versions >= 1, "coordinator.max_versions", f"must be >= 1, got {self.max_versions}")
-        _require(self.max_seconds > 0, "coordinator.max_seconds", f"must be > 0, got {self.max_seconds}")
-        _require(self.task_deadline > 0, "coordinator.task_deadline", f"must be > 0, got {self.task_deadline}")
+
+_MAX_AGE_RE = re.compile(r"^[0-9]+[YMDhms]$")  # RabbitMQ's x-max-age syntax
 
 
 @dataclass(frozen=True)
-class RetentionConfig:
+class RetentionConfig(Section):
+    KEY: ClassVar[str] = "retention"
+
     max_age: str = ""    # e.g. "30D"; empty = keep forever (full audit trail)
-    max_bytes: int = 0   # 0 = unbounded
+    max_bytes: Annotated[int, In("[0, 1e15]")] = 0  # 0 = unbounded
+
+    def check(self) -> None:
+        _require(not self.max_age or bool(_MAX_AGE_RE.match(self.max_age)), "retention.max_age",
+                 f"{self.max_age!r} must be a number and one of Y M D h m s, like 30D or 12h")
 
 
 class PrivacyMechanism(StrEnum):
@@ -174,7 +317,7 @@ class AccountantName(StrEnum):
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
+class PrivacyConfig(Section):
     """Differential privacy of the job; sites receive it in Task.options["privacy"].
 
     With noise_multiplier = 0, sigma is calibrated so that `planned_tasks` tasks of one site spend
@@ -182,27 +325,20 @@ class PrivacyConfig:
     `epsilon` is also each site's budget: a site refuses the task that would take it past it.
     """
 
-    mechanism: PrivacyMechanism = PrivacyMechanism.NONE
-    epsilon: float = 0.0          # per-site budget; 0 = no budget (needs noise_multiplier > 0)
-    delta: float = 1e-5
-    noise_multiplier: float = 0.0  # sigma; 0 = calibrated from epsilon and planned_tasks
-    planned_tasks: int = 20        # tasks (DP-FedAvg: updates) one site's budget should pay for
-    max_grad_norm: float = 1.0     # dp_sgd: per-sample gradient clip C
-    accountant: AccountantName = AccountantName.RDP  # dp_sgd: the site ledger's Opacus accountant
-    clip_norm: float = 1.0         # dp_fedavg: update L2 clip C
-    noise_at: NoisePlacement = NoisePlacement.SITE  # dp_fedavg: local or central noise
-    stop_when_spent: float = 1.0   # end the job once this fraction of the sites that trained is spent
+    KEY: ClassVar[str] = "privacy"
 
-    def __post_init__(self) -> None:
-        _require(self.epsilon >= 0, "privacy.epsilon", f"must be >= 0, got {self.epsilon}")
-        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
-        _require(self.noise_multiplier >= 0, "privacy.noise_multiplier",
-                 f"must be >= 0, got {self.noise_multiplier}")
-        _require(self.planned_tasks >= 1, "privacy.planned_tasks", f"must be >= 1, got {self.planned_tasks}")
-        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
-        _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
-        _require(0 < self.stop_when_spent <= 1, "privacy.stop_when_spent",
-                 f"must be in (0, 1], got {self.stop_when_spent}")
+    mechanism: PrivacyMechanism = PrivacyMechanism.NONE
+    epsilon: Annotated[float, In("[0, 1000]")] = 0.0  # per-site budget; 0 = no budget (needs noise_multiplier > 0)
+    delta: Annotated[float, In("(0, 1)")] = 1e-5
+    noise_multiplier: Annotated[float, In("[0, 1000]")] = 0.0  # sigma; 0 = calibrated from epsilon and planned_tasks
+    planned_tasks: Annotated[int, In("[1, 1_000_000]")] = 20  # tasks (DP-FedAvg: updates) one budget pays for
+    max_grad_norm: Annotated[float, In("(0, 1e9]")] = 1.0  # dp_sgd: per-sample gradient clip C
+    accountant: AccountantName = AccountantName.RDP  # dp_sgd: the site ledger's Opacus accountant
+    clip_norm: Annotated[float, In("(0, 1e9]")] = 1.0  # dp_fedavg: update L2 clip C
+    noise_at: NoisePlacement = NoisePlacement.SITE  # dp_fedavg: local or central noise
+    stop_when_spent: Fraction = 1.0  # end the job once this fraction of the sites that trained is spent
+
+    def check(self) -> None:
         if self.mechanism is not PrivacyMechanism.NONE:
             _require(self.epsilon > 0 or self.noise_multiplier > 0, "privacy.epsilon",
                      "set privacy.epsilon (a budget) or privacy.noise_multiplier (a fixed sigma)")
@@ -225,15 +361,17 @@ class EncryptionScheme(StrEnum):
 
 
 @dataclass(frozen=True)
-class EncryptionConfig:
+class EncryptionConfig(Section):
     """Homomorphic aggregation (docs/privacy.md). The coordinator publishes the public context in v0;
     only the key holder (`fedmq keyholder`, or the coordinator when secret_context is set) decrypts."""
+
+    KEY: ClassVar[str] = "encryption"
 
     scheme: EncryptionScheme = EncryptionScheme.NONE
     public_context: str = ""   # <job>.public.ctx written by `fedmq keys --job ID --out DIR`
     secret_context: str = ""   # set only when the coordinator itself is the key holder
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.scheme is EncryptionScheme.CKKS:
             _require(bool(self.public_context), "encryption.public_context",
                      "scheme ckks needs the public context file (fedmq keys --job ID --out DIR)")
@@ -247,17 +385,21 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
-class SigningConfig:
+class SigningConfig(Section):
     """Ed25519 update signatures: with a registry, the aggregator dead-letters any update that is
     unsigned or does not verify ("bad_signature"); without one, signatures are not required."""
+
+    KEY: ClassVar[str] = "signing"
 
     registry: str = ""  # registry.json (site -> public key hex) from `fedmq keys --site NAME`
 
 
 @dataclass(frozen=True)
-class JobConfig:
+class JobConfig(Section):
+    KEY: ClassVar[str] = "config"
+
     job: str = ""
-    seed: int = 0
+    seed: Seed = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -270,8 +412,8 @@ class JobConfig:
 
 
 # resolved hints, not Field.type: with postponed annotations that is only the string "StrategyConfig"
-SECTIONS: dict[str, type] = {name: typ for name, typ in typing.get_type_hints(JobConfig).items()
-                             if name not in ("job", "seed")}
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(JobConfig)[f.name] for f in dataclasses.fields(JobConfig)
+                             if f.name not in ("job", "seed")}
 
 
 def _resolve_type(cls: type, name: str) -> Any:
@@ -289,7 +431,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a table")
-        return build(typ, value, key)  # type: ignore[arg-type]
+        return build(typ, value, getattr(typ, "KEY", "") or key)  # type: ignore[arg-type]
     if isinstance(typ, type) and issubclass(typ, Enum):
         try:
             return typ(value)
@@ -302,38 +444,43 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key}: {value!r} is not a boolean")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not an integer")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: {value!r} is not an integer") from None
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: {value!r} is not a number")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: {value!r} is not a number") from None
+    if typ is int or typ is float:
+        number = parse_number(value, typ, key)
+        return float(number) if typ is float else number
     if typ is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: {value!r} is not a string")
         return value
     if origin is dict or typ is dict:
         if isinstance(value, str):
-            import json
-
             try:
                 value = json.loads(value)
             except ValueError:
                 raise ConfigError(f"{key}: {value!r} is not a table / JSON object") from None
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a table")
+        _check_plain(value, key)
         return dict(value)
     return value
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """A free-form table (model.args) may hold only what JSON and msgpack carry, all finite.
+
+    It travels in every ModelVersion, so a TOML date or a NaN would otherwise fail (or poison
+    the model) only once the job is running.
+    """
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_plain(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{key}[{i}]")
+    elif isinstance(value, float):
+        parse_number(value, float, key)
+    elif not (value is None or isinstance(value, str | int)):  # bool is an int
+        raise ConfigError(f"{key}: {type(value).__name__} values are not allowed here "
+                          "(strings, numbers, booleans, arrays and tables only)")
 
 
 def build(cls: type[C], values: dict[str, Any], prefix: str) -> C:
@@ -380,18 +527,32 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_toml(path: Path) -> dict[str, Any]:
+    """The table a TOML file holds; ConfigError (one line, the file named) for a missing,
+    unreadable, non-UTF-8 or malformed file."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start}); save it as UTF-8") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
 def load_job_config(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
                     environ: dict[str, str] | None = None) -> JobConfig:
     """TOML file (optional) < FEDMQ_* env < `overrides` (flags)."""
     raw: dict[str, Any] = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+        raw = read_toml(Path(path))
     raw = merge(raw, env_overrides(environ))
     raw = merge(raw, overrides or {})
     return build(JobConfig, raw, "config")
