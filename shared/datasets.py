@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import zipfile
+import zlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,24 +169,157 @@ def save_site(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 
 def load_site(path: str | Path, input_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Load a site's (x float32, y int64) from NPZ or CSV; raises ConfigError on a bad file."""
+    """Load a site's (x float32, y int64) from NPZ or CSV; ConfigError naming the file on a bad one.
+
+    NPZ: arrays ``x`` [N, features...] and ``y`` [N]. CSV: one row per sample, the integer label
+    first, then the flat features; the first row is a header (``save_site`` writes ``label,f0,...``)
+    unless every cell of it is a number, in which case the file has no header and that row is
+    data (a user who exported numbers only would otherwise lose a sample without a word).
+    Every file is checked with `check_site_data` (rows, finite features, integer labels >= 0)
+    before anything trains or evaluates on it; `input_shape`, when given, reshapes x to it.
+    """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"data file {p} does not exist")
-    try:
-        if p.suffix == ".csv":
-            raw = np.loadtxt(p, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-            y, x = raw[:, 0].astype(np.int64), raw[:, 1:].astype(np.float32)
-        else:
-            with np.load(p) as z:
-                x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"data file {p} is not a fedmq NPZ (x, y) or CSV (label, features...): {exc}") from exc
-    if input_shape is not None and tuple(x.shape[1:]) != tuple(input_shape):
-        x = x.reshape((len(x), *input_shape))
-    if len(x) != len(y):
-        raise ConfigError(f"data file {p}: {len(x)} inputs but {len(y)} labels")
+    if not p.is_file():
+        raise ConfigError(f"data file {p} is not a regular file")
+    x_raw, y_raw = _read_csv(p) if p.suffix.lower() == ".csv" else _read_npz(p)
+    x, y = check_site_data(x_raw, y_raw, input_shape=input_shape, source=f"data file {p}")
     return x, y
+
+
+_NOT_A_SITE_FILE = "is not a fedmq NPZ (x, y) or CSV (label, features...)"
+
+
+def _read_npz(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of an NPZ, as stored; empty, truncated or corrupt archives are ConfigErrors."""
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ConfigError(f"data file {p} {_NOT_A_SITE_FILE}: it holds one array, not x and y")
+            missing = [k for k in ("x", "y") if k not in z.files]
+            if missing:
+                raise ConfigError(f"data file {p} {_NOT_A_SITE_FILE}: no array {missing[0]!r} "
+                                  f"(it has {', '.join(z.files) or 'none'})")
+            return z["x"], z["y"]
+    except AttributeError:  # a single .npy array has no context manager protocol in older numpy
+        raise ConfigError(f"data file {p} {_NOT_A_SITE_FILE}: it holds one array, not x and y") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, TypeError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ConfigError(f"data file {p} {_NOT_A_SITE_FILE}: empty, truncated or corrupt ({reason})") from exc
+
+
+def _read_csv(p: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (float, checked later) and features of a CSV; a numeric first row is data."""
+    try:
+        with p.open(newline="", encoding="utf-8") as fh:
+            rows = [row for row in csv.reader(fh) if row]
+    except OSError as exc:
+        raise ConfigError(f"data file {p} cannot be read: {exc.strerror}") from exc
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"data file {p} {_NOT_A_SITE_FILE}: {exc}") from exc
+    if rows and not _numeric_row(rows[0]):
+        rows = rows[1:]  # the header
+    else:
+        log.debug("CSV has no header row; its first row is a sample file=%s", p)
+    if not rows:
+        return np.zeros((0, 0), np.float64), np.zeros(0, np.float64)
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ConfigError(f"data file {p}: row {i + 1} has {len(row)} columns, the first has {width}")
+    try:
+        raw = np.array(rows, dtype=np.float64)
+    except ValueError as exc:
+        raise ConfigError(f"data file {p} {_NOT_A_SITE_FILE}: {exc}") from exc
+    return raw[:, 1:], raw[:, 0]
+
+
+def _numeric_row(row: list[str]) -> bool:
+    try:
+        [float(cell) for cell in row]
+    except ValueError:
+        return False
+    return True
+
+
+def check_site_data(x: np.ndarray, y: np.ndarray, *, input_shape: tuple[int, ...] | None = None,
+                    num_classes: int | None = None, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x float32, y int64) once they are fit to train or evaluate on; else a one-line ConfigError.
+
+    Refused: no rows, rows without features, x and y of different lengths, NaN or infinite
+    features (also values too large for float32), labels that are not integers >= 0 (one-hot or
+    float targets included), and, when the model is known, a feature count that is not the
+    model's `input_shape` or a label >= `num_classes`. Checked here once, because each of these
+    otherwise surfaces later as a crash deep inside torch or, worse, as a model that silently
+    learns nothing. `source` names the data in the message ("data file site_3.npz").
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2 or x.shape[0] == 0 or int(np.prod(x.shape[1:])) == 0:
+        rows = x.shape[0] if x.ndim else 0
+        raise ConfigError(f"{source}: needs at least one row with features, got x of shape {x.shape} "
+                          f"({rows} rows); x must be [rows, features...]")
+    if y.ndim != 1:
+        raise ConfigError(f"{source}: labels must be one class index per row, got y of shape {y.shape}"
+                          + (" (one-hot? store argmax)" if y.ndim == 2 else ""))
+    if len(x) != len(y):
+        raise ConfigError(f"{source}: {len(x)} inputs but {len(y)} labels")
+    xf = _finite_features(x, source)
+    yi = _class_labels(y, source)
+    if num_classes is not None and int(yi.max()) >= num_classes:
+        row = int(np.argmax(yi >= num_classes))
+        raise ConfigError(f"{source}: label {int(yi[row])} (row {row}) is outside the model's "
+                          f"{num_classes} classes (0-{num_classes - 1})")
+    if input_shape is not None:
+        xf = _reshaped(xf, tuple(int(d) for d in input_shape), source)
+    return xf, yi
+
+
+def _finite_features(x: np.ndarray, source: str) -> np.ndarray:
+    if x.dtype.kind not in "biuf":
+        raise ConfigError(f"{source}: features must be numbers, got dtype {x.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        xf = x.astype(np.float32)
+    bad = ~np.isfinite(xf.reshape(len(xf), -1)).all(axis=1)
+    if bad.any():
+        raise ConfigError(f"{source}: {int(bad.sum())} rows have NaN or infinite features (first: row "
+                          f"{int(np.argmax(bad))}); drop or impute them")
+    return xf
+
+
+def _class_labels(y: np.ndarray, source: str) -> np.ndarray:
+    if y.dtype.kind not in "biuf":
+        raise ConfigError(f"{source}: labels must be integers, got dtype {y.dtype}")
+    yf = y.astype(np.float64)
+    bad = ~(np.isfinite(yf) & (yf == np.round(yf)) & (yf >= 0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ConfigError(f"{source}: label {y[row]!r} (row {row}) is not a class index; labels must be "
+                          "integers 0..classes-1")
+    return y.astype(np.int64)
+
+
+def _reshaped(x: np.ndarray, shape: tuple[int, ...], source: str) -> np.ndarray:
+    features, wanted = int(np.prod(x.shape[1:])), int(np.prod(shape))
+    if features != wanted:
+        raise ConfigError(f"{source}: {features} features per row but the model takes {wanted} "
+                          f"(input shape {list(shape)})")
+    return x if tuple(x.shape[1:]) == shape else x.reshape((len(x), *shape))
+
+
+def fit_to_model(x: np.ndarray, y: np.ndarray, spec: dict[str, Any], *, source: str) -> np.ndarray:
+    """Check (x, y) against a ModelVersion's model spec and return x in the model's input shape.
+
+    The spec's args carry ``input_shape`` (or ``input_dim``) and ``num_classes`` (see
+    `shared.models.model_spec`); a site calls this once it has the job's model, the coordinator
+    and ``fedmq init --check`` call it on the test data. ConfigError (one line) when they do not fit.
+    """
+    args = spec.get("args", {}) if isinstance(spec, dict) else {}
+    shape = args.get("input_shape") or ([args["input_dim"]] if "input_dim" in args else None)
+    classes = args.get("num_classes")
+    fitted, _ = check_site_data(x, y, input_shape=tuple(shape) if shape else None,
+                                num_classes=int(classes) if classes else None, source=source)
+    return fitted
 
 
 @dataclass(frozen=True)

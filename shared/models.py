@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shared.codec import Weights
+from shared.datasets import fit_to_model
 from shared.errors import ConfigError
 from shared.plugins import import_callable
 
@@ -70,9 +71,60 @@ def build_model(spec: dict[str, Any], *, seed: int | None = None) -> nn.Module:
     if seed is not None:
         torch.manual_seed(seed)
     try:
-        return fn(**args)
+        model = fn(**args)
     except TypeError as exc:
         raise ConfigError(f"model {spec.get('name')!r} does not accept args {args}: {exc}") from exc
+    except (ValueError, RuntimeError) as exc:  # e.g. a negative layer width in model.args
+        raise ConfigError(f"model {spec.get('name')!r} cannot be built with args {args}: "
+                          f"{_first_line(exc)}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {spec.get('name')!r} returned {type(model).__name__}, not a torch nn.Module")
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, x: np.ndarray, num_classes: int, *, source: str) -> None:
+    """Run the model on two rows of `x` and require [rows, num_classes] logits, else ConfigError.
+
+    A custom model may ignore the spec's input_dim; this is what tells its operator before the
+    job starts instead of the first evaluation or task failing inside torch. Eval mode and no
+    grad: the forward pass leaves the weights (batch-norm statistics included) as they were.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.from_numpy(np.ascontiguousarray(x[:2])))
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ConfigError(f"{source} does not fit the model: {_first_line(exc)}") from exc
+    finally:
+        model.train(was_training)
+    wanted = (min(len(x), 2), num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != wanted:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{source}: the model's output is {got}, expected logits of shape {wanted} "
+                          f"({num_classes} classes)")
+
+
+def model_for_data(name: str, args: dict[str, Any], x: np.ndarray, y: np.ndarray, *, source: str,
+                   seed: int | None = None, num_classes: int | None = None,
+                   input_shape: tuple[int, ...] | None = None) -> tuple[dict[str, Any], nn.Module, np.ndarray]:
+    """The job's model spec, its v0 model and `x` in the model's input shape, for held-out (x, y).
+
+    The number of classes and the input shape come from the data unless given; then the data is
+    checked against the model (`fit_to_model`, and a forward pass), so the coordinator and
+    ``fedmq init --check`` refuse a job whose test data and model disagree, with one line.
+    """
+    classes = num_classes or int(y.max()) + 1
+    spec = model_spec(name, input_shape or tuple(x.shape[1:]), classes, **args)
+    model = build_model(spec, seed=seed)
+    fitted = fit_to_model(x, y, spec, source=source)
+    check_forward(model, fitted, classes, source=source)
+    return spec, model, fitted
 
 
 def model_spec(name: str, input_shape: tuple[int, ...], num_classes: int, **args: Any) -> dict[str, Any]:

@@ -22,6 +22,9 @@ def import_callable(target: str, what: str) -> Callable[..., Any]:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{what} {target!r} cannot be imported on this machine: {exc}") from exc
+    except Exception as exc:  # the module itself fails on import (SyntaxError, its own errors)
+        raise ConfigError(f"{what} {target!r}: importing {mod_name} failed: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     if not callable(fn):
         raise ConfigError(f"{what} {target!r} is not callable")
     return fn  # type: ignore[no-any-return]
