@@ -18,7 +18,9 @@ import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from fedmq.args import HEARTBEAT, PORT, SECONDS, SLOWDOWN, config_number, number
 from shared.broker import DEFAULT_URL, Connection, mask_url, validate_job_id
+from shared.config import JobConfig, PrivacyConfig
 from shared.errors import ConfigError, FedmqError
 from shared.logs import configure_logging
 
@@ -78,7 +80,7 @@ def stop_on_signals() -> threading.Event:
 
 
 def add_metrics_port(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-port", type=int, default=os.environ.get("FEDMQ_METRICS_PORT", "0"),
+    p.add_argument("--metrics-port", type=number(int, PORT), default=os.environ.get("FEDMQ_METRICS_PORT", "0"),
                    help="serve Prometheus /metrics on this port, 0 = off (env FEDMQ_METRICS_PORT)")
 
 
@@ -120,15 +122,9 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.service import Worker, WorkerOptions
 
-    if args.slowdown < 1:
-        raise ConfigError(f"--slowdown must be >= 1, got {args.slowdown}")
-    if args.min_task_seconds < 0:
-        raise ConfigError(f"--min-task-seconds must be >= 0, got {args.min_task_seconds}")
     opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
                          device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
                          wait_for_job=args.wait, epsilon_budget=args.epsilon_budget)
-    if args.epsilon_budget < 0:
-        raise ConfigError(f"--epsilon-budget must be >= 0, got {args.epsilon_budget}")
     site, data = args.site, args.data
     if args.site_pool:
         from fedmq.site_pool import claim_site
@@ -219,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.add_argument("--name", default=os.environ.get("FEDMQ_AGGREGATOR_NAME", f"aggregator-{os.getpid()}"),
                    help="replica name in logs and connection names (env FEDMQ_AGGREGATOR_NAME)")
-    p.add_argument("--heartbeat", type=int, default=10, help="AMQP heartbeat seconds (standby takeover "
-                   "after a hang takes 2-3x this)")
+    p.add_argument("--heartbeat", type=number(int, HEARTBEAT), default=10,
+                   help="AMQP heartbeat seconds (standby takeover after a hang takes 2-3x this)")
     add_metrics_port(p)
     p.set_defaults(run=cmd_aggregator)
 
@@ -234,21 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-pool", default=os.environ.get("FEDMQ_SITE_POOL"),
                    help="instead of --site/--data: a glob of data files; this worker claims the first "
                    "one no other worker holds and takes its file stem as site name (env FEDMQ_SITE_POOL)")
-    p.add_argument("--slowdown", type=float, default=1.0, help="make this site F times slower")
-    p.add_argument("--min-task-seconds", type=float, default=0.0, help="pad each task to >= S seconds")
+    p.add_argument("--slowdown", type=number(float, SLOWDOWN), default=1.0, help="make this site F times slower")
+    p.add_argument("--min-task-seconds", type=number(float, SECONDS), default=0.0, help="pad each task to >= S seconds")
     p.add_argument("--device", default=os.environ.get("FEDMQ_DEVICE", "auto"),
                    help="torch device: auto (CUDA if present), cpu, cuda, cuda:N (env FEDMQ_DEVICE)")
-    p.add_argument("--heartbeat", type=int, default=30, help="AMQP heartbeat seconds")
-    p.add_argument("--max-tasks", type=int, default=0, help="leave after N tasks (0 = until the job ends)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the job to exist")
+    p.add_argument("--heartbeat", type=number(int, HEARTBEAT), default=30, help="AMQP heartbeat seconds")
+    p.add_argument("--max-tasks", type=number(int, "[0, 1_000_000_000]"), default=0,
+                   help="leave after N tasks (0 = until the job ends)")
+    p.add_argument("--wait", type=number(float, SECONDS), default=60.0, help="seconds to wait for the job to exist")
     p.add_argument("--key", default=os.environ.get("FEDMQ_SITE_KEY", ""),
                    help="the site's Ed25519 key file (fedmq keys --site NAME); signs every update; "
                    "'{site}' is replaced by the site name (env FEDMQ_SITE_KEY)")
     p.add_argument("--ledger", default=os.environ.get("FEDMQ_DP_LEDGER", ""),
                    help="the site's differential-privacy budget ledger (JSON, survives restarts; '{site}' "
                    "is replaced); default <data stem>.<site>.dp-ledger.json beside the data (env FEDMQ_DP_LEDGER)")
-    p.add_argument("--epsilon-budget", type=float,
-                   default=float(os.environ.get("FEDMQ_SITE_EPSILON_BUDGET", "0") or 0),
+    p.add_argument("--epsilon-budget", type=config_number(PrivacyConfig, "epsilon"),
+                   default=os.environ.get("FEDMQ_SITE_EPSILON_BUDGET") or "0",
                    help="this site's own epsilon cap over all jobs on its data; the job's budget applies "
                    "too, the tighter wins (0 = the job's only; env FEDMQ_SITE_EPSILON_BUDGET)")
     add_metrics_port(p)
@@ -258,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
                    help="bundled dataset (no download)")
-    p.add_argument("--sites", type=int, default=8, help="number of site files to write")
+    p.add_argument("--sites", type=number(int, "[1, 10_000]"), default=8, help="number of site files to write")
     p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"],
                    help="how samples are split over sites (dirichlet, quantity: skew set by --alpha)")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="share held out as test.npz")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the split")
+    p.add_argument("--alpha", type=number(float, "(0, 1e6]"), default=0.5, help="Dirichlet concentration")
+    p.add_argument("--test-fraction", type=number(float, "(0, 1)"), default=0.2, help="share held out as test.npz")
+    p.add_argument("--seed", type=config_number(JobConfig, "seed"), default=0, help="random seed of the split")
     p.add_argument("--format", default="npz", choices=["npz", "csv"], help="site file format")
     p.add_argument("--out", required=True, help="directory for site_<i>.<format> and test.npz")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],

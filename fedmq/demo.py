@@ -25,9 +25,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
+from fedmq.args import SECONDS, SLOWDOWN, config_number, number
 from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
 from shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
+from shared.config import CoordinatorConfig, JobConfig, TrainingConfig
 from shared.datasets import write_partition
 from shared.errors import ConfigError, FedmqError
 from shared.messages import Event, EventKind
@@ -50,22 +52,30 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
                    help="bundled dataset (no download)")
     p.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:callable")
-    p.add_argument("--sites", type=int, default=8, help="number of worker processes")
+    p.add_argument("--sites", type=config_number(CoordinatorConfig, "concurrency"),
+                   default=8, help="number of worker processes")
     p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"],
                    help="how samples are split over sites")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the partition")
-    p.add_argument("--slow", type=int, default=2, help="how many sites are slow")
-    p.add_argument("--slowdown", type=float, default=5.0, help="how much slower the slow sites are")
-    p.add_argument("--min-task-seconds", type=float, default=0.2,
+    p.add_argument("--alpha", type=number(float, "(0, 1e6]"),
+                   default=0.5, help="Dirichlet concentration of the partition")
+    p.add_argument("--slow", type=number(int, "[0, 10_000]"), default=2, help="how many sites are slow")
+    p.add_argument("--slowdown", type=number(float, SLOWDOWN), default=5.0, help="how much slower the slow sites are")
+    p.add_argument("--min-task-seconds", type=number(float, SECONDS), default=0.2,
                    help="pad every local task to at least this long (simulated site compute)")
-    p.add_argument("--target", type=float, default=0.9, help="stop at this test accuracy (0 = none)")
-    p.add_argument("--max-seconds", type=float, default=180.0, help="stop after this long")
-    p.add_argument("--max-versions", type=int, default=1000, help="stop after this many versions")
-    p.add_argument("--epochs", type=int, default=1, help="local epochs per task")
-    p.add_argument("--lr", type=float, default=0.1, help="local learning rate")
-    p.add_argument("--batch-size", type=int, default=16, help="local mini-batch size")
-    p.add_argument("--aggregators", type=int, default=1, help="aggregator replicas (1 active, rest standby)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the partition and the initial model")
+    p.add_argument("--target", type=config_number(CoordinatorConfig, "target_accuracy"),
+                   default=0.9, help="stop at this test accuracy (0 = none)")
+    p.add_argument("--max-seconds", type=config_number(CoordinatorConfig, "max_seconds"),
+                   default=180.0, help="stop after this long")
+    p.add_argument("--max-versions", type=config_number(CoordinatorConfig, "max_versions"),
+                   default=1000, help="stop after this many versions")
+    p.add_argument("--epochs", type=config_number(TrainingConfig, "epochs"), default=1, help="local epochs per task")
+    p.add_argument("--lr", type=config_number(TrainingConfig, "lr"), default=0.1, help="local learning rate")
+    p.add_argument("--batch-size", type=config_number(TrainingConfig, "batch_size"),
+                   default=16, help="local mini-batch size")
+    p.add_argument("--aggregators", type=number(int, "[1, 100]"),
+                   default=1, help="aggregator replicas (1 active, rest standby)")
+    p.add_argument("--seed", type=config_number(JobConfig, "seed"),
+                   default=0, help="seed of the partition and the initial model")
     p.add_argument("--workdir", help="where data, config, logs and the model go (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")
     add_privacy_arguments(p)
@@ -172,14 +182,8 @@ def _sites_line(st: Progress_) -> Text:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.sites < 1:
-        raise ConfigError(f"--sites must be >= 1, got {args.sites}")
     if not 0 <= args.slow <= args.sites:
         raise ConfigError(f"--slow must be between 0 and --sites ({args.sites}), got {args.slow}")
-    if args.slowdown < 1:
-        raise ConfigError(f"--slowdown must be >= 1, got {args.slowdown}")
-    if not 0 <= args.target <= 1:
-        raise ConfigError(f"--target must be in [0, 1], got {args.target}")
     console = Console(stderr=True)
     url = args.broker
     Connection(url, name="fedmq-demo-check").open().close()  # exit 3 now, not in a child

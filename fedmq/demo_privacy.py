@@ -14,7 +14,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from fedmq.args import config_number
 from shared.broker import JobNames, read_stream
+from shared.config import PrivacyConfig
 from shared.errors import ConfigError, MalformedMessageError
 from shared.messages import Event, EventKind
 from shared.privacy import NOISE_KEY_ENV
@@ -33,11 +35,13 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", default="sgd", choices=sorted(DP_MECHANISMS),
                    help="with --privacy dp: record-level DP-SGD at each site, or DP-FedAvg update noise "
                         "added at the site (local) or by the aggregator (central)")
-    p.add_argument("--epsilon", type=float, default=4.0, help="with --privacy dp: each site's epsilon budget")
-    p.add_argument("--delta", type=float, default=1e-5, help="with --privacy dp: delta of the budget")
-    p.add_argument("--planned-tasks", type=int, default=20,
+    p.add_argument("--epsilon", type=config_number(PrivacyConfig, "epsilon"),
+                   default=4.0, help="with --privacy dp: each site's epsilon budget")
+    p.add_argument("--delta", type=config_number(PrivacyConfig, "delta"),
+                   default=1e-5, help="with --privacy dp: delta of the budget")
+    p.add_argument("--planned-tasks", type=config_number(PrivacyConfig, "planned_tasks"), default=20,
                    help="with --privacy dp: tasks per site the budget is calibrated to pay for")
-    p.add_argument("--stop-when-spent", type=float, default=0.5,
+    p.add_argument("--stop-when-spent", type=config_number(PrivacyConfig, "stop_when_spent"), default=0.5,
                    help="with --privacy dp: end the job once this fraction of the training sites has "
                         "spent its budget (the fast ones spend first; 1 = wait for the slowest)")
 
@@ -50,8 +54,6 @@ def apply_privacy(args: argparse.Namespace, work: Path, sections: dict[str, dict
         return  # [encryption], the key pair and the key holder: fedmq/demo_keys.py
     if args.epsilon <= 0:
         raise ConfigError(f"--epsilon must be > 0, got {args.epsilon}")
-    if not 0 < args.stop_when_spent <= 1:
-        raise ConfigError(f"--stop-when-spent must be in (0, 1], got {args.stop_when_spent}")
     dp = dict(DP_MECHANISMS[args.dp])
     sections["privacy"] = {**dp, "epsilon": args.epsilon, "delta": args.delta,
                            "planned_tasks": args.planned_tasks, "stop_when_spent": args.stop_when_spent}

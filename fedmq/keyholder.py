@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from fedmq.args import HEARTBEAT, number
+
 log = logging.getLogger(__name__)
 
 
@@ -37,5 +39,5 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
                    default=os.environ.get("FEDMQ_KEYHOLDER_SECRET"),
                    help="the job's <job>.secret.ctx from fedmq keys (env FEDMQ_KEYHOLDER_SECRET)")
     p.add_argument("--name", default=f"keyholder-{os.getpid()}", help="replica name in logs")
-    p.add_argument("--heartbeat", type=int, default=10, help="AMQP heartbeat seconds")
+    p.add_argument("--heartbeat", type=number(int, HEARTBEAT), default=10, help="AMQP heartbeat seconds")
     p.set_defaults(run=cmd_keyholder)

@@ -49,18 +49,18 @@ def _one_line(stderr: str) -> str:
     (["worker", "--job", "bad/id", "--site", "s", "--data", "x.npz"], "job id 'bad/id'"),
     (["worker", "--job", "j", "--site", "s"], "--data"),
     (["worker", "--job", "j", "--site", "s", "--data", "/nonexistent/site.npz"], "does not exist"),
-    (["worker", "--job", "j", "--site", "s", "--data", "{site}", "--slowdown", "0.5"], "--slowdown must be >= 1"),
+    (["worker", "--job", "j", "--site", "s", "--data", "{site}", "--slowdown", "0.5"], "argument --slowdown: must be in [1, 1000], got 0.5"),
     (["worker", "--job", "j", "--site", "bad site", "--data", "{site}"], "site name 'bad site'"),
     (["aggregator", "--job", "j", "--heartbeat", "often"], "invalid int value: 'often'"),
     (["aggregator", "--job", "j", "--broker", "notaurl://x"], "must start with amqp:// or amqps://"),
-        (["aggregator", "--job", "j", "--broker", "amqp://x:notaport/"], "broker URL amqp://x:notaport/ is not valid"),
+    (["aggregator", "--job", "j", "--broker", "amqp://x:notaport/"], "broker URL amqp://x:notaport/ is not valid"),
     (["coordinator", "--job", "j", "--config", "/nonexistent/job.toml"], "config file /nonexistent/job.toml"),
     (["coordinator", "--job", "j"], "data.test"),
-    (["demo", "--sites", "0"], "--sites must be >= 1"),
+    (["demo", "--sites", "0"], "argument --sites: must be in [1, 10000], got 0"),
     (["demo", "--slow", "9"], "--slow must be between 0 and --sites"),
     (["demo", "--strategy", "fedsgd"], "invalid choice: 'fedsgd'"),
-    (["demo", "--target", "1.5"], "--target must be in [0, 1]"),
-    (["partition", "--out", "{tmp}", "--sites", "0"], "num_sites must be >= 1"),
+    (["demo", "--target", "1.5"], "argument --target: must be in [0, 1], got 1.5"),
+    (["partition", "--out", "{tmp}", "--sites", "0"], "argument --sites: must be in [1, 10000], got 0"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args: list[str], words: str, site_file: Path, tmp_path: Path) -> None:
     args = [a.replace("{site}", str(site_file)).replace("{tmp}", str(tmp_path)) for a in args]
