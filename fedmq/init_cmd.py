@@ -1,5 +1,8 @@
 """`fedmq init`: write a commented starter job.toml; `fedmq init --check FILE` validates one.
 
+`--check` goes as far as it can without a broker: the config, the model it names (imported and
+built), the test data (exists, loads, fits the model) and, with ``--data``, site files too.
+
 The starter is generated from the config schema itself (shared.config.JobConfig): every section
 and key with its default, the choices of every enum, and the comment the schema's source gives
 the field. So the file can never drift from what `load_job_config` accepts, and a key someone
@@ -54,7 +57,8 @@ HEADER = """\
 
 @cache
 def _source_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # comment` lines of a dataclass's source, by field name."""
+    """A dataclass's field comments by field name: `name: type = default  # comment`, else the
+    `#:` lines above the field."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -62,6 +66,10 @@ def _source_comments(cls: type) -> dict[str, str]:
     out = {}
     for m in re.finditer(r"^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
         out[m.group(1)] = m.group(2).strip()
+    # `#:` lines right above a field document it too (Sphinx style), when it has no trailing comment
+    for m in re.finditer(r"((?:^[ \t]+#:.*\n)+)[ \t]+(\w+)\s*:", source, re.MULTILINE):
+        text = " ".join(line.strip()[2:].strip() for line in m.group(1).splitlines())
+        out.setdefault(m.group(2), text)
     return out
 
 
@@ -159,12 +167,51 @@ def write_starter(args: argparse.Namespace) -> Path:
     return out
 
 
+def check_job(path: str, site_files: list[str]) -> str:
+    """Everything a coordinator would refuse at start, without a broker; returns the summary line.
+
+    The config itself (keys, types, ranges), then what it names: the model callable imports and
+    builds, data.test exists, loads and fits the model (feature count, input shape, label range,
+    one forward pass), each `site_files` file fits the same model, and the key and registry files
+    exist. Each failure is the ConfigError the coordinator or a worker would raise: one line, exit 2.
+    """
+    from shared.datasets import fit_to_model, load_site  # torch: only when checking, not when writing
+    from shared.models import check_forward, model_for_data
+
+    cfg = load_job_config(path)  # ConfigError names the key
+    if not cfg.data.test:
+        raise ConfigError("data.test: the coordinator needs held-out test data to evaluate versions")
+    x, y = load_site(cfg.data.test)
+    spec, model, _ = model_for_data(cfg.model.name, cfg.model.args, x, y, seed=cfg.seed,
+                                    source=f"data.test {cfg.data.test}")
+    classes = int(spec["args"]["num_classes"])
+    for f in site_files:
+        xs, ys = load_site(f)
+        check_forward(model, fit_to_model(xs, ys, spec, source=f"data file {f}"), classes, source=f"data file {f}")
+    _check_named_files(cfg)
+    return (f"{path}: ok (strategy {cfg.strategy.name.value}, model {cfg.model.name} "
+            f"{spec['args']['input_shape']} -> {classes} classes, data.test {cfg.data.test} {len(y)} rows"
+            + (f", {len(site_files)} site files" if site_files else "") + ")")
+
+
+def _check_named_files(cfg: JobConfig) -> None:
+    """The key and registry files the config names exist (and the registry parses)."""
+    for key, value in (("encryption.public_context", cfg.encryption.public_context),
+                       ("encryption.secret_context", cfg.encryption.secret_context)):
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{key}: {value} does not exist (fedmq keys --job ID --out DIR writes it)")
+    if cfg.signing.registry:
+        from shared.signing import load_registry
+
+        load_registry(cfg.signing.registry)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.check:
-        cfg = load_job_config(args.check)  # ConfigError names the key: one line, exit 2
-        print(f"{args.check}: ok (strategy {cfg.strategy.name.value}, model {cfg.model.name}, "
-              f"data.test {cfg.data.test or '-'})")
+        print(check_job(args.check, args.data))
         return 0
+    if args.data:
+        raise ConfigError("--data is only used with --check FILE")
     print(write_starter(args))
     return 0
 
@@ -178,7 +225,10 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
     p.add_argument("--strategy", default=StrategyName.FEDBUFF.value, choices=[s.value for s in StrategyName],
                    help="aggregation strategy (strategy.name)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--check", metavar="FILE", help="validate FILE (with FEDMQ_* env applied) instead of writing")
+    p.add_argument("--check", metavar="FILE", help="validate FILE (with FEDMQ_* env applied) instead of writing: "
+                   "its keys, the model, and that data.test loads and fits the model")
+    p.add_argument("--data", metavar="SITE_FILE", action="append", default=[],
+                   help="with --check: also check that this site's data file fits the model (repeatable)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="log level; logs go to stderr")
     p.set_defaults(run=run)
