@@ -106,6 +106,15 @@ class Coordinator:
         self.input_shape = input_shape or tuple(self.x_test.shape[1:])
         self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, **cfg.model.args)
         self.model = build_model(self.spec, seed=cfg.seed)
+        # refuse test data the model cannot take now (exit 2), not at the first evaluation; imported
+        # here because this file's import block belongs to another change (shared.models.model_for_data
+        # is the same sequence in one call, for when it can be imported at the top)
+        from shared.datasets import fit_to_model
+        from shared.models import check_forward
+
+        source = f"data.test {cfg.data.test}"
+        self.x_test = fit_to_model(self.x_test, self.y_test, self.spec, source=source)
+        check_forward(self.model, self.x_test, self.num_classes, source=source)
         self.key_meta = genesis_meta(cfg)
         self.task_key: Ed25519PrivateKey | None = None  # loaded once the job's state is known (_serve)
         self.keyholder: HostedKeyHolder | None = None
