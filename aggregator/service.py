@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from aggregator.dp import DpAggregation
-from aggregator.strategy import Accumulator, learning_rate
+from aggregator.strategy import Accumulator, NormWindow, chain_window, learning_rate, recorded_norms
 from aggregator.validate import validate_update
 from shared import faults, metrics
 from shared.broker import (
@@ -168,6 +168,10 @@ class _Session:
         self.folding = False
         #: differential privacy of the job (v0's meta): central noise, per-version epsilon
         self.dp = DpAggregation.from_version(current)
+        #: recorded norms of the last clip_window versions (running-median clip), rebuilt by
+        #: _reload from the stream before the first fold, then extended by each flush
+        self.norm_window = NormWindow(self.cfg.clip_window, complete=False)
+        self.clip_bound: float | None = None
 
     @property
     def prefetch(self) -> int:
@@ -180,11 +184,22 @@ class _Session:
 
     def _reload(self) -> None:
         """Read the newest version and the dedup set again, and follow the stream from there."""
-        state = load_model_state(self.agg.url, self.names, window=self.agg.dedup_window)
+        # the running-median clip needs clip_window versions of the chain; a few entries spare for
+        # republished or forked ones
+        window = self.agg.dedup_window
+        if self.cfg.clip_median_factor > 0:
+            window = max(window, 2 * self.cfg.clip_window + 4)
+        state = load_model_state(self.agg.url, self.names, window=window)
         self.current = state.latest
         self.seen = set(state.recent_included)
         self.recent = [state.latest.included]
         self.dp = DpAggregation.from_version(state.latest)
+        self.norm_window = chain_window(state.recent_contributions, state.latest.version, self.cfg.clip_window)
+        self.clip_bound = self.norm_window.bound(self.cfg)
+        if self.cfg.clip_median_factor > 0 and not self.norm_window.known:
+            log.warning("clip history incomplete (models stream truncated?): bound from what is left",
+                        extra={"job": self.names.job, "version": state.latest.version,
+                               "versions": len(self.norm_window.versions)})
         self.close()
         self.fence = StreamReader(self.agg.url, self.names.models,
                                   name=f"fedmq-{self.agg.name}-fence-{self.names.job}", prefetch=8)
@@ -262,7 +277,8 @@ class _Session:
             delta = self.dp.admit(update, delta, [c.site for c in self.acc.contributions])
         self.folding = True
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
-                      num_samples=update.num_samples, base_version=update.base_version)
+                      num_samples=update.num_samples, base_version=update.base_version,
+                      median_bound=self.clip_bound)
         return tau
 
     def _ready(self) -> bool:
@@ -296,6 +312,9 @@ class _Session:
         self.buffered, self.buffered_ids = [], set()
         self.current = mv
         self._remember(mv.included)
+        # the next version's clip bound: from the norms as published (the same floats replay reads)
+        self.norm_window = self.norm_window.push(recorded_norms(mv.contributions))
+        self.clip_bound = self.norm_window.bound(self.cfg)
         self.agg.stats.versions += 1
         self.agg.stats.applied += len(mv.included)
         log.info("version published", extra={"job": self.names.job, "version": mv.version,

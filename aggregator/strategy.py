@@ -21,10 +21,19 @@ m_k = n_k when sample_weighted else 1):
   ``w + alpha_t * delta`` equals ``(1 - alpha_t) w + alpha_t (w + delta)``.
 * FedAvg (McMahan et al., 2017): K = cohort, tau = 0, lr = 1: ``sum_k n_k/n * w_k``.
 * Robust variants (trimmed mean, coordinate median) need the whole buffer in memory and ignore m_k.
+
+Running-median clipping (``clip_median_factor`` > 0): every contribution records the raw L2 norm
+of its delta (``norm``), and each delta folded into version v is scaled to at most
+``factor x median(norms recorded in the last clip_window versions of v's parent chain)``. The bound
+is a pure function of what the models stream holds (`NormWindow`, `median_clip_bound`), so a
+replica taking over and `fedmq replay` derive the same bound; it does not look at the buffer being
+filled, so the fold stays O(model) and its order does not matter for the bound. Until the window
+holds `MIN_CLIP_NORMS` norms there is no median bound (only ``clip_norm``, if set).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any
@@ -58,11 +67,13 @@ def l2_norm(delta: Weights) -> float:
     return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())))
 
 
-def clip(delta: Weights, max_norm: float) -> Weights:
-    """Scale `delta` to L2 norm <= max_norm (no-op when max_norm <= 0 or already inside)."""
+def clip(delta: Weights, max_norm: float, norm: float | None = None) -> Weights:
+    """Scale `delta` to L2 norm <= max_norm (no-op when max_norm <= 0 or already inside).
+
+    `norm` is `l2_norm(delta)` when the caller has it already (the same float, computed once)."""
     if max_norm <= 0:
         return delta
-    norm = l2_norm(delta)
+    norm = l2_norm(delta) if norm is None else norm
     if norm <= max_norm:
         return delta
     scale = max_norm / norm
@@ -79,10 +90,100 @@ class Contribution:
     staleness: int
     weight: float
     num_samples: int
+    #: L2 norm of the delta as received, before any clipping: the running-median clip's history.
+    #: None only for contributions rebuilt from versions written before norms were recorded.
+    norm: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"update_id": self.update_id, "site": self.site, "base_version": self.base_version,
-                "staleness": self.staleness, "weight": self.weight, "num_samples": self.num_samples}
+        out: dict[str, Any] = {"update_id": self.update_id, "site": self.site, "base_version": self.base_version,
+                               "staleness": self.staleness, "weight": self.weight, "num_samples": self.num_samples}
+        if self.norm is not None:
+            out["norm"] = self.norm
+        return out
+
+
+#: norms the window must hold before the running median bounds anything: with fewer, one or two
+#: attackers would be the median. Odd, so the median is one recorded norm times the factor.
+MIN_CLIP_NORMS = 5
+
+
+def median_clip_bound(norms: Sequence[float], factor: float) -> float | None:
+    """factor x median(norms), or None (no bound) when off (factor <= 0) or the history is short.
+
+    np.median on float64 sorts and averages at most two middle values: basic IEEE operations only,
+    the same bits on every machine (determinism rules above)."""
+    if factor <= 0 or len(norms) < MIN_CLIP_NORMS:
+        return None
+    return factor * float(np.median(np.asarray(norms, dtype=np.float64)))
+
+
+def recorded_norms(contributions: Sequence[Mapping[str, Any]]) -> tuple[float, ...]:
+    """The norms a version's recorded contributions carry, in `included` order.
+
+    Entries without a finite non-negative float ``norm`` (versions written before norms were
+    recorded, CKKS versions) add nothing: the bound uses only what the stream actually says."""
+    out = []
+    for c in contributions:
+        n = c.get("norm")
+        if isinstance(n, float) and np.isfinite(n) and n >= 0:
+            out.append(n)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class NormWindow:
+    """The recorded norms of the last `window` versions of one parent chain, oldest first.
+
+    `complete` is False when the chain's older versions were not read (the models stream was
+    truncated by retention, or a reader started mid-stream) and fewer than `window` versions are
+    known: such a window cannot say what bound the aggregator used (`known`).
+    """
+
+    window: int
+    versions: tuple[tuple[float, ...], ...] = ()
+    complete: bool = True
+
+    @property
+    def known(self) -> bool:
+        return self.complete or len(self.versions) >= self.window
+
+    def norms(self) -> list[float]:
+        return [n for v in self.versions[-self.window:] for n in v]
+
+    def push(self, norms: Sequence[float]) -> NormWindow:
+        """The window of a child version: this one plus the child's own norms, oldest dropped."""
+        versions = (*self.versions, tuple(norms))[-self.window:]
+        return NormWindow(self.window, versions, self.complete or len(versions) >= self.window)
+
+    def bound(self, cfg: StrategyConfig) -> float | None:
+        """The running-median clip bound for a version built on top of this window's newest one."""
+        return median_clip_bound(self.norms(), cfg.clip_median_factor)
+
+
+def chain_window(entries: Sequence[tuple[int, int, Sequence[Mapping[str, Any]]]], head: int,
+                 window: int) -> NormWindow:
+    """The NormWindow of version `head` from (version, parent, contributions) entries in stream order.
+
+    Walks parent links back from `head`; where a version number has several entries (a fork), the
+    last one in the stream counts, as for the aggregator's choice of its current version. The
+    window is complete when the walk reaches v0 (parent -1) or `window` versions."""
+    by_version: dict[int, tuple[int, Sequence[Mapping[str, Any]]]] = {}
+    for version, parent, contributions in entries:
+        by_version[version] = (parent, contributions)
+    chain: list[tuple[float, ...]] = []
+    v, complete = head, False
+    while len(chain) < window:
+        entry = by_version.get(v)
+        if entry is None:
+            break
+        parent, contributions = entry
+        chain.append(recorded_norms(contributions))
+        if parent < 0:
+            complete = True
+            break
+        v = parent
+    chain.reverse()
+    return NormWindow(window, tuple(chain), complete or len(chain) >= window)
 
 
 def learning_rate(cfg: StrategyConfig) -> float:
@@ -106,11 +207,21 @@ class Accumulator:
         return len(self) >= self.cfg.effective_buffer
 
     def fold(self, *, update_id: str, site: str, delta: Weights, tau: int, num_samples: int,
-             base_version: int) -> Contribution:
+             base_version: int, median_bound: float | None = None) -> Contribution:
+        """Fold one delta. `median_bound` is the running-median clip bound of the version being
+        built (`NormWindow.bound`; None = none yet, or clipping against the median is off)."""
         cfg = self.cfg
         s = staleness_factor(tau, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
         m = float(num_samples) if cfg.sample_weighted else 1.0
-        delta = clip(delta, cfg.clip_norm)
+        norm = l2_norm(delta)
+        bound = cfg.clip_norm
+        if median_bound is not None and (bound <= 0 or median_bound < bound):
+            bound = median_bound
+        if median_bound is not None and median_bound <= 0 < norm:
+            # the recent updates were all zero: a bound of 0 admits no movement (clip's 0 means "off")
+            delta = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
+        else:
+            delta = clip(delta, bound, norm)
         if cfg.robust is Robust.NONE:
             if self._sum is None:
                 self._sum = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
@@ -120,7 +231,7 @@ class Accumulator:
             self._denominator += m
         else:
             self._buffer.append({k: s * np.asarray(v, dtype=np.float64) for k, v in delta.items()})
-        c = Contribution(update_id, site, base_version, tau, s * m, num_samples)
+        c = Contribution(update_id, site, base_version, tau, s * m, num_samples, norm)
         self.contributions.append(c)
         return c
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Accumulator, Contribution, l2_norm
+from aggregator.strategy import Accumulator, Contribution, NormWindow, l2_norm, recorded_norms
 from aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none
 from shared.broker import JobNames
@@ -167,18 +167,36 @@ class HeKeys:
     secret: Any | None = None
 
 
-def fold_version(parent: ModelVersion, version: ModelVersion,
-                 updates: Sequence[Update]) -> tuple[Weights, list[Contribution], StrategyConfig]:
+class ClipHistoryUnknownError(FedmqError):
+    """The running-median clip bound of a version needs norms of versions that were not read."""
+
+
+def fold_version(parent: ModelVersion, version: ModelVersion, updates: Sequence[Update],
+                 norms: NormWindow | None = None) -> tuple[Weights, list[Contribution], StrategyConfig]:
     """The aggregator's computation of `version`: Accumulator(version's params), each update
-    folded in order with tau = parent.version - base_version, flushed onto the parent's weights."""
+    folded in order with tau = parent.version - base_version, flushed onto the parent's weights.
+
+    `norms` is the parent chain's NormWindow (the recorded norms of the clip_window versions up to
+    `parent`): the running-median clip bound is recomputed from it, never read from the version.
+    Raises ClipHistoryUnknownError when clipping is on and that window was not (fully) read."""
     cfg = StrategyConfig.from_params(version.params)
+    bound = None
+    if cfg.clip_median_factor > 0:
+        if norms is None or not norms.known:
+            raise ClipHistoryUnknownError(
+                f"the running-median clip bound needs the norms of the {cfg.clip_window} versions up to "
+                f"v{parent.version}, and the older ones were not read (truncated models stream)")
+        bound = NormWindow(cfg.clip_window, norms.versions, norms.complete).bound(cfg)
     acc = Accumulator(cfg)
     for u in updates:
         if u.delta is None:
             raise ValueError(f"update {u.update_id} is encrypted")
         acc.fold(update_id=u.update_id, site=u.site, delta=u.delta, tau=parent.version - u.base_version,
-                 num_samples=u.num_samples, base_version=u.base_version)
+                 num_samples=u.num_samples, base_version=u.base_version, median_bound=bound)
     weights, contributions = acc.flush(parent.weights)
+    if version.contributions and not any("norm" in c for c in version.contributions):
+        # written before norms were recorded: compare what was recorded (the math is unchanged)
+        contributions = [dataclasses.replace(c, norm=None) for c in contributions]
     return weights, contributions, cfg
 
 
@@ -298,8 +316,10 @@ def check_encrypted(parent: ModelVersion, version: ModelVersion, used: Sequence[
 
 
 def check_version(parent: ModelVersion | None, version: ModelVersion,
-                  candidates: Mapping[str, Sequence[Update]], *, he_keys: HeKeys | None = None) -> Verdict:
-    """Verify one version against its parent and the log copies of its included updates."""
+                  candidates: Mapping[str, Sequence[Update]], *, he_keys: HeKeys | None = None,
+                  norms: NormWindow | None = None) -> Verdict:
+    """Verify one version against its parent and the log copies of its included updates
+    (`norms`: the parent chain's recorded norms, for the running-median clip; fold_version)."""
     if not version.verify_hash():
         return _verdict(version, Status.MISMATCH, "the published weights do not hash to the recorded sha256")
     if version.parent < 0:
@@ -325,7 +345,9 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
             invalid = _refused_by_validation(parent, version, attempt)
             if invalid:
                 return _verdict(version, Status.MISMATCH, invalid, used=attempt)
-            weights, contributions, cfg = fold_version(parent, version, attempt)
+            weights, contributions, cfg = fold_version(parent, version, attempt, norms)
+        except ClipHistoryUnknownError as exc:
+            return _verdict(version, Status.UNVERIFIABLE, str(exc), used=attempt)
         except (ConfigError, ValueError, KeyError) as exc:
             return _verdict(version, Status.MISMATCH, f"cannot recompute: {exc}", used=attempt)
         try:
@@ -636,6 +658,8 @@ class Replayer:
         self.request = what_if
         self.report = ReplayReport(job)
         self.recent: dict[int, list[ModelVersion]] = {}  # the last few versions: parents to come
+        #: (version, sha256) of each entry in `recent` -> its chain's recorded norms (median clip)
+        self.norms: dict[tuple[int, str], NormWindow] = {}
         self.seen_sha: dict[int, list[str]] = {}
         self.first_version: int | None = None
         self.proven = False  # a version has been verified: truncation can no longer explain a gap
@@ -691,8 +715,27 @@ class Replayer:
         updates.folded_into(mv, self._max_staleness(mv))
         self.seen_sha.setdefault(mv.version, []).append(mv.sha256)
         self.recent.setdefault(mv.version, []).append(mv)
+        self._remember_norms(mv)
         for v in sorted(self.recent)[:-RECENT_VERSIONS]:
             del self.recent[v]
+        self.norms = {k: w for k, w in self.norms.items() if k[0] in self.recent}
+
+    def _remember_norms(self, mv: ModelVersion) -> None:
+        """mv's NormWindow: its parent's (the newest entry of that number, as an aggregator reloading
+        would pick) plus mv's own recorded norms; unknown history before the first version read."""
+        try:
+            window = StrategyConfig.from_params(mv.params).clip_window
+        except ConfigError:
+            window = StrategyConfig().clip_window
+        parents = self.recent.get(mv.parent, [])
+        if mv.parent < 0:
+            base = NormWindow(window)
+        elif parents:
+            base = self.norms.get((mv.parent, parents[-1].sha256), NormWindow(window, complete=False))
+        else:
+            base = NormWindow(window, complete=False)
+        base = NormWindow(window, base.versions, base.complete)
+        self.norms[(mv.version, mv.sha256)] = base.push(recorded_norms(mv.contributions))
 
     def _check_against_parents(self, mv: ModelVersion, candidates: Mapping[str, Sequence[Update]]) -> Verdict:
         """Against the parent entry; after a fork, against each entry of the parent's number."""
@@ -701,7 +744,8 @@ class Replayer:
             return check_version(None, mv, candidates, he_keys=self._he_keys(mv))
         tried: list[tuple[ModelVersion, Verdict]] = []
         for parent in reversed(parents):  # the newest entry first
-            tried.append((parent, check_version(parent, mv, candidates, he_keys=self._he_keys(mv))))
+            tried.append((parent, check_version(parent, mv, candidates, he_keys=self._he_keys(mv),
+                                                norms=self.norms.get((parent.version, parent.sha256)))))
             if tried[-1][1].check.status in (Status.OK, Status.CHAIN_ONLY):
                 break
         parent, verdict = tried[-1] if tried[-1][1].check.status in (Status.OK, Status.CHAIN_ONLY) else tried[0]

@@ -306,3 +306,7 @@ def check_strategy(cfg: StrategyConfig) -> None:
     if cfg.max_update_norm > 0:
         raise ConfigError("strategy.max_update_norm cannot be checked on ciphertexts; set it to 0 "
                           "for encrypted jobs")
+    if cfg.clip_median_factor > 0:
+        raise ConfigError("strategy.clip_median_factor needs each update's L2 norm, which a ciphertext "
+                          "hides; encrypted jobs cannot clip against the running median (set it to 0, "
+                          "and bound updates at the site: privacy.mechanism = \"dp_fedavg\")")

@@ -27,6 +27,9 @@ class ModelState:
     latest: ModelVersion
     offset: int
     recent_included: set[str] = field(default_factory=set)
+    #: (version, parent, contributions) of every version read, in stream order: the running-median
+    #: clip rebuilds its norm history from these (aggregator.strategy.chain_window)
+    recent_contributions: list[tuple[int, int, tuple[dict[str, Any], ...]]] = field(default_factory=list)
 
 
 def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float = 0.0) -> ModelState:
@@ -51,6 +54,7 @@ def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float
     best: ModelVersion | None = None
     best_offset = 0
     included: set[str] = set()
+    contributions: list[tuple[int, int, tuple[dict[str, Any], ...]]] = []
     # stop at the offset "last" found instead of waiting for the stream to go quiet: this read is
     # on the takeover path, and the idle wait would be most of a standby's takeover time
     with StreamReader(url, names.models, name=f"fedmq-state-{names.job}") as reader:
@@ -62,13 +66,14 @@ def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float
                 mv = None
             if mv is not None:
                 included.update(mv.included)
+                contributions.append((mv.version, mv.parent, mv.contributions))
                 if best is None or mv.version >= best.version:
                     best, best_offset = mv, d.stream_offset or 0
             if (d.stream_offset or 0) >= last_offset:
                 break
     if best is None:
         raise JobNotFoundError(f"job {names.job}: models stream has no readable version")
-    return ModelState(best, best_offset, included)
+    return ModelState(best, best_offset, included, contributions)
 
 
 def find_version(url: str, names: JobNames, version: int, offset: int | None = None,
