@@ -294,7 +294,7 @@ def _class_labels(y: np.ndarray, source: str) -> np.ndarray:
     bad = ~(np.isfinite(yf) & (yf == np.round(yf)) & (yf >= 0))
     if bad.any():
         row = int(np.argmax(bad))
-        raise ConfigError(f"{source}: label {y[row]!r} (row {row}) is not a class index; labels must be "
+        raise ConfigError(f"{source}: label {y[row].item()!r} (row {row}) is not a class index; labels must be "
                           "integers 0..classes-1")
     return y.astype(np.int64)
 
