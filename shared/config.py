@@ -24,6 +24,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -148,9 +149,10 @@ Fraction = Annotated[float, In("(0, 1]")]
 Seed = Annotated[int, In("[0, 4_294_967_295]")]  # what numpy and torch both take
 
 
+@cache
 def _field_ranges(cls: type) -> dict[str, tuple[type, In]]:
-    """Field name -> (int or float, its declared interval), read from the Annotated hints."""
-    out = {}
+    """Field name -> (int or float, its declared interval), read from the Annotated hints once per class."""
+    out: dict[str, tuple[type, In]] = {}
     for name, hint in typing.get_type_hints(cls, include_extras=True).items():
         if typing.get_origin(hint) is Annotated:
             base, *extras = typing.get_args(hint)
