@@ -34,6 +34,7 @@ from shared.broker import (
     Delivery,
     JobNames,
     StreamReader,
+    header_update_id,
     run_forever,
 )
 from shared.config import StrategyConfig
@@ -126,7 +127,7 @@ class Aggregator:
             if session.folding:
                 raise SessionAbortedError(f"fold failed, rebuilding the aggregator state: {exc!r}") from exc
             log.exception("update crashed the aggregator, returned to the queue", extra={
-                "job": self.names.job, "update": d.headers.get(UPDATE_ID_HEADER),
+                "job": self.names.job, "update": header_update_id(d.headers),
                 "deliveries": d.delivery_count + 1})
             d.requeue()
 
@@ -239,7 +240,7 @@ class _Session:
         try:
             update = Update.decode(d.body)
         except MalformedMessageError as exc:
-            self.dead_letter(d, exc.reason, str(exc), d.headers.get(UPDATE_ID_HEADER))
+            self.dead_letter(d, exc.reason, str(exc), header_update_id(d.headers))
             return
         uid = update.update_id
         faults.point("aggregator.handle", uid)

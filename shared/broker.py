@@ -40,6 +40,7 @@ from shared.errors import (
     FedmqError,
     JobNotFoundError,
 )
+from shared.messages import ID_RE, EventKind
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,13 @@ SITE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 REASON_HEADER = "x-fedmq-reason"
 DETAIL_HEADER = "x-fedmq-detail"
 UPDATE_ID_HEADER = "x-fedmq-update-id"
+
+
+def header_update_id(headers: dict[str, Any]) -> str | None:
+    """The sender's update-id header, only if it is a well-formed id: it is copied into dead-letter
+    headers and logs, and a 200 KB value once pushed every frame past the broker's limit."""
+    value = headers.get(UPDATE_ID_HEADER)
+    return value if isinstance(value, str) and ID_RE.match(value) else None
 
 T = TypeVar("T")
 
@@ -159,9 +167,14 @@ class JobNames:
     def _n(self, suffix: str) -> str:
         return f"fedmq.{self.job}.{suffix}"
 
+    def _x(self, suffix: str) -> str:
+        """Exchanges never share a queue's name: a permission regex for one must not match the
+        other (write on a queue name would also grant binding anything into that queue)."""
+        return f"fedmq.{self.job}.{suffix}.x"
+
     @property
     def tasks_exchange(self) -> str:
-        return self._n("tasks")
+        return self._x("tasks")
 
     @property
     def tasks(self) -> str:
@@ -174,7 +187,7 @@ class JobNames:
 
     @property
     def updates_exchange(self) -> str:
-        return self._n("updates")
+        return self._x("updates")
 
     @property
     def updates(self) -> str:
@@ -186,7 +199,7 @@ class JobNames:
 
     @property
     def models_exchange(self) -> str:
-        return self._n("models")
+        return self._x("models")
 
     @property
     def models(self) -> str:
@@ -194,7 +207,7 @@ class JobNames:
 
     @property
     def events_exchange(self) -> str:
-        return self._n("events")
+        return self._x("events")
 
     @property
     def events(self) -> str:
@@ -202,7 +215,7 @@ class JobNames:
 
     @property
     def dead_exchange(self) -> str:
-        return self._n("dead")
+        return self._x("dead")
 
     @property
     def dead(self) -> str:
@@ -214,7 +227,7 @@ class JobNames:
 
     @property
     def aggregates_exchange(self) -> str:
-        return self._n("aggregates")
+        return self._x("aggregates")
 
     @property
     def aggregates(self) -> str:
@@ -232,6 +245,45 @@ class JobNames:
     def exchanges(self) -> list[str]:
         return [self.tasks_exchange, self.updates_exchange, self.models_exchange,
                 self.events_exchange, self.dead_exchange, self.aggregates_exchange]
+
+
+#: the only events a site publishes, under the routing key ``site.<its name>.<event>``
+SITE_EVENTS = frozenset({EventKind.UPDATE_PUBLISHED.value, EventKind.TASK_REFUSED.value})
+
+
+@dataclass(frozen=True)
+class SitePermissions:
+    """The least a site's broker user needs for one job (docs/security.md lists every operation).
+
+    configure: nothing (the coordinator declares all topology). write: the updates and events
+    exchanges, nothing else (no queue: writing a queue's name would allow binding into it). read:
+    the tasks queue (consume; the broker also lets read purge it) and the models stream. Topic
+    permissions pin the routing keys to the site's own name."""
+
+    vhost: str
+    user: str
+    configure: str
+    write: str
+    read: str
+    topics: tuple[tuple[str, str], ...]  # (exchange, write regex); read is always '^$'
+
+    def commands(self) -> list[list[str]]:
+        """The `rabbitmqctl` argument lists that grant exactly this."""
+        cmds = [["set_permissions", "-p", self.vhost, self.user, self.configure, self.write, self.read]]
+        cmds += [["set_topic_permissions", "-p", self.vhost, self.user, x, w, "^$"] for x, w in self.topics]
+        return cmds
+
+
+def site_permissions(job: str, site: str, vhost: str = "/") -> SitePermissions:
+    names = JobNames(validate_job_id(job))
+    validate_site(site)  # both are [A-Za-z0-9_-]: nothing in them needs escaping in a regex
+    events = "|".join(sorted(SITE_EVENTS))
+    return SitePermissions(
+        vhost=vhost, user=site, configure="^$",
+        write=rf"^fedmq\.{job}\.(updates|events)\.x$", read=rf"^fedmq\.{job}\.(tasks|models)$",
+        topics=((names.updates_exchange, f"^{site}$"),
+                (names.events_exchange, rf"^site\.{site}\.({events})$")),
+    )
 
 
 @dataclass(frozen=True)
@@ -329,6 +381,11 @@ class Delivery:
     def ack(self, multiple: bool = False) -> None:
         with amqp_errors(self._url):
             self._channel.basic_ack(self.delivery_tag, multiple=multiple)
+
+    def reject(self) -> None:
+        """Refuse a queue delivery for good: the queue dead-letters it (x-death reason "rejected")."""
+        with amqp_errors(self._url):
+            self._channel.basic_nack(self.delivery_tag, requeue=False)
 
     def requeue(self) -> None:
         """Give a queue delivery back (never a stream's: nack closes a stream consumer's connection).

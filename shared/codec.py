@@ -104,9 +104,9 @@ def decode_tensors(raw: Any) -> Weights:
         shape = _shape(name, spec["shape"])
         if not isinstance(data, bytes | bytearray | memoryview):  # memoryview: encode_tensors' own output
             raise CodecError(f"tensor {name!r}: data is {type(data).__name__}, not bytes")
-        expected = math.prod(shape) * dtype.itemsize
-        if memoryview(data).nbytes != expected:
-            raise CodecError(f"tensor {name!r}: {memoryview(data).nbytes} bytes but {wire}{list(shape)} needs {expected}")
+        expected, got = math.prod(shape) * dtype.itemsize, memoryview(data).nbytes
+        if got != expected:
+            raise CodecError(f"tensor {name!r}: {got} bytes but {wire}{list(shape)} needs {expected}")
         out[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
     return out
 

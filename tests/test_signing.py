@@ -19,8 +19,8 @@ from shared.errors import ConfigError, SignatureError
 from shared.messages import Update, make_version
 from shared.models import build_model, get_weights, model_spec
 from shared.signing import (
-    JobTrust,
     META_REGISTRY,
+    JobTrust,
     generate_site_key,
     load_private_key,
     load_registry,

@@ -22,8 +22,6 @@ from typing import Any
 
 from shared import faults, he, metrics
 from shared.broker import (
-    DETAIL_HEADER,
-    REASON_HEADER,
     UPDATE_ID_HEADER,
     Connection,
     Delivery,
@@ -33,7 +31,7 @@ from shared.broker import (
 )
 from shared.datasets import load_site
 from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, NonFiniteError, PrivacyBudgetError
-from shared.jobstate import emit, find_version
+from shared.jobstate import emit_site, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
 from shared.signing import load_private_key, sign_update
@@ -208,10 +206,11 @@ class Worker:
                                              "seconds": round(update.metrics["task_seconds"], 3)})
 
     def _park(self, conn: Connection, d: Delivery, reason: str, detail: str) -> None:
-        """A task this site cannot train goes to dead letters with the reason (confirmed), then is acked."""
-        conn.publish(self.names.dead_exchange, "task", d.body,
-                     headers={REASON_HEADER: reason, DETAIL_HEADER: detail[:1000]})
-        d.ack()
+        """A task this site cannot train is rejected: the broker itself dead-letters it (reason
+        "rejected", x-death headers), since a site has no write permission on dead letters."""
+        log.warning("task rejected", extra={"job": self.names.job, "site": self.site, "reason": reason,
+                                             "detail": detail[:300]})
+        d.reject()
 
     def _send(self, conn: Connection, out: _Outgoing) -> bool:
         """Publish the update (confirmed), then its event; False when the job is closed.
@@ -230,7 +229,7 @@ class Worker:
             self._outbox.clear()
             self._job_finished()
             return False
-        emit(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, **out.event)
+        emit_site(conn, self.names, self.site, EventKind.UPDATE_PUBLISHED, **out.event)
         del self._outbox[out.task_id]
         self._delivered[out.task_id] = None
         while len(self._delivered) > 1000:
@@ -247,8 +246,8 @@ class Worker:
     def _refuse(self, conn: Connection, d: Delivery, task: Task, exc: PrivacyBudgetError) -> None:
         """Say why in the events (the coordinator reissues the task to the others), ack, leave:
         every later task of the job would cost at least as much."""
-        emit(conn, self.names, self.site, EventKind.TASK_REFUSED, task_id=task.task_id, site=self.site,
-             reason=exc.reason, epsilon=exc.spent, epsilon_next=exc.would_be, epsilon_budget=exc.budget)
+        emit_site(conn, self.names, self.site, EventKind.TASK_REFUSED, task_id=task.task_id,
+                  reason=exc.reason, epsilon=exc.spent, epsilon_next=exc.would_be, epsilon_budget=exc.budget)
         d.ack()
         log.warning("task refused, privacy budget spent; site leaving",
                     extra={"job": task.job, "site": self.site, "task": task.task_id,
