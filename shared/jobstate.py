@@ -3,21 +3,51 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import Connection, JobNames, StreamReader, read_last
+from shared.broker import Connection, Delivery, JobNames, StreamReader, read_last
 from shared.errors import JobNotFoundError, MalformedMessageError
-from shared.messages import Event, ModelVersion
+from shared.messages import ID_RE, MAX_INT, MAX_LIST, NAME_RE, Event, EventKind, ModelVersion, integer, number, text
 
 log = logging.getLogger(__name__)
 
 
+_SITE_PREFIX = "site."
+
+
 def emit(conn: Connection, names: JobNames, source: str, event: str, **data: Any) -> None:
-    """Append an Event to the job's events stream (confirmed); routing key = event name."""
+    """Append an Event to the job's events stream (confirmed); routing key = event name.
+
+    Only trusted roles (coordinator, aggregator, key holder) publish under the bare event name;
+    sites use `emit_site`."""
     ev = Event(job=names.job, event=event, source=source, data=data)
     conn.publish(names.events_exchange, event, ev.encode())
+
+
+def emit_site(conn: Connection, names: JobNames, site: str, event: str, /, **data: Any) -> None:
+    """A site's event, under the routing key its broker user is pinned to (`site_event_key`);
+    data["site"] is always `site` (readers check it against the routing key, `read_event`)."""
+    ev = Event(job=names.job, event=event, source=site, data={**data, "site": site})
+    conn.publish(names.events_exchange, site_event_key(site, event), ev.encode())
+
+
+def site_event_key(site: str, event: str) -> str:
+    return f"{_SITE_PREFIX}{site}.{event}"
+
+
+def event_sender(routing_key: str) -> tuple[str, str] | None:
+    """(site, event) for a site's routing key, None for a trusted role's (bare event name).
+
+    The site part is authentic where per-site topic permissions are set (docs/security.md): it
+    is the one identity in an event that the sender did not choose."""
+    if not routing_key.startswith(_SITE_PREFIX):
+        return None
+    site, _, event = routing_key[len(_SITE_PREFIX):].rpartition(".")
+    return site, event
 
 
 @dataclass
@@ -94,3 +124,142 @@ def find_version(url: str, names: JobNames, version: int, offset: int | None = N
             reader.close()
             return find_version(url, names, version, None, timeout)
     raise JobNotFoundError(f"job {names.job}: version {version} not found in the models stream")
+
+
+# --------------------------------------------------------------------------- reading events safely
+#
+# Why: a site (or a thief of its broker credentials) can put any bytes on the events exchange, so
+# every reader of the events stream passes each entry through `read_event` and reads its data
+# fields only through the typed `field_*` helpers. Decoding alone is not enough: the body chooses
+# its own `event`, `source` and `data`; the routing key is the one thing the broker pinned.
+
+#: the events a site may publish, and only under `site_event_key(<its own name>, <event>)`
+SITE_EVENT_KINDS = frozenset({EventKind.UPDATE_PUBLISHED.value, EventKind.TASK_REFUSED.value})
+#: the events trusted roles publish, under the bare event name
+TRUSTED_EVENT_KINDS = frozenset(k.value for k in EventKind) - SITE_EVENT_KINDS
+
+
+class ForgedEventError(MalformedMessageError):
+    """A well-formed event whose routing key does not vouch for it (another site, a trusted kind
+    sent under a site key, a site kind under a bare key): readers skip it and count it."""
+
+    reason = "forged"
+
+
+@dataclass(frozen=True)
+class SourcedEvent:
+    """An event together with who sent it, as far as the broker vouches for that."""
+
+    event: Event
+    #: the sending site (authentic where per-site topic permissions are set); None = a trusted role
+    site: str | None
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.event.data
+
+
+def read_event(routing_key: str, body: bytes) -> SourcedEvent:
+    """The event in `body` if its routing key vouches for it; else MalformedMessageError (bytes that
+    are no event) or ForgedEventError. A site event also names its own site in data["site"]: a
+    reader may then use that value as the authentic sender."""
+    ev = Event.decode(body)
+    sender = event_sender(routing_key)
+    if sender is None:
+        if ev.event not in TRUSTED_EVENT_KINDS or routing_key != ev.event:
+            raise ForgedEventError(f"event {ev.event[:64]!r} under routing key {routing_key[:80]!r}: "
+                                   "not a trusted role's event")
+        return SourcedEvent(ev, None)
+    site, kind = sender
+    if not NAME_RE.match(site) or kind not in SITE_EVENT_KINDS or ev.event != kind:
+        raise ForgedEventError(f"event {ev.event[:64]!r} under site routing key {routing_key[:80]!r}: "
+                               "sites publish only their own update_published / task_refused")
+    if ev.data.get("site") != site:
+        raise ForgedEventError(f"event {kind} sent by site {site!r} names another site in its data")
+    return SourcedEvent(ev, site)
+
+
+def read_event_delivery(d: Delivery) -> SourcedEvent:
+    """`read_event` for a stream delivery."""
+    return read_event(d.routing_key, d.body)
+
+
+class PoisonCounter:
+    """Counts skipped entries per reason and logs them (key=value), without letting a flood of
+    junk flood the log too: the first `log_first` of each reason, then one in every `log_every`."""
+
+    def __init__(self, reader: str, job: str, *, log_first: int = 20, log_every: int = 1000) -> None:
+        self.reader = reader
+        self.job = job
+        self.log_first = log_first
+        self.log_every = log_every
+        self.counts: dict[str, int] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def note(self, reason: str, stream: str, offset: int | None, detail: object = "") -> None:
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n <= self.log_first or n % self.log_every == 0:
+            log.warning("poison entry skipped reader=%s job=%s stream=%s offset=%s reason=%s count=%d detail=%s",
+                        self.reader, self.job, stream, offset, reason, n, str(detail)[:200])
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(sorted(self.counts.items()))
+
+
+# typed fields of event data (or any other sender-chosen map): the value, or None when it is missing
+# or of the wrong type / out of bounds. A reader skips what is None; nothing here raises.
+
+def _field(check: Any, data: Any, key: str) -> Any:
+    if not isinstance(data, dict) or key not in data:
+        return None
+    try:
+        return check("event", key, data[key])
+    except MalformedMessageError:
+        return None
+
+
+def field_int(data: Any, key: str, lo: int = 0, hi: int = MAX_INT) -> int | None:
+    return _field(integer(lo, hi), data, key)  # type: ignore[no-any-return]
+
+
+def field_float(data: Any, key: str, lo: float = -MAX_INT, hi: float = MAX_INT) -> float | None:
+    """A finite number in [lo, hi], as a float (bools are not numbers here)."""
+    value = _field(number(lo, hi), data, key)
+    return None if value is None else float(value)
+
+
+def field_text(data: Any, key: str, max_len: int = 256, pattern: re.Pattern[str] | None = None) -> str | None:
+    return _field(text(pattern, max_len), data, key)  # type: ignore[no-any-return]
+
+
+def field_id(data: Any, key: str) -> str | None:
+    return field_text(data, key, 128, ID_RE)
+
+
+def field_site(data: Any, key: str = "site") -> str | None:
+    return field_text(data, key, 64, NAME_RE)
+
+
+def field_list(data: Any, key: str, item: Callable[[Any], Any], max_items: int = MAX_LIST) -> list[Any] | None:
+    """A list whose every item passes `item` (returning a non-None value); None otherwise."""
+    value = data.get(key) if isinstance(data, dict) else None
+    if type(value) is not list or len(value) > max_items:
+        return None
+    out = [item(v) for v in value]
+    return None if any(v is None for v in out) else out
+
+
+def as_id(value: Any) -> str | None:
+    return value if type(value) is str and ID_RE.match(value) else None
+
+
+def as_site(value: Any) -> str | None:
+    return value if type(value) is str and NAME_RE.match(value) else None
+
+
+def as_int(value: Any, lo: int = 0, hi: int = MAX_INT) -> int | None:
+    return value if type(value) is int and lo <= value <= hi else None
