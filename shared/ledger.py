@@ -13,40 +13,96 @@ nothing left in flight.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Delivery, JobNames, read_stream
-from shared.errors import MalformedMessageError
-from shared.messages import ModelVersion, Task, Update
+from shared.broker import DETAIL_HEADER, REASON_HEADER, UPDATE_ID_HEADER, Delivery, JobNames, read_stream
+from shared.errors import InvalidUpdateError, MalformedMessageError
+from shared.messages import ID_RE, ModelVersion, Task, Update, update_id_for
+from shared.signing import JobTrust
+
+log = logging.getLogger(__name__)
 
 #: the reason the broker gives when a quorum queue's delivery limit dead-letters a message
 DELIVERY_LIMIT = "delivery_limit"
 
 
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+#: what a reason header may look like: fedmq's and the broker's reasons are short snake_case words
+REASON_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: a reason header of another shape (bytes, a number, 1 MB of text): reported as this
+UNREADABLE_REASON = "unreadable_reason"
+MAX_DETAIL = 1000
+
+
+def header_id(headers: Any, key: str = UPDATE_ID_HEADER) -> str | None:
+    """A sender-chosen id header, only when it is a str matching ID_RE (bounded, printable): every
+    header of an update delivery and of a dead letter may have been chosen by a site."""
+    value = headers.get(key) if isinstance(headers, dict) else None
+    return value if type(value) is str and ID_RE.match(value) else None
+
+
+def header_detail(headers: Any, max_len: int = MAX_DETAIL) -> str:
+    """The detail header as bounded text ("" when absent or not text)."""
+    value = headers.get(DETAIL_HEADER) if isinstance(headers, dict) else None
+    if isinstance(value, bytes):
+        value = value[:max_len * 4].decode(errors="replace")
+    return value[:max_len] if type(value) is str else ""
+
+
+def _reason(value: Any) -> str | None:
+    """A reason header's value: None when absent, UNREADABLE_REASON when of the wrong shape."""
+    if value is None or value == "" or value == b"":
+        return None
+    if isinstance(value, bytes) and len(value) <= 64:
+        value = value.decode(errors="replace")
+    return value if type(value) is str and REASON_RE.match(value) else UNREADABLE_REASON
 
 
 def dead_reason(headers: dict[str, Any]) -> str:
-    """fedmq's reason header, else the broker's (``delivery_limit``, ``rejected``, ...)."""
+    """fedmq's reason header, else the broker's (``delivery_limit``, ``rejected``, ...); a value of
+    the wrong shape (a site can preset any header, x-first-death-reason too) is UNREADABLE_REASON."""
+    if not isinstance(headers, dict):
+        return "unknown"
     for key in (REASON_HEADER, "x-first-death-reason"):
-        if headers.get(key):
-            return _text(headers[key])
+        reason = _reason(headers.get(key))
+        if reason is not None:
+            return reason
     deaths = headers.get("x-death")
-    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) and deaths[0].get("reason"):
-        return _text(deaths[0]["reason"])
+    if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
+        reason = _reason(deaths[0].get("reason"))
+        if reason is not None:
+            return reason
     return "unknown"
 
 
 def logged_update_id(d: Delivery) -> str | None:
-    """The id the aggregator dedups on: the body's; the sender's header only for undecodable bodies."""
+    """The id the aggregator dedups on: the body's; the sender's header only for undecodable bodies
+    (and only a well-formed one, `header_id`)."""
     try:
         return Update.decode(d.body).update_id
     except MalformedMessageError:
-        header = d.headers.get(UPDATE_ID_HEADER)
-        return _text(header) if header else None
+        return header_id(d.headers)
+
+
+def credible_update(body: bytes, trust: JobTrust | None, routing_key: str | None) -> Update | None:
+    """The update in `body` if it answers a task this job issued: it decodes, its id is its task's,
+    and it passes `trust` (task proof, site signature; sender = `routing_key` unless None). None for
+    anything else. Only credible updates may move a reader's state (what it waits for, how far it
+    reads ahead): a site can log any bytes, but not a task proof."""
+    try:
+        u = Update.decode(body)
+    except MalformedMessageError:
+        return None
+    if u.update_id != update_id_for(u.task_id):
+        return None
+    try:
+        (trust or JobTrust()).verify(u, routing_key)
+    except InvalidUpdateError:
+        return None
+    return u
 
 
 @dataclass(frozen=True)
@@ -68,8 +124,8 @@ def read_dead_letter(d: Delivery) -> DeadLetter:
         return DeadLetter("task", Task.decode(d.body).task_id, reason)
     except MalformedMessageError:
         pass
-    header = d.headers.get(UPDATE_ID_HEADER)
-    return DeadLetter("update" if header else "unknown", _text(header) if header else None, reason)
+    header = header_id(d.headers)
+    return DeadLetter("update" if header else "unknown", header, reason)
 
 
 @dataclass(frozen=True)
@@ -95,6 +151,8 @@ class LedgerReport:
     redundant_dead_letters: list[str] = field(default_factory=list)
     never_logged: list[str] = field(default_factory=list)
     version_errors: list[str] = field(default_factory=list)
+    #: entries skipped because they are no message at all, per stream (`Ledger.unreadable`)
+    unreadable: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -110,6 +168,8 @@ class Ledger:
     versions: list[VersionEntry]  # in stream order
     logged: list[str]  # update ids in updates-log order (a republished update appears twice)
     dead: list[DeadLetter]
+    #: per stream, entries that decode as nothing (skipped; a site can log any bytes)
+    unreadable: dict[str, int] = field(default_factory=dict)
 
     def check(self) -> LedgerReport:
         counts = Counter(uid for v in self.versions for uid in v.included)
@@ -129,6 +189,7 @@ class Ledger:
             redundant_dead_letters=[u for u in both if dead_updates[u] == {DELIVERY_LIMIT}],
             never_logged=sorted(included - logged),
             version_errors=self._version_errors(),
+            unreadable=dict(self.unreadable),
         )
 
     def _version_errors(self) -> list[str]:
@@ -142,11 +203,35 @@ class Ledger:
 
 
 def read_ledger(url: str, names: JobNames) -> Ledger:
-    """Read the three streams from offset 0 (update bodies are decoded and dropped)."""
+    """Read the three streams from offset 0 (update bodies are decoded and dropped); entries that
+    are no message are skipped, logged and counted in `Ledger.unreadable`."""
+    unreadable: Counter[str] = Counter()
     versions = []
     for d in read_stream(url, names.models, "first"):
-        mv = ModelVersion.decode(d.body)
+        try:
+            mv = ModelVersion.decode(d.body)
+        except MalformedMessageError as exc:
+            _skip(unreadable, names, "models", d, exc)
+            continue
         versions.append(VersionEntry(mv.version, mv.parent, tuple(mv.included), mv.sha256))
-    logged = [uid for d in read_stream(url, names.updates_log, "first") if (uid := logged_update_id(d))]
-    dead = [read_dead_letter(d) for d in read_stream(url, names.dead_log, "first")]
-    return Ledger(versions, logged, dead)
+    logged = []
+    for d in read_stream(url, names.updates_log, "first"):
+        uid = logged_update_id(d)
+        if uid is None:
+            _skip(unreadable, names, "updates_log", d, "no update and no well-formed id header")
+            continue
+        logged.append(uid)
+    dead = []
+    for d in read_stream(url, names.dead_log, "first"):
+        dl = read_dead_letter(d)
+        if dl.kind == "unknown":
+            _skip(unreadable, names, "dead_log", d, f"reason={dl.reason}")
+        dead.append(dl)
+    return Ledger(versions, logged, dead, dict(unreadable))
+
+
+def _skip(counts: Counter[str], names: JobNames, stream: str, d: Delivery, why: object) -> None:
+    counts[stream] += 1
+    if counts[stream] <= 20:
+        log.warning("unreadable ledger entry job=%s stream=%s offset=%s error=%s", names.job, stream,
+                    d.stream_offset, str(why)[:200])
