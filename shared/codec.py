@@ -76,7 +76,9 @@ def _shape(name: str, raw: Any) -> tuple[int, ...]:
         if d < 0:
             raise CodecError(f"tensor {name!r}: negative dimension in shape {list(raw)}")
     shape = tuple(raw)
-    if math.prod(shape) > MAX_ELEMENTS:  # Python ints: no overflow, whatever the dimensions
+    # max(d, 1): numpy refuses [0, 2**62, 2**62] too, although it holds no element; Python ints
+    # cannot overflow, whatever the dimensions
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise CodecError(f"tensor {name!r}: shape {list(shape)} has more than {MAX_ELEMENTS} elements")
     return shape
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -20,11 +19,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from shared.broker import Connection, JobNames, TopologyConfig
+from shared.broker import Connection, JobNames, TopologyConfig, site_permissions
 from shared.config import StrategyConfig
 from shared.errors import BrokerAccessError
 from tests.brokers import PrivateBroker, broker_answers, free_port
-from tests.conftest import ROOT, run_fedmq
+from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0
 from tests.test_monitor import _publish_tasks
 
@@ -32,15 +31,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 JOB, SITE, PASSWORD = "job-1", "site-3", "s1te-3-pw"
 CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
-#: the commands of docs/deploy.md, "The site's own credentials", for JOB and SITE
-PERMISSIONS = ["set_permissions", "-p", "/", SITE, "^$", r"^fedmq\.job-1\.(updates|events|dead)$",
-               r"^fedmq\.job-1\.(tasks|models)$"]
-TOPIC_PERMISSIONS = [
-    ["set_topic_permissions", "-p", "/", SITE, "fedmq.job-1.updates", "^site-3$", "^$"],
-    ["set_topic_permissions", "-p", "/", SITE, "fedmq.job-1.events", "^(update_published|task_refused)$", "^$"],
-]
-
-
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name | None,
           issuer_key: ec.EllipticCurvePrivateKey | None, *, ca: bool) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
@@ -73,13 +63,6 @@ def _ctl(node: PrivateBroker, *args: str) -> None:
     assert res.returncode == 0, f"rabbitmqctl {' '.join(args)}: {res.stdout} {res.stderr}"
 
 
-def test_documented_commands_are_the_ones_tested() -> None:
-    doc = re.sub(r"\s+", " ", (ROOT / "docs" / "deploy.md").read_text())
-    for cmd in [PERMISSIONS, *TOPIC_PERMISSIONS]:
-        quoted = " ".join(a if re.fullmatch(r"[\w./-]+", a) else f"'{a}'" for a in cmd)
-        assert f"rabbitmqctl {quoted}" in doc, quoted
-
-
 def test_remote_site_worker_over_tls_with_its_own_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not (PrivateBroker.available() and Path(CTL).exists()):
         pytest.skip("rabbitmq-server is not installed: cannot start a private node")
@@ -98,8 +81,7 @@ def test_remote_site_worker_over_tls_with_its_own_user(tmp_path: Path, monkeypat
         with Connection(node.url, name="fedmq-test-owner").open() as owner:
             _publish_tasks(owner, names, 1)
         _ctl(node, "add_user", SITE, PASSWORD)
-        _ctl(node, *PERMISSIONS)
-        for cmd in TOPIC_PERMISSIONS:
+        for cmd in site_permissions(JOB, SITE).commands():  # docs/security.md, tested there
             _ctl(node, *cmd)
         site_url = f"amqps://{SITE}:{PASSWORD}@localhost:{tls_port}/%2F"
         deadline = time.monotonic() + 30
