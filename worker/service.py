@@ -29,7 +29,7 @@ from shared.broker import (
     run_forever,
     validate_site,
 )
-from shared.datasets import load_site
+from shared.datasets import fit_to_model, load_site
 from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, NonFiniteError, PrivacyBudgetError
 from shared.jobstate import emit_site, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
@@ -80,6 +80,7 @@ class Worker:
         self.site = validate_site(site)
         self.options = options or WorkerOptions()
         self.x, self.y = load_site(data)
+        self._data_source = f"data file {data}"
         self.privacy = SitePrivacy(self.site, self.options.ledger or default_ledger_path(data, self.site),
                                    site_budget=self.options.epsilon_budget)
         self.device = pick_device(self.options.device)
@@ -271,6 +272,9 @@ class Worker:
         if mv is None:
             mv, _ = find_version(self.url, self.names, task.version, task.model_offset)
             if not self._models:
+                # the job's model is known only now: data that does not fit it stops the site (exit 2)
+                # before it trains garbage, e.g. the wrong feature count or labels past num_classes
+                self.x = fit_to_model(self.x, self.y, mv.model, source=self._data_source)
                 self._warm_up(mv)
             self._models[task.version] = mv
             while len(self._models) > self.options.model_cache:
