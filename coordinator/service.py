@@ -52,12 +52,23 @@ from shared.errors import (
     MalformedMessageError,
     PrivacyBudgetError,
 )
-from shared.jobstate import emit, find_version
-from shared.ledger import logged_update_id, read_dead_letter
-from shared.messages import Event, EventKind, ModelVersion, Task, make_version
+from shared.jobstate import (
+    PoisonCounter,
+    SourcedEvent,
+    emit,
+    field_float,
+    field_id,
+    field_int,
+    field_list,
+    field_text,
+    find_version,
+    read_event_delivery,
+)
+from shared.ledger import credible_update, read_dead_letter
+from shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
 from shared.privacy import check_privacy, privacy_strategy, resolve_options
-from shared.signing import META_TASK_KEY, load_or_create_task_key, public_hex, sign_task
+from shared.signing import META_TASK_KEY, JobTrust, load_or_create_task_key, public_hex, sign_task
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +101,15 @@ class JobResult:
 
 
 class Coordinator:
+    #: what v0 says an update must prove (task key, site registry): read from v0 on the models
+    #: stream (`_note_v0`); only updates that pass it count as in flight or as dead-lettered
+    _trust: JobTrust | None = None
+    #: entries of the events and dead-letter streams skipped (per reason); see `_poison_counter`
+    _poison: PoisonCounter | None = None
+    #: ids of tasks replaced after their deadline: still issued and unfinished, so their site may
+    #: still report them (bounded by the tasks this coordinator issued); see `_late_tasks`
+    _expired: set[str] | None = None
+
     def __init__(self, url: str, cfg: JobConfig, *, stop: threading.Event | None = None,
                  num_classes: int | None = None, input_shape: tuple[int, ...] | None = None) -> None:
         if not cfg.job:
@@ -151,6 +171,7 @@ class Coordinator:
         self.round_version = -1
         self.started, self.job_started = time.time(), False
         self.finishing, self.finished = None, None
+        self._trust, self._expired = None, None  # read again from the streams
 
     # ------------------------------------------------------------------ setup
 
@@ -204,79 +225,145 @@ class Coordinator:
     def _resume(self) -> tuple[tuple[ModelVersion, int] | None, dict[str, int | str]]:
         """Rebuild the job from its streams: (newest version and its offset, where to follow from).
 
-        Tasks first (outstanding = issued), then events (minus finished and refused ones), dead
-        letters and versions. Nothing is evaluated or issued here.
+        Tasks first (outstanding = issued), then events (minus finished and refused ones), versions
+        (v0 says what an update must prove) and dead letters. Nothing is evaluated or issued here.
         """
         n = self.names
         follow: dict[str, int | str] = {n.models: "first", n.events: "first", n.dead_log: "first"}
         for d in self._replay(n.tasks_log, follow):
             try:
                 t = Task.decode(d.body)
-            except MalformedMessageError:
+            except MalformedMessageError as exc:
+                self._poison_counter().note(exc.reason, n.tasks_log, d.stream_offset, exc)
                 continue
             self.outstanding[t.task_id] = t
             self.round_version = max(self.round_version, t.version)
         for d in self._replay(n.events, follow):
-            try:
-                self._apply_event(Event.decode(d.body), replaying=True)
-            except MalformedMessageError:
-                continue
-        for d in self._replay(n.dead_log, follow):
-            self._on_dead_letter(d)
+            self._on_event(d, replaying=True)
         newest: tuple[ModelVersion, int] | None = None
         for d in self._replay(n.models, follow):
             try:
                 mv = ModelVersion.decode(d.body)
-            except MalformedMessageError:
+            except MalformedMessageError as exc:
+                self._poison_counter().note(exc.reason, n.models, d.stream_offset, exc)
                 continue
+            self._note_v0(mv)
             self.included.update(mv.included)
             if newest is None or mv.version > newest[0].version:
                 newest = (mv, d.stream_offset or 0)
+        for d in self._replay(n.dead_log, follow):
+            self._on_dead_letter(d)
         if self.job_started:
-            log.info("coordinator resumed job=%s version=%s outstanding=%d finished=%d included=%d",
+            log.info("coordinator resumed job=%s version=%s outstanding=%d finished=%d included=%d poison=%d",
                      self.cfg.job, newest[0].version if newest else None, len(self.outstanding),
-                     len(self.finished_tasks), len(self.included))
+                     len(self.finished_tasks), len(self.included), self._poison_counter().total)
         return newest, follow
+
+    def _late_tasks(self) -> set[str]:
+        if self._expired is None:
+            self._expired = set()
+        return self._expired
+
+    def _poison_counter(self) -> PoisonCounter:
+        if self._poison is None:
+            self._poison = PoisonCounter("coordinator", self.cfg.job)
+        return self._poison
+
+    def _note_v0(self, mv: ModelVersion) -> None:
+        """v0's meta is the job's trust anchor (JobTrust): the task key and the site registry."""
+        if mv.version == 0 and mv.parent == -1:
+            self._trust = JobTrust.from_meta(mv.meta)
 
     # ------------------------------------------------------------------ events
 
-    def _apply_event(self, ev: Event, *, replaying: bool = False) -> bool:
-        data = ev.data
+    def _on_event(self, d: Delivery, *, replaying: bool = False) -> None:
+        """Read one entry of the events stream: skipped and counted unless the routing key vouches
+        for it (`shared.jobstate.read_event`) and `_apply_event` finds it well-typed and relevant."""
+        try:
+            sev = read_event_delivery(d)
+        except MalformedMessageError as exc:
+            self._poison_counter().note(exc.reason, self.names.events, d.stream_offset, exc)
+            return
+        why = self._apply_event(sev, replaying=replaying)
+        if why:
+            self._poison_counter().note(why, self.names.events, d.stream_offset,
+                                        f"event={sev.event.event} site={sev.site}")
+
+    def _apply_event(self, sev: SourcedEvent, *, replaying: bool = False) -> str:
+        """Fold one vouched-for event into the job state; "" when used, else why it was ignored.
+
+        Trusted roles' events are believed, but every field is type-checked (a wrong type is a
+        skip). A site's event only concerns a task this coordinator has outstanding, and only ever
+        the site of its routing key, so junk cannot grow memory or spend another site's budget."""
+        if sev.site is not None:
+            return self._apply_site_event(sev.site, sev)
+        ev, data = sev.event, sev.data
         if ev.event == EventKind.JOB_STARTED:
             self.started, self.job_started = ev.ts, True
-            return True
-        if ev.event == EventKind.VERSION_EVALUATED and replaying:  # live ones are our own
-            version, t, acc = int(data["version"]), float(data["t"]), float(data["accuracy"])
+        elif ev.event == EventKind.VERSION_EVALUATED:
+            if not replaying:
+                return ""  # live ones are our own
+            version, t, acc = field_int(data, "version"), field_float(data, "t", 0.0), \
+                field_float(data, "accuracy", 0.0, 1.0)
+            if version is None or t is None or acc is None:
+                return "bad_field"
             self.evaluated.add(version)
             self._record_accuracy(version, t, acc)
         elif ev.event == EventKind.JOB_FINISHING:
-            self.finishing = str(data.get("reason", "interrupted"))
+            self.finishing = field_text(data, "reason", 64) or "interrupted"
         elif ev.event == EventKind.JOB_FINISHED:
             self.finished = dict(data)
-        elif ev.event == EventKind.UPDATE_PUBLISHED:
-            tid = data.get("task_id", "")
+        elif ev.event == EventKind.DEAD_LETTERED:
+            # the dead log is what counts an update as resolved (`_on_dead_letter`); the event only
+            # tells which site central DP found over budget, for an update this job saw published
+            uid = field_id(data, "update_id")
+            if field_text(data, "reason", 64) == PrivacyBudgetError.reason and uid in self.update_site:
+                self.sites_spent.add(self.update_site[uid])
+        elif ev.event == EventKind.VERSION_PUBLISHED:
+            included = field_list(data, "included", lambda v: v if type(v) is str and len(v) <= 128 else None)
+            if included is None:
+                return "bad_field"
+            self.included.update(included)
+        return ""
+
+    def _apply_site_event(self, site: str, sev: SourcedEvent) -> str:
+        """UPDATE_PUBLISHED / TASK_REFUSED from `site` (read_event has matched the routing key, the
+        body's event and data["site"]) for a task that is outstanding here."""
+        data = sev.data
+        tid = field_id(data, "task_id")
+        if tid is None:
+            return "bad_field"
+        late = self._late_tasks()
+        if tid not in self.outstanding and tid not in late:
+            return "unknown_task"
+        if sev.event.event == EventKind.UPDATE_PUBLISHED:
+            if field_id(data, "update_id") != update_id_for(tid):
+                return "bad_field"
             self.finished_tasks.add(tid)
             self.outstanding.pop(tid, None)
-            self.sites_seen.add(data.get("site", ""))
-            self.update_site[data.get("update_id", "")] = data.get("site", "")
-        elif ev.event == EventKind.TASK_REFUSED:
-            self.outstanding.pop(data.get("task_id", ""), None)  # _issue replaces it for the others
-            if data.get("reason") == PrivacyBudgetError.reason:
-                self.sites_spent.add(data.get("site", ""))
-        elif ev.event == EventKind.DEAD_LETTERED and data.get("update_id"):
-            self.dead_ids.add(data["update_id"])
-            if data.get("reason") == PrivacyBudgetError.reason:  # central DP: the aggregator's verdict
-                self.sites_spent.add(self.update_site.get(data["update_id"], ""))
-        elif ev.event == EventKind.VERSION_PUBLISHED:
-            self.included.update(data.get("included", []))
-        return False
+            late.discard(tid)
+            self.sites_seen.add(site)
+            self.update_site[update_id_for(tid)] = site
+        else:  # TASK_REFUSED: _issue replaces the task for the other sites
+            self.outstanding.pop(tid, None)
+            late.discard(tid)
+            if field_text(data, "reason", 64) == PrivacyBudgetError.reason:
+                self.sites_spent.add(site)
+        return ""
 
     def _on_dead_letter(self, d: Delivery) -> None:
-        """Dead updates count as resolved at job end, whoever parked them: the aggregator (with a
-        DEAD_LETTERED event) or the broker's delivery limit (no event, only the dead log)."""
+        """Dead updates count as resolved at job end, whoever parked them: the aggregator or the
+        broker's delivery limit (no event, only the dead log). Only a credible update counts (it
+        answers a task of this job, `credible_update`): what else lies here may be a site's bytes
+        with headers of its choosing, which nothing needs to wait for."""
+        u = credible_update(d.body, self._trust, None)
+        if u is not None:
+            self.dead_ids.add(u.update_id)
+            return
         dl = read_dead_letter(d)
-        if dl.kind == "update" and dl.ident:
-            self.dead_ids.add(dl.ident)
+        if dl.kind != "task":
+            self._poison_counter().note("not_credible", self.names.dead_log, d.stream_offset,
+                                        f"kind={dl.kind} reason={dl.reason} id={dl.ident}")
 
     # ------------------------------------------------------------------ tasks
 
@@ -319,6 +406,7 @@ class Coordinator:
             if task.deadline < now:
                 log.warning("task past deadline, reissuing job=%s task=%s", self.cfg.job, tid)
                 del self.outstanding[tid]
+                self._late_tasks().add(tid)
 
     # ------------------------------------------------------------------ versions
 
@@ -445,12 +533,10 @@ class Coordinator:
             except MalformedMessageError as exc:
                 log.error("unreadable model version job=%s offset=%s error=%s", self.cfg.job, d.stream_offset, exc)
                 continue
+            self._note_v0(mv)
             self._on_version(conn, mv, d.stream_offset)
         for d in streams.events.poll(0.0):
-            try:
-                self._apply_event(Event.decode(d.body))
-            except MalformedMessageError:
-                continue
+            self._on_event(d)
         for d in streams.dead.poll(0.0):
             self._on_dead_letter(d)
 
@@ -494,9 +580,12 @@ class Coordinator:
         """Wait until every update id in the updates log is included or dead; the ids still open.
 
         Reading the log (not UPDATE_PUBLISHED events) also covers a worker killed between its
-        update and its event. Once all is resolved and the log has been quiet for LOG_QUIET, the
-        updates exchange is deleted, so nothing (e.g. a worker's republished update) can enter the
-        log after the check, and the log is read to its end once more.
+        update and its event. Only credible updates are waited for (`credible_update`: a task proof
+        of this job, sent by the site it names): junk in the log is the aggregator's to dead-letter,
+        and only credible updates keep the log from counting as quiet. Once all is resolved and the
+        log has been quiet for LOG_QUIET, the updates exchange is deleted, so nothing (e.g. a
+        worker's republished update) can enter the log after the check, and the log is read to its
+        end once more.
         """
         logged: set[str] = set()
         sealed = False
@@ -505,10 +594,11 @@ class Coordinator:
             ulog.start("first")
             quiet_since = time.monotonic()
             while time.monotonic() < deadline:
-                got = ulog.poll(0.05)
-                if got:
+                credible = [u.update_id for d in ulog.poll(0.05)
+                            if (u := credible_update(d.body, self._trust, d.routing_key))]
+                if credible:  # a site flooding the log with junk must not keep it from being quiet
                     quiet_since = time.monotonic()
-                    logged.update(uid for d in got if (uid := logged_update_id(d)))
+                    logged.update(credible)
                 self._poll(conn, streams, 0.0)
                 open_ids = logged - self.included - self.dead_ids
                 if open_ids or time.monotonic() - quiet_since < LOG_QUIET or self._updates_ready(conn):
