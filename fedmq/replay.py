@@ -47,7 +47,7 @@ import numpy as np
 from aggregator.strategy import Accumulator, Contribution, NormWindow, l2_norm, recorded_norms
 from aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none
-from shared.broker import JobNames
+from shared.broker import JobNames, read_stream
 from shared.codec import Weights, weights_sha256
 from shared.config import StrategyConfig, StrategyName
 from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError
@@ -402,8 +402,12 @@ class UpdateLog:
         self.folded: set[str] = set()
         self.recently_folded: dict[str, tuple[int, list[Update]]] = {}  # id -> (version, copies)
         self.max_base_seen = -1
+        #: what may advance the look-ahead (`_credible`): v0's trust, the newest version number
+        self.trust: JobTrust | None = None
+        self.newest_version: int | None = None
         self.read = 0
         self.unreadable = 0
+        self.not_credible = 0  # decoded, but no proof of an issued task or a base beyond the newest
         self.duplicates = 0
         self.evicted = 0
         self.exhausted = False
@@ -438,8 +442,29 @@ class UpdateLog:
         if u.update_id in self.folded:
             self.duplicates += 1
             return
+        if self.newest_version is not None and u.base_version > self.newest_version:
+            # based on a version that does not exist: no version can fold it, and kept it would
+            # never be evicted; a version that includes it anyway is a mismatch (update missing)
+            self.not_credible += 1
+            log.warning("update not credible job=%s update=%s base_version=%d newest=%d", u.job,
+                        u.update_id, u.base_version, self.newest_version)
+            return
         self.pending.setdefault(u.update_id, []).append(u)
-        self.max_base_seen = max(self.max_base_seen, u.base_version)
+        if self._credible(u):
+            self.max_base_seen = max(self.max_base_seen, u.base_version)
+
+    def _credible(self, u: Update) -> bool:
+        """May `u` advance the look-ahead? Its base version is sender-chosen: one unsigned body based
+        on version 10**9 once ended the read early and made every later version a mismatch. Only an
+        update that answers an issued task (JobTrust of v0) counts; any other is kept as a candidate
+        (the aggregator's validation judges it if a version includes it)."""
+        try:
+            (self.trust or JobTrust()).verify(u, None)  # the sender (routing key) was checked on read
+        except InvalidUpdateError as exc:
+            self.not_credible += 1
+            log.warning("update not credible job=%s update=%s reason=%s", u.job, u.update_id, exc.reason)
+            return False
+        return True
 
     def folded_into(self, version: ModelVersion, max_staleness: int) -> None:
         for uid in version.included:
@@ -595,6 +620,11 @@ class ReplayReport:
     original_curve: list[CurvePoint] = field(default_factory=list)
     original_params: dict[str, Any] = field(default_factory=dict)
     forks: list[int] = field(default_factory=list)  # version numbers with two different entries
+    models_unreadable: int = 0
+    #: log entries that are no update from the site they name (skipped), and updates that may not
+    #: advance the read-ahead (no proof of an issued task, or based on a version that never existed)
+    updates_unreadable: int = 0
+    updates_not_credible: int = 0
 
     def count(self, *statuses: Status) -> int:
         return sum(c.status in statuses for c in self.checks)
@@ -628,6 +658,8 @@ class ReplayReport:
             "updates_replayed": self.updates_replayed,
             "seconds": round(self.seconds, 3),
             "forks": sorted(set(self.forks)),
+            "poison": {"models_unreadable": self.models_unreadable, "updates_unreadable": self.updates_unreadable,
+                       "updates_not_credible": self.updates_not_credible},
             "versions": [c.to_dict() for c in self.checks],
         }
         if self.what_if is not None:
@@ -673,17 +705,23 @@ class Replayer:
                 StreamCursor(self.url, self.names.updates_log, name=f"fedmq-replay-updates-{job}",
                              prefetch=32) as log_cursor:
             updates = UpdateLog(log_cursor)
+            updates.newest_version = newest_version(self.url, self.names)  # after the models tail
             for d in models:
                 mv = decode_or_none(ModelVersion, d)
                 if mv is None:
+                    self.report.models_unreadable += 1
                     log.error("unreadable model version job=%s offset=%s", job, d.stream_offset)
                     continue
                 if self.report.models_first_offset is None:
                     self.report.models_first_offset = d.stream_offset
+                if updates.trust is None:  # v0's (every version carries its parent's meta)
+                    updates.trust = JobTrust.from_meta(mv.meta)
                 self._step(mv, updates)
             self.report.updates_first_offset = log_cursor.first_offset
             self.report.updates_truncated = updates.truncated
             self.report.updates_read = updates.read
+            self.report.updates_unreadable = updates.unreadable
+            self.report.updates_not_credible = updates.not_credible
         if not self.report.checks:
             raise JobNotFoundError(f"job {job} has no model version on the broker")
         if self.report.what_if is not None:
@@ -828,6 +866,17 @@ class Replayer:
             return StrategyConfig().max_staleness
 
 
+def newest_version(url: str, names: JobNames) -> int | None:
+    """The highest version number in the models stream's last chunk (None: none readable). Only
+    trusted roles write the models stream; an update based beyond it answers no task."""
+    try:
+        entries = read_stream(url, names.models, "last", idle=0.15)
+    except JobNotFoundError:
+        return None
+    found = [mv.version for d in entries if (mv := decode_or_none(ModelVersion, d)) is not None]
+    return max(found, default=None)
+
+
 def replay(url: str, job: str, what_if: WhatIfRequest | None = None, *,
            secret: str | None = None) -> ReplayReport:
     return Replayer(url, job, what_if, secret=secret).run()
@@ -859,6 +908,9 @@ def render(report: ReplayReport) -> None:
                   f"bit for bit ({d['updates_replayed']} updates), {d['versions_chain_only']} chain-only, "
                   f"{d['versions_truncated']} truncated, {d['versions_unverifiable']} unverifiable in "
                   f"{d['seconds']:.2f}s: {verdict}")
+    poison = {k: v for k, v in d["poison"].items() if v}
+    if poison:
+        console.print("[yellow]skipped: " + ", ".join(f"{k} {v}" for k, v in poison.items()) + "[/]")
     if report.what_if is not None:
         _render_curves(console, report, report.what_if)
 
