@@ -21,6 +21,7 @@ import numpy as np
 from fedmq.history import StreamCursor, decode_or_none
 from shared.broker import JobNames
 from shared.errors import ConfigError, FedmqError, JobNotFoundError
+from shared.jobstate import PoisonCounter
 from shared.messages import ModelVersion
 
 
@@ -35,20 +36,26 @@ class Exported:
     sha256: str
     path: Path
     meta_path: Path
+    #: models-stream entries that are no ModelVersion (skipped while looking for the version)
+    unreadable: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"job": self.job, "version": self.version, "sha256": self.sha256, "out": str(self.path),
-                "meta": str(self.meta_path)}
+                "meta": str(self.meta_path), "unreadable": self.unreadable}
 
 
-def find_in_stream(url: str, job: str, version: int | None) -> ModelVersion:
-    """Version `version` (None: the newest), scanning the models stream once up to its tail."""
+def find_in_stream(url: str, job: str, version: int | None,
+                   poison: PoisonCounter | None = None) -> ModelVersion:
+    """Version `version` (None: the newest), scanning the models stream once up to its tail;
+    entries that are no version are skipped and counted in `poison`."""
     names = JobNames(job)
     found: ModelVersion | None = None
     with StreamCursor(url, names.models, name=f"fedmq-export-{job}", prefetch=4) as cur:
         for d in cur:
             mv = decode_or_none(ModelVersion, d)
             if mv is None:
+                if poison is not None:
+                    poison.note("model_unreadable", names.models, d.stream_offset)
                 continue
             if version is None:
                 if found is None or mv.version >= found.version:
@@ -67,7 +74,8 @@ def find_in_stream(url: str, job: str, version: int | None) -> ModelVersion:
 def export_version(url: str, job: str, version: int | None, out: str | Path) -> Exported:
     import torch
 
-    mv = find_in_stream(url, job, version)
+    poison = PoisonCounter("export", job)
+    mv = find_in_stream(url, job, version, poison)
     if not mv.verify_hash():
         raise CorruptVersionError(f"job {job} v{mv.version}: the weights do not hash to the recorded "
                                   "sha256; run `fedmq replay` to see where the history breaks")
@@ -86,7 +94,7 @@ def export_version(url: str, job: str, version: int | None, out: str | Path) -> 
         }, indent=2, default=str))
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc}") from exc
-    return Exported(job, mv.version, mv.sha256, path, meta_path)
+    return Exported(job, mv.version, mv.sha256, path, meta_path, poison.total)
 
 
 def _version(value: str) -> int | None:

@@ -20,16 +20,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import (
-    DETAIL_HEADER,
-    REASON_HEADER,
-    UPDATE_ID_HEADER,
-    Delivery,
-    JobNames,
-    StreamReader,
-)
+from shared.broker import Delivery, JobNames, StreamReader
 from shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
-from shared.messages import Event, EventKind, ModelVersion, Task, Update
+from shared.jobstate import PoisonCounter, as_int, as_site, field_float, field_int, read_event_delivery
+from shared.ledger import dead_reason, header_detail, header_id
+from shared.messages import EventKind, ModelVersion, Task, Update
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +214,8 @@ class History:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     updates_logged: list[str] = field(default_factory=list)
     unreadable_updates: int = 0
+    #: entries skipped per reason (junk events, updates from another site than they name, ...)
+    poison: dict[str, int] = field(default_factory=dict)
     models_first_offset: int | None = None
     updates_first_offset: int | None = None
     sites: dict[str, SiteTotals] = field(default_factory=dict)
@@ -252,103 +249,116 @@ class History:
             "updates_logged": list(self.updates_logged),
             "updates_not_included": self.not_included(),
             "unreadable_updates": self.unreadable_updates,
+            "poison": dict(self.poison),
             "sites": {s: t.to_dict() for s, t in sorted(self.sites.items())},
             "truncated": self.truncated,
             "first_version": self.versions[0].version if self.versions else None,
         }
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def parse_dead_letter(d: Delivery) -> DeadLetter:
-    """Reason from fedmq's header, else from the broker's own dead-lettering headers."""
-    h = d.headers
-    reason = _text(h.get(REASON_HEADER)) or _text(h.get("x-first-death-reason"))
-    deaths = h.get("x-death")
-    if reason is None and isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
-        reason = _text(deaths[0].get("reason"))
-    update_id = _text(h.get(UPDATE_ID_HEADER))
-    detail = _text(h.get(DETAIL_HEADER)) or ""
+    """Reason from fedmq's header, else from the broker's own dead-lettering headers.
+
+    Every header and the body may be a site's choice (the broker dead-letters a site's raw bytes
+    past the delivery limit, keeping the sender's headers): header values are used only when
+    well-formed (`shared.ledger.header_id`, `dead_reason`), the detail is bounded text."""
+    reason = dead_reason(d.headers)
+    update_id = header_id(d.headers)
+    detail = header_detail(d.headers)
     if d.routing_key == "task":
         task = decode_or_none(Task, d)
         return DeadLetter("task", task.update_id if task else update_id, task.task_id if task else None,
-                          None, reason or "unknown", detail)
+                          None, reason, detail)
     update = decode_or_none(Update, d)
     if update is not None:
-        return DeadLetter("update", update.update_id, update.task_id, update.site, reason or "unknown", detail)
+        return DeadLetter("update", update.update_id, update.task_id, update.site, reason, detail)
     task = decode_or_none(Task, d)  # a task dead-lettered by the broker keeps its own routing key
     if task is not None:
-        return DeadLetter("task", task.update_id, task.task_id, None, reason or "unknown", detail)
-    return DeadLetter("unknown", update_id, None, d.routing_key or None, reason or "unknown", detail)
+        return DeadLetter("task", task.update_id, task.task_id, None, reason, detail)
+    return DeadLetter("unknown", update_id, None, as_site(d.routing_key), reason, detail)
 
 
-def read_accuracies(url: str, names: JobNames) -> dict[int, float]:
-    """Test accuracy per version from the coordinator's VERSION_EVALUATED events."""
+def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = None) -> dict[int, float]:
+    """Test accuracy per version from the coordinator's VERSION_EVALUATED events (only events the
+    routing key vouches for, with a well-typed version and an accuracy in [0, 1])."""
     out: dict[int, float] = {}
+    poison = poison or PoisonCounter("history", names.job)
     with StreamCursor(url, names.events, name=f"fedmq-history-events-{names.job}", prefetch=256) as cur:
         for d in cur:
-            ev = decode_or_none(Event, d)
-            if ev is not None and ev.event == EventKind.VERSION_EVALUATED:
-                try:
-                    out[int(ev.data["version"])] = float(ev.data["accuracy"])
-                except (KeyError, TypeError, ValueError):
-                    continue
+            try:
+                sev = read_event_delivery(d)
+            except MalformedMessageError as exc:
+                poison.note(f"event_{exc.reason}", names.events, d.stream_offset, exc)
+                continue
+            if sev.event.event != EventKind.VERSION_EVALUATED:
+                continue
+            version, acc = field_int(sev.data, "version"), field_float(sev.data, "accuracy", 0.0, 1.0)
+            if version is None or acc is None:
+                poison.note("event_bad_field", names.events, d.stream_offset, "version_evaluated")
+                continue
+            out[version] = acc
     return out
 
 
 def read_history(url: str, job: str) -> History:
-    """Everything `fedmq history` shows, from the job's four streams."""
+    """Everything `fedmq history` shows, from the job's four streams; what is no message, or lies
+    about its sender, is skipped and counted (`History.poison`), never fatal."""
     names = JobNames(job)
     hist = History(job)
-    accuracy = read_accuracies(url, names)
+    poison = PoisonCounter("history", job)
+    accuracy = read_accuracies(url, names, poison)
     with StreamCursor(url, names.models, name=f"fedmq-history-models-{job}", prefetch=8) as cur:
         for d in cur:
             mv = decode_or_none(ModelVersion, d)
             if mv is None:
-                log.error("unreadable model version job=%s offset=%s", job, d.stream_offset)
+                poison.note("model_unreadable", names.models, d.stream_offset)
                 continue
             hist.versions.append(VersionEntry(
                 mv.version, mv.parent, mv.strategy, mv.included, mv.contributions, mv.sha256,
                 mv.created_at, accuracy.get(mv.version), d.stream_offset,
-                _number((mv.meta.get("dp") or {}).get("epsilon"))))
+                field_float(mv.meta.get("dp"), "epsilon", 0.0, MAX_EPSILON)))
         hist.models_first_offset = cur.first_offset
     if not hist.versions:
         raise JobNotFoundError(f"job {job} has no model version on the broker")
     with StreamCursor(url, names.updates_log, name=f"fedmq-history-updates-{job}", prefetch=32) as cur:
         for d in cur:
             u = decode_or_none(Update, d)
-            if u is None:
+            if u is None or u.site != d.routing_key:  # junk, or a body naming another site
                 hist.unreadable_updates += 1
+                poison.note("update_unreadable" if u is None else "update_wrong_site", names.updates_log,
+                            d.stream_offset)
                 continue
             hist.updates_logged.append(u.update_id)
             totals = hist.sites.setdefault(u.site, SiteTotals())
             totals.updates_logged += 1
-            eps = _number(u.privacy.get("epsilon"))
+            eps = field_float(u.privacy, "epsilon", 0.0, MAX_EPSILON)
             if eps is not None:
                 totals.epsilon = max(eps, totals.epsilon or 0.0)
         hist.updates_first_offset = cur.first_offset
     with StreamCursor(url, names.dead_log, name=f"fedmq-history-dead-{job}", prefetch=32) as cur:
-        hist.dead_letters = [parse_dead_letter(d) for d in cur]
+        for d in cur:
+            dl = parse_dead_letter(d)
+            if dl.kind == "unknown":
+                poison.note("dead_unreadable", names.dead_log, d.stream_offset, f"reason={dl.reason}")
+            hist.dead_letters.append(dl)
     _site_totals(hist)
+    hist.poison = poison.to_dict()
     return hist
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+#: larger epsilons are no privacy at all; a bound keeps a site's 1e308 out of tables and sums
+MAX_EPSILON = 1e6
 
 
 def _site_totals(hist: History) -> None:
+    """Per-site sums from the versions' contributions; a field of the wrong type counts as 0."""
     for v in hist.versions:
         for c in v.contributions:
-            t = hist.sites.setdefault(str(c.get("site")), SiteTotals())
+            t = hist.sites.setdefault(as_site(c.get("site")) or "?", SiteTotals())
             t.updates_included += 1
-            t.samples_included += int(c.get("num_samples", 0))
-            t.total_weight += float(c.get("weight", 0.0))
-            t.staleness_sum += int(c.get("staleness", 0))
+            t.samples_included += as_int(c.get("num_samples"), 0, 2**40) or 0
+            t.total_weight += field_float(c, "weight", -1e12, 1e12) or 0.0
+            t.staleness_sum += as_int(c.get("staleness"), 0, 2**31) or 0
     for dl in hist.dead_letters:
         if dl.site:
             hist.sites.setdefault(dl.site, SiteTotals()).dead_lettered += 1
@@ -357,14 +367,22 @@ def _site_totals(hist: History) -> None:
 # ---------------------------------------------------------------------------- output
 
 
+def _short(value: Any, width: int = 40) -> str:
+    """Any recorded value as short text, for a table cell."""
+    return str(value)[:width] if isinstance(value, str | int | float | type(None)) else type(value).__name__
+
+
 def _contribution_text(c: dict[str, Any]) -> str:
-    return (f"{c.get('site')} base v{c.get('base_version')} tau {c.get('staleness')} "
-            f"w {float(c.get('weight', 0.0)):.4g} n {c.get('num_samples')}  {c.get('update_id')}")
+    weight = field_float(c, "weight")
+    return (f"{_short(c.get('site'))} base v{_short(c.get('base_version'))} tau {_short(c.get('staleness'))} "
+            f"w {'-' if weight is None else format(weight, '.4g')} n {_short(c.get('num_samples'))}  "
+            f"{_short(c.get('update_id'), 130)}")
 
 
 def render(hist: History) -> None:
     """Human tables on stdout."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -379,7 +397,7 @@ def render(hist: History) -> None:
         t.add_column(col)
     for v in hist.versions:
         lines = [_contribution_text(c) for c in v.contributions] or list(v.included) or ["-"]
-        t.add_row(str(v.version), str(v.parent), v.strategy, "\n".join(lines), v.sha256[:16],
+        t.add_row(str(v.version), str(v.parent), escape(v.strategy), escape("\n".join(lines)), v.sha256[:16],
                   "-" if v.accuracy is None else f"{v.accuracy:.4f}",
                   "-" if v.epsilon is None else f"{v.epsilon:.3f}")
     console.print(t)
@@ -387,7 +405,7 @@ def render(hist: History) -> None:
     for col in ("kind", "update id", "site", "reason", "detail"):
         d.add_column(col)
     for dl in hist.dead_letters:
-        d.add_row(dl.kind, dl.update_id or "-", dl.site or "-", dl.reason, dl.detail[:80])
+        d.add_row(dl.kind, dl.update_id or "-", dl.site or "-", dl.reason, escape(dl.detail[:80]))
     console.print(d)
     s = Table(title="per site")
     for col in ("site", "logged", "included", "samples", "total weight", "mean staleness", "dead-lettered",
@@ -403,7 +421,8 @@ def render(hist: History) -> None:
     missing = hist.not_included()
     console.print(f"{len(hist.updates_logged)} updates logged, {len(missing)} neither included nor "
                   f"dead-lettered{': ' + ', '.join(missing[:10]) if missing else ''}"
-                  f"{' ...' if len(missing) > 10 else ''}; {hist.unreadable_updates} unreadable")
+                  f"{' ...' if len(missing) > 10 else ''}; {hist.unreadable_updates} unreadable; "
+                  f"skipped: {', '.join(f'{k} {n}' for k, n in hist.poison.items()) or 'nothing'}")
 
 
 def cmd_history(args: argparse.Namespace) -> int:
