@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -42,6 +43,18 @@ from rich.text import Text
 from shared.broker import Connection, JobNames, StreamReader, read_last
 from shared.codec import unpack
 from shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
+from shared.jobstate import (
+    as_id,
+    as_int,
+    as_site,
+    field_float,
+    field_id,
+    field_int,
+    field_list,
+    field_site,
+    field_text,
+    read_event_delivery,
+)
 from shared.messages import Event, EventKind
 
 log = logging.getLogger(__name__)
@@ -93,17 +106,42 @@ class SiteRow:
         }
 
 
+#: bounds of what the dashboard shows: a site's 1e308 epsilon or 10**15 staleness is not a number
+#: anyone can read, and must not break a table, the JSON or a sum
+MAX_EPSILON = 1e6
+MAX_STALENESS = 2**31
+DEAD_REASON_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
 def _epsilon(data: dict[str, Any]) -> float | None:
     """The DP spend an event reports: top-level `epsilon`, or inside a `privacy` map."""
-    eps = data.get("epsilon")
-    if eps is None and isinstance(data.get("privacy"), dict):
-        eps = data["privacy"].get("epsilon")
-    return float(eps) if isinstance(eps, int | float) and not isinstance(eps, bool) else None
+    eps = field_float(data, "epsilon", 0.0, MAX_EPSILON)
+    if eps is None and data.get("epsilon") is None:
+        eps = field_float(data.get("privacy"), "epsilon", 0.0, MAX_EPSILON)
+    return eps
+
+
+def _staleness(value: Any) -> int | None:
+    return as_int(value, 0, MAX_STALENESS)
+
+
+def _bad_epsilon(data: dict[str, Any], eps: float | None) -> bool:
+    """An epsilon was sent but is no bounded number: the whole event is suspect."""
+    return eps is None and (data.get("epsilon") is not None
+                            or isinstance(data.get("privacy"), dict) and data["privacy"].get("epsilon") is not None)
+
+
+def _optional_list(data: dict[str, Any], key: str, item: Callable[[Any], Any]) -> list[Any] | None:
+    """A list field that may be missing ([]); None when present but not a list of valid items."""
+    return [] if data.get(key) is None else field_list(data, key, item)
 
 
 @dataclass
 class JobView:
-    """What the events stream says about a job; `apply` each event in stream order."""
+    """What the events stream says about a job; `apply` each event in stream order.
+
+    Every data field is type-checked and bounded before it is kept: an event with a field of the
+    wrong type is skipped and counted in `poison` (with what `Monitor` skips before folding)."""
 
     job: str
     status: Status = Status.WAITING
@@ -124,6 +162,7 @@ class JobView:
     active_since: float | None = None
     takeovers: int = 0
     events: int = 0
+    poison: dict[str, int] = field(default_factory=dict)                      # reason -> entries skipped
 
     def _site(self, name: str) -> SiteRow:
         return self.sites.setdefault(name, SiteRow(name))
@@ -133,74 +172,97 @@ class JobView:
         row.last_seen = ts if row.last_seen is None else max(row.last_seen, ts)
         return row
 
+    def skip(self, reason: str) -> None:
+        self.poison[reason] = self.poison.get(reason, 0) + 1
+
     def apply(self, ev: Event) -> None:
         self.events += 1
         handler = _HANDLERS.get(ev.event)
-        if handler is not None:
-            handler(self, ev)
+        if handler is not None and handler(self, ev) is False:
+            self.skip("bad_field")
+            log.warning("event with a bad field skipped job=%s event=%s", self.job, ev.event)
 
-    def _on_started(self, ev: Event) -> None:
+    def _on_started(self, ev: Event) -> bool:
         self.started_at = ev.ts
-        self.strategy = ev.data.get("strategy")
-        self.params = dict(ev.data.get("params") or {})
+        self.strategy = field_text(ev.data, "strategy", 64)
+        params = ev.data.get("params")
+        self.params = dict(params) if isinstance(params, dict) else {}
         if self.status is Status.WAITING:
             self.status = Status.RUNNING
         if self.latest_version is None:
             self.latest_version = 0
+        return True
 
-    def _on_update(self, ev: Event) -> None:
-        uid = str(ev.data.get("update_id", ""))
-        row = self._seen(str(ev.data.get("site") or ev.source), ev.ts)
+    def _on_update(self, ev: Event) -> bool:
+        uid, site, eps = field_id(ev.data, "update_id"), field_site(ev.data), _epsilon(ev.data)
+        if uid is None or site is None or _bad_epsilon(ev.data, eps):
+            return False
+        row = self._seen(site, ev.ts)
         if uid not in self.update_ids:  # a redelivered task re-publishes the same update id
             self.update_ids.add(uid)
             row.updates += 1
-        eps = _epsilon(ev.data)
         if eps is not None:
             row.epsilon = eps
+        return True
 
-    def _on_refused(self, ev: Event) -> None:
-        site = ev.data.get("site")
-        if site:
-            row = self._seen(str(site), ev.ts)
-            row.refused += 1
-            eps = _epsilon(ev.data)
-            if eps is not None:
-                row.epsilon = eps
+    def _on_refused(self, ev: Event) -> bool:
+        site, eps = field_site(ev.data), _epsilon(ev.data)
+        if site is None or _bad_epsilon(ev.data, eps):
+            return False
+        row = self._seen(site, ev.ts)
+        row.refused += 1
+        if eps is not None:
+            row.epsilon = eps
+        return True
 
-    def _on_version(self, ev: Event) -> None:
-        version = int(ev.data.get("version", 0))
+    def _on_version(self, ev: Event) -> bool:
+        version = field_int(ev.data, "version")
+        included = _optional_list(ev.data, "included", as_id)
+        sites = _optional_list(ev.data, "sites", as_site)
+        staleness = _optional_list(ev.data, "staleness", _staleness)
+        if version is None or included is None or sites is None or staleness is None:
+            return False
         self.version_times.append((ev.ts, version))
         self.latest_version = max(version, self.latest_version or 0)
-        included = ev.data.get("included") or []
         self.updates_applied += len(included)
-        for site, tau in zip(ev.data.get("sites") or [], ev.data.get("staleness") or [], strict=False):
-            row = self._site(str(site))
+        for site, tau in zip(sites, staleness, strict=False):
+            row = self._site(site)
             row.applied += 1
-            row.staleness_sum += int(tau)
+            row.staleness_sum += tau
+        return True
 
-    def _on_evaluated(self, ev: Event) -> None:
-        self.accuracy.append((int(ev.data.get("version", 0)), float(ev.data.get("t", 0.0)),
-                              float(ev.data.get("accuracy", 0.0))))
+    def _on_evaluated(self, ev: Event) -> bool:
+        version, t = field_int(ev.data, "version"), field_float(ev.data, "t", 0.0, 1e9)
+        acc = field_float(ev.data, "accuracy", 0.0, 1.0)
+        if version is None or t is None or acc is None:
+            return False
+        self.accuracy.append((version, t, acc))
+        return True
 
-    def _on_dead(self, ev: Event) -> None:
-        self.dead_letters.append((ev.ts, str(ev.data.get("reason", "unknown"))))
+    def _on_dead(self, ev: Event) -> bool:
+        self.dead_letters.append((ev.ts, field_text(ev.data, "reason", 64, DEAD_REASON_RE) or "unknown"))
+        return True
 
-    def _on_active(self, ev: Event) -> None:
-        self.active_aggregator = str(ev.data.get("replica") or ev.source)
+    def _on_active(self, ev: Event) -> bool:
+        self.active_aggregator = field_text(ev.data, "replica", 128) or ev.source
         self.active_since = ev.ts
-        self.takeovers += 1 if ev.data.get("takeover") else 0
+        self.takeovers += 1 if ev.data.get("takeover") is True else 0
+        return True
 
-    def _on_task(self, ev: Event) -> None:
+    def _on_task(self, ev: Event) -> bool:
         self.tasks_issued += 1
+        return True
 
-    def _on_finishing(self, ev: Event) -> None:
+    def _on_finishing(self, ev: Event) -> bool:
         self.status = Status.FINISHING
-        self.stop_reason = ev.data.get("reason")
+        self.stop_reason = field_text(ev.data, "reason", 64)
+        return True
 
-    def _on_finished(self, ev: Event) -> None:
+    def _on_finished(self, ev: Event) -> bool:
         self.status = Status.FINISHED
         self.finished_at = ev.ts
-        self.stop_reason = ev.data.get("stop_reason", self.stop_reason)
+        self.stop_reason = field_text(ev.data, "stop_reason", 64) or self.stop_reason
+        return True
 
     # ------------------------------------------------------------------ derived figures
 
@@ -227,7 +289,7 @@ class JobView:
         return out
 
 
-_HANDLERS: dict[str, Callable[[JobView, Event], None]] = {
+_HANDLERS: dict[str, Callable[[JobView, Event], bool]] = {
     EventKind.JOB_STARTED: JobView._on_started,
     EventKind.TASK_ISSUED: JobView._on_task,
     EventKind.TASK_REFUSED: JobView._on_refused,
@@ -363,6 +425,8 @@ class Snapshot:
             "updates_applied": v.updates_applied,
             "dead_letters": len(v.dead_letters),
             "dead_letter_reasons": v.dead_reasons(),
+            "poison_events": sum(v.poison.values()),
+            "poison_reasons": dict(sorted(v.poison.items())),
             "streams": dict(self.streams),
             "alerts": [a.to_dict() for a in self.alerts],
             "management_api": self.management,
@@ -465,10 +529,10 @@ class Monitor:
             return
         self._models_offset = last.stream_offset
         try:
-            version = unpack(last.body).get("version")
+            version = as_int(unpack(last.body).get("version"))
         except MalformedMessageError:
             return
-        if isinstance(version, int):
+        if version is not None:
             self.view.latest_version = max(version, self.view.latest_version or 0)
 
     def _drain_events(self, reader: StreamReader, idle: float, budget: float) -> None:
@@ -483,9 +547,13 @@ class Monitor:
                 return
             for d in got:
                 try:
-                    self.view.apply(Event.decode(d.body))
-                except MalformedMessageError as exc:
-                    log.warning("unreadable event skipped", extra={"offset": d.stream_offset, "error": str(exc)})
+                    sev = read_event_delivery(d)
+                except MalformedMessageError as exc:  # junk, or not vouched for by its routing key
+                    self.view.skip(exc.reason)
+                    log.warning("event skipped job=%s offset=%s reason=%s error=%s", self.names.job,
+                                d.stream_offset, exc.reason, str(exc)[:200])
+                    continue
+                self.view.apply(sev.event)
 
     def _queue_state(self, conn: Connection, role: str) -> QueueState:
         name = self._queue_name(role)
