@@ -26,6 +26,18 @@ from typing import Any
 
 from shared.broker import Delivery, JobNames, read_stream
 from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
+from shared.jobstate import (
+    as_id,
+    as_int,
+    as_site,
+    field_float,
+    field_id,
+    field_int,
+    field_list,
+    field_site,
+    field_text,
+    read_event_delivery,
+)
 from shared.ledger import dead_reason
 from shared.messages import Event, EventKind
 
@@ -60,25 +72,59 @@ class ReportData:
     applied: set[str] = field(default_factory=set)
     applied_by_site: Counter[str] = field(default_factory=Counter)
     dead_reasons: list[str] = field(default_factory=list)
+    #: entries skipped per reason: junk, events their routing key does not vouch for, bad fields
+    poison: Counter[str] = field(default_factory=Counter)
 
     def apply(self, ev: Event) -> None:
-        d = ev.data
-        if ev.event == EventKind.JOB_STARTED:
-            self.started_at, self.strategy, self.params = ev.ts, d.get("strategy"), dict(d.get("params") or {})
-        elif ev.event == EventKind.UPDATE_PUBLISHED:
-            uid = str(d.get("update_id", ""))
-            if uid not in self.updates:  # a redelivered task publishes the same id again
-                self.updates[uid] = UpdateRecord(uid, str(d.get("site") or ev.source), ev.ts,
-                                                 float(d.get("task_seconds") or 0.0), int(d.get("base_version", 0)))
-        elif ev.event == EventKind.VERSION_PUBLISHED:
-            self.versions = max(self.versions, int(d.get("version", 0)))
-            self.applied.update(str(u) for u in d.get("included") or [])
-            self.staleness.extend(int(t) for t in d.get("staleness") or [])
-            self.applied_by_site.update(str(s) for s in d.get("sites") or [])
-        elif ev.event == EventKind.VERSION_EVALUATED:
-            self.accuracy.append((int(d.get("version", 0)), float(d.get("t", 0.0)), float(d.get("accuracy", 0.0))))
-        elif ev.event == EventKind.JOB_FINISHED:
-            self.finished = dict(d)
+        """Fold one event; one with a field of the wrong type or out of bounds is skipped whole
+        (counted in `poison`), so no value a site chose reaches a plot unchecked."""
+        handler = _APPLY.get(ev.event)
+        if handler is not None and not handler(self, ev.data, ev.ts):
+            self.poison["bad_field"] += 1
+            log.warning("event with a bad field skipped job=%s event=%s", self.job, ev.event)
+
+    def _started(self, d: dict[str, Any], ts: float) -> bool:
+        params = d.get("params")
+        self.started_at, self.strategy = ts, field_text(d, "strategy", 64)
+        self.params = dict(params) if isinstance(params, dict) else {}
+        return True
+
+    def _update(self, d: dict[str, Any], ts: float) -> bool:
+        uid, site = field_id(d, "update_id"), field_site(d)
+        seconds = field_float(d, "task_seconds", 0.0, MAX_TASK_SECONDS) if d.get("task_seconds") is not None else 0.0
+        base = field_int(d, "base_version") if "base_version" in d else 0
+        if uid is None or site is None or seconds is None or base is None:
+            return False
+        if uid not in self.updates:  # a redelivered task publishes the same id again
+            self.updates[uid] = UpdateRecord(uid, site, ts, seconds, base)
+        return True
+
+    def _version(self, d: dict[str, Any], ts: float) -> bool:
+        version = field_int(d, "version")
+        included = field_list(d, "included", as_id)
+        staleness = field_list(d, "staleness", lambda t: as_int(t, 0, MAX_STALENESS))
+        sites = field_list(d, "sites", as_site)
+        if version is None or included is None or staleness is None or sites is None:
+            return False
+        self.versions = max(self.versions, version)
+        self.applied.update(included)
+        self.staleness.extend(staleness)
+        self.applied_by_site.update(sites)
+        return True
+
+    def _evaluated(self, d: dict[str, Any], ts: float) -> bool:
+        version, t = field_int(d, "version"), field_float(d, "t", 0.0, 1e9)
+        acc = field_float(d, "accuracy", 0.0, 1.0)
+        if version is None or t is None or acc is None:
+            return False
+        self.accuracy.append((version, t, acc))
+        return True
+
+    def _finished(self, d: dict[str, Any], ts: float) -> bool:
+        self.finished = {"stop_reason": field_text(d, "stop_reason", 64),
+                         "wall_seconds": field_float(d, "wall_seconds", 0.0, 1e9),
+                         "seconds_to_target": field_float(d, "seconds_to_target", 0.0, 1e9)}
+        return True
 
     @property
     def origin(self) -> float:
@@ -95,7 +141,7 @@ class ReportData:
         accs = [a for _, _, a in self.accuracy]
         return {
             "job": self.job, "strategy": self.strategy,
-            "buffer_size": self.params.get("buffer_size"),
+            "buffer_size": as_int(self.params.get("buffer_size")),
             "versions": self.versions, "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
             "updates_published": len(self.updates), "updates_applied": len(self.applied),
@@ -103,11 +149,27 @@ class ReportData:
             "mean_staleness": round(sum(self.staleness) / len(self.staleness), 3) if self.staleness else None,
             "stop_reason": fin.get("stop_reason"), "wall_seconds": fin.get("wall_seconds"),
             "seconds_to_target": fin.get("seconds_to_target"),
+            "poison": sum(self.poison.values()),
         }
 
 
-def fold(job: str, events: Iterable[Event], dead: Iterable[Delivery] = ()) -> ReportData:
+#: bounds on what a plot shows: a staleness of 10**9 would be a histogram of 10**9 bins
+MAX_STALENESS = 10_000
+MAX_TASK_SECONDS = 30 * 86400.0
+
+_APPLY: dict[str, Callable[[ReportData, dict[str, Any], float], bool]] = {
+    EventKind.JOB_STARTED: ReportData._started,
+    EventKind.UPDATE_PUBLISHED: ReportData._update,
+    EventKind.VERSION_PUBLISHED: ReportData._version,
+    EventKind.VERSION_EVALUATED: ReportData._evaluated,
+    EventKind.JOB_FINISHED: ReportData._finished,
+}
+
+
+def fold(job: str, events: Iterable[Event], dead: Iterable[Delivery] = (),
+         poison: Counter[str] | None = None) -> ReportData:
     data = ReportData(job)
+    data.poison.update(poison or {})
     for ev in events:
         data.apply(ev)
     data.dead_reasons = [dead_reason(d.headers) for d in dead]
@@ -122,17 +184,21 @@ def collect(url: str, job: str) -> ReportData:
     except JobNotFoundError:
         raise JobNotFoundError(f"job {job} not found: no events stream {names.events} "
                                "(check --job and --broker)") from None
-    events = []
+    events, poison = [], Counter[str]()
     for d in raw:
         try:
-            events.append(Event.decode(d.body))
-        except MalformedMessageError as exc:
-            log.warning("unreadable event skipped", extra={"offset": d.stream_offset, "error": str(exc)})
+            events.append(read_event_delivery(d).event)
+        except MalformedMessageError as exc:  # junk, or not vouched for by its routing key
+            poison[exc.reason] += 1
+            if poison[exc.reason] <= 20:
+                log.warning("event skipped job=%s offset=%s reason=%s error=%s", job, d.stream_offset,
+                            exc.reason, str(exc)[:200])
+    del raw
     try:
         dead = read_stream(url, names.dead_log, "first")
     except JobNotFoundError:
         dead = []
-    return fold(job, events, dead)
+    return fold(job, events, dead, poison)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -195,8 +261,10 @@ def plot_staleness(data: ReportData, ax: Any) -> Plot:
     values = data.staleness
     if values:
         top = max(values)
-        ax.hist(values, bins=[b - 0.5 for b in range(top + 2)], color="#ef6c00", edgecolor="white")
-        ax.set_xticks(range(0, top + 1, max(1, (top + 1) // 15)))
+        bins: Any = [b - 0.5 for b in range(top + 2)] if top <= 200 else 50  # one bar per tau while readable
+        ax.hist(values, bins=bins, color="#ef6c00", edgecolor="white")
+        if top <= 200:
+            ax.set_xticks(range(0, top + 1, max(1, (top + 1) // 15)))
     else:
         _empty(ax, "folded updates")
     ax.set(xlabel="staleness τ (versions behind when folded)", ylabel="updates")

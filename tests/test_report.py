@@ -13,7 +13,7 @@ import pytest
 from fedmq.report import collect, fold, write_report
 from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames
 from shared.config import StrategyConfig
-from shared.jobstate import emit
+from shared.jobstate import emit, emit_site
 from shared.messages import Event, EventKind
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0
@@ -38,21 +38,21 @@ def _simulate_job(url: str, job: str) -> dict[str, int]:
             for k in range(2):
                 site = SITES[(v + k) % len(SITES)]
                 uid = f"u-{v}-{k}"
-                emit(conn, names, site, EventKind.UPDATE_PUBLISHED, update_id=uid, site=site, base_version=v - 1,
-                     task_seconds=0.5 + k, num_samples=10)
+                emit_site(conn, names, site, EventKind.UPDATE_PUBLISHED, update_id=uid, base_version=v - 1,
+                          task_seconds=0.5 + k, num_samples=10)
                 ids.append(uid)
                 sites.append(site)
                 published += 1
             # a redelivered task publishes the same update id again: counted once
-            emit(conn, names, sites[0], EventKind.UPDATE_PUBLISHED, update_id=ids[0], site=sites[0],
-                 base_version=v - 1, task_seconds=0.5)
+            emit_site(conn, names, sites[0], EventKind.UPDATE_PUBLISHED, update_id=ids[0],
+                      base_version=v - 1, task_seconds=0.5)
             emit(conn, names, "aggregator", EventKind.VERSION_PUBLISHED, version=v, parent=v - 1, included=ids,
                  sites=sites, staleness=[0, v % 3])
             staleness += 2
             emit(conn, names, "coordinator", EventKind.VERSION_EVALUATED, version=v, accuracy=0.1 + 0.15 * v, t=v)
             evaluated += 1
-        emit(conn, names, "lab-c", EventKind.UPDATE_PUBLISHED, update_id="u-late", site="lab-c", base_version=5,
-             task_seconds=1.0)  # never folded: the job ended first
+        emit_site(conn, names, "lab-c", EventKind.UPDATE_PUBLISHED, update_id="u-late", base_version=5,
+                  task_seconds=1.0)  # never folded: the job ended first
         published += 1
         for reason in ("norm_bound", "norm_bound", "stale"):
             conn.publish(names.dead_exchange, "lab-c", b"x", headers={REASON_HEADER: reason,
