@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from shared import he
 from shared.broker import DETAIL_HEADER, REASON_HEADER, Connection, Delivery, JobNames, run_forever
 from shared.config import StrategyConfig
 from shared.errors import ConfigError, FedmqError, MalformedMessageError
-from shared.jobstate import emit, load_model_state
+from shared.jobstate import as_int, as_site, emit, load_model_state
 from shared.messages import EncryptedAggregate, EventKind, ModelVersion, make_version
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def version_meta(parent_meta: dict[str, Any], agg: EncryptedAggregate) -> dict[s
     ``contributions[i]["multiplier"]``.
     """
     meta = {k: v for k, v in parent_meta.items() if k not in (he.META_PUBLIC_CONTEXT, he.META_AGGREGATE)}
-    enc = parent_meta.get(he.META_ENCRYPTION, {})
+    enc = parent_meta.get(he.META_ENCRYPTION)
+    enc = enc if isinstance(enc, dict) else {}
     meta[he.META_AGGREGATE] = {
         "aggregate_id": agg.aggregate_id, "context_sha256": agg.context_sha256,
         "ciphertext_sha256": agg.ciphertext_sha256, "denominator": agg.denominator,
@@ -65,6 +67,21 @@ def decrypt_aggregate(secret: Any, parent: ModelVersion, agg: EncryptedAggregate
     return make_version(job=agg.job, version=agg.version, parent=agg.parent, weights=weights,
                         included=agg.included, strategy=agg.strategy, params=agg.params, model=parent.model,
                         contributions=agg.contributions, meta=version_meta(dict(parent.meta), agg))
+
+
+def _contribution_columns(contributions: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """`sites` and `staleness` of a version's contributions for its VERSION_PUBLISHED event. The
+    aggregate's contributions are plain maps of any content: an entry without a well-typed site
+    or staleness is left out (logged) instead of killing the key holder after its publish."""
+    sites, staleness = [], []
+    for i, c in enumerate(contributions):
+        site, tau = as_site(c.get("site")), as_int(c.get("staleness"))
+        if site is None or tau is None:
+            log.warning("contribution without site/staleness left out of the event index=%d", i)
+            continue
+        sites.append(site)
+        staleness.append(tau)
+    return {"sites": sites, "staleness": staleness}
 
 
 class KeyHolder:
@@ -147,7 +164,7 @@ class KeyHolder:
         started = time.perf_counter()
         try:
             mv = decrypt_aggregate(self.secret, latest, agg)
-        except (FedmqError, ValueError) as exc:
+        except (FedmqError, ValueError, TypeError, RuntimeError, ArithmeticError) as exc:  # TenSEAL raises these
             self._dead_letter(conn, d, "malformed", f"aggregate {agg.aggregate_id}: {exc}")
             return
         seconds = time.perf_counter() - started
@@ -160,8 +177,7 @@ class KeyHolder:
                                                "folded": len(mv.included), "decrypt_seconds": round(seconds, 4)})
         emit(conn, self.names, "keyholder", EventKind.VERSION_PUBLISHED, version=mv.version,
              parent=mv.parent, included=list(mv.included), sha256=mv.sha256,
-             sites=[c["site"] for c in mv.contributions],
-             staleness=[c["staleness"] for c in mv.contributions])
+             **_contribution_columns(mv.contributions))
 
     def _dead_letter(self, conn: Connection, d: Delivery, reason: str, detail: str) -> None:
         conn.publish(self.names.dead_exchange, "aggregate", d.body,
