@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from aggregator.dp import DpAggregation
@@ -89,7 +90,7 @@ class Aggregator:
         try:
             state = load_model_state(self.url, self.names, window=self.dedup_window, wait=60)
             session = _session_class(state.latest)(self, conn, state.latest, state.recent_included)
-            pending: list[Delivery] = []
+            pending = FairQueue()
             try:
                 conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
                              on_cancel=self._job_finished)
@@ -101,7 +102,7 @@ class Aggregator:
             while not self.stop.is_set():
                 conn.process(0.1)
                 while pending and not self.stop.is_set():
-                    self._handle(session, pending.pop(0))
+                    self._handle(session, pending.pop())
                 session.maybe_flush()
         finally:
             self.active = False
@@ -135,6 +136,35 @@ class Aggregator:
         log.info("updates queue deleted, job finished: aggregator leaving job=%s replica=%s",
                  self.names.job, self.name)
         self.stop.set()
+
+
+class FairQueue:
+    """Prefetched deliveries, handed out round-robin by routing key (= the sending site).
+
+    A flooding site fills the prefetch window with its bodies; served in arrival order, every
+    honest update behind them would wait for all of them. Round-robin gives each site with a
+    delivery waiting one turn in each round, so a flood costs the others at most one hostile
+    delivery per honest one. Order within a site is kept."""
+
+    def __init__(self) -> None:
+        self._by_site: OrderedDict[str, deque[Delivery]] = OrderedDict()
+
+    def append(self, d: Delivery) -> None:
+        self._by_site.setdefault(d.routing_key, deque()).append(d)
+
+    def pop(self) -> Delivery:
+        site, queue = next(iter(self._by_site.items()))
+        d = queue.popleft()
+        del self._by_site[site]
+        if queue:
+            self._by_site[site] = queue  # to the back of the round
+        return d
+
+    def __bool__(self) -> bool:
+        return bool(self._by_site)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._by_site.values())
 
 
 def _session_class(latest: ModelVersion) -> type[_Session]:

@@ -154,6 +154,12 @@ class RssSampler:
     samples: list[tuple[float, float]] = field(default_factory=list)  # (t, MB summed over replicas)
     _stop: threading.Event = field(default_factory=threading.Event)
 
+    marked_at: float = 0.0
+
+    def mark(self) -> None:
+        """From now on: the flood starts (samples before it are the aggregator starting up)."""
+        self.marked_at = time.monotonic() - self._t0
+
     def __enter__(self) -> RssSampler:
         self._t0 = time.monotonic()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -197,6 +203,7 @@ def run_flooded_demo(url: str, n: int, demo_args: list[str], workdir: Path | Non
     try:
         with RssSampler(job) as rss:
             v0 = wait_for_v0(url, job, proc)
+            rss.mark()
             t0 = time.perf_counter()
             sent = flood(url, job, v0, n)
             flood_seconds = time.perf_counter() - t0
@@ -204,7 +211,7 @@ def run_flooded_demo(url: str, n: int, demo_args: list[str], workdir: Path | Non
         if proc.returncode != 0:
             raise RuntimeError(f"demo exited {proc.returncode}: {stderr[-3000:]}")
         demo = json.loads(stdout.strip().splitlines()[-1])
-        return _account(url, job, demo, sent, flood_seconds, rss.samples)
+        return _account(url, job, demo, sent, flood_seconds, [s for s in rss.samples if s[0] >= rss.marked_at])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
