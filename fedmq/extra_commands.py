@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "fedmq.export",
     "fedmq.keys",
     "fedmq.keyholder",
+    "fedmq.permissions",
 ]
 
 

@@ -282,6 +282,9 @@ class CoordinatorConfig(Section):
     max_seconds: Seconds = 600.0
     task_deadline: Seconds = 300.0   # a task unfinished after this is reissued
     out: str = "fedmq-out"           # where the final model is exported
+    #: the coordinator's Ed25519 task-signing key (PEM, 0600); "" = <out>/<job>.task.key. Created
+    #: with the job, needed on every restart: updates must carry a task's signature to count
+    task_key: str = ""
     #: "target": export the version that met the target (versions folded from updates still in
     #: flight at the stop are kept in the stream, but can be worse); "last": the newest version
     export: ExportPolicy = ExportPolicy.TARGET
