@@ -6,6 +6,7 @@ Runs on a private node (own users); the shared broker is never reconfigured."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -18,7 +19,7 @@ from shared.broker import Connection, JobNames, TopologyConfig, amqp_errors, sit
 from shared.errors import BrokerAccessError
 from shared.messages import Event
 from tests.brokers import PrivateBroker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_fedmq
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -168,3 +169,12 @@ def test_read_on_tasks_still_allows_purging_it_the_one_residual(site_url: str) -
     """RabbitMQ ties queue.purge to read permission, which consuming needs: docs/security.md lists
     this residual and its bound (the coordinator reissues a purged task at its deadline)."""
     _as_site(site_url, lambda c: c.purge_queue(N.tasks))
+
+
+def test_fedmq_permissions_prints_exactly_these_grants() -> None:
+    res = run_fedmq("permissions", "--job", JOB, "--site", SITE, "--json", timeout=60)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.strip().splitlines()[-1])["commands"]
+    assert got == [["rabbitmqctl", *c] for c in site_permissions(JOB, SITE).commands()]
+    bad = run_fedmq("permissions", "--job", JOB, "--site", "no such site", timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
