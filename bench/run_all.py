@@ -30,6 +30,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "he_tta": ("bench.he_tta", "Homomorphic aggregation: time to accuracy"),
     "dp": ("bench.dp_bench", "Differential privacy"),
     "replay": ("bench.replay_bench", "Replay"),
+    "flood": ("bench.flood", "Flood from one site"),
+    "byzantine": ("bench.byzantine", "Byzantine robustness"),
 }
 
 
