@@ -185,6 +185,8 @@ class FloodResult:
     flood_seconds: float
     honest_updates: int
     honest_stale: int
+    #: of those, from the site whose credentials flooded: its own updates queue behind its flood
+    attacker_site_stale: int
     honest_dead: Counter[str]
     hostile_dead: Counter[str]
     accepted_hostile: int
@@ -233,6 +235,7 @@ def _account(url: str, job: str, demo: dict[str, Any], sent: Counter[str], flood
     included = {uid for d in read_stream(url, names.models, "first") for uid in ModelVersion.decode(d.body).included}
     honest_dead: Counter[str] = Counter()
     hostile_dead: Counter[str] = Counter()
+    attacker_stale = 0
     for d in read_stream(url, names.dead_log, "first"):
         reason = dead_reason(d.headers)
         try:
@@ -241,13 +244,15 @@ def _account(url: str, job: str, demo: dict[str, Any], sent: Counter[str], flood
             uid = None
         if uid is not None and uid in issued:
             honest_dead[reason] += 1
+            attacker_stale += reason == "stale" and d.routing_key == ATTACKER
         elif d.routing_key == "task" or _is_task(d.body):
             continue  # a task dead-lettered by a site (rejected): not an update
         else:
             hostile_dead[reason] += 1
     honest = len(included & issued) + sum(honest_dead.values())
     return FloodResult(job, demo, sent, flood_seconds, honest_updates=honest,
-                       honest_stale=honest_dead.get("stale", 0), honest_dead=honest_dead, hostile_dead=hostile_dead,
+                       honest_stale=honest_dead.get("stale", 0), attacker_site_stale=attacker_stale,
+                       honest_dead=honest_dead, hostile_dead=hostile_dead,
                        accepted_hostile=len(included - issued), rss=rss)
 
 
@@ -280,10 +285,15 @@ garbage: {classes}. Honest updates are those answering a task in the tasks log; 
 ≤ 1 % of them dead-lettered `stale`, the target reached, every hostile body dead-lettered with a
 reason and the aggregator's RSS flat.
 
-{table(["run", "seconds to 0.90", "versions", "honest updates", "honest stale", "hostile dead-lettered",
+{table(["run", "seconds to 0.90", "versions", "honest updates", "honest stale, all",
+        f"honest stale, sites other than {ATTACKER}", "hostile dead-lettered",
         "hostile accepted", "aggregator RSS start / peak / end"], rows)}
 
-Reasons the hostile bodies were dead-lettered with: {reasons}.
+Reasons the hostile bodies were dead-lettered with: {reasons}. The attacker holds {ATTACKER}'s
+credentials, and {ATTACKER} is also one of the demo's honest sites: the aggregator serves each
+sending site's deliveries in order and the sites round-robin (`FairQueue`), so {ATTACKER}'s own honest
+updates wait behind its flood and can go stale, while the other sites' updates get their turn in
+every round. That split is the fair share the design promises.
 """
 
 
@@ -292,8 +302,10 @@ def _row(label: str, r: FloodResult) -> list[str]:
     rss = [mb for _, mb in r.rss]
     rss_txt = f"{rss[0]:.0f} / {max(rss):.0f} / {rss[-1]:.0f} MB" if rss else "—"
     stale_pct = 100 * r.honest_stale / max(r.honest_updates, 1)
+    others = r.honest_stale - r.attacker_site_stale
+    others_pct = 100 * others / max(r.honest_updates, 1)
     return [label, f"{stt:.1f} s" if stt is not None else "not reached", str(r.demo["versions"]),
-            str(r.honest_updates), f"{r.honest_stale} ({stale_pct:.1f} %)",
+            str(r.honest_updates), f"{r.honest_stale} ({stale_pct:.1f} %)", f"{others} ({others_pct:.1f} %)",
             f"{sum(r.hostile_dead.values()):,} of {sum(r.sent.values()):,}", str(r.accepted_hostile), rss_txt]
 
 
