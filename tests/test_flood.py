@@ -50,7 +50,7 @@ def test_a_flooded_job_accepts_nothing_hostile_and_replays_clean(broker_url: str
         assert res.accepted_hostile == 0
         assert sum(res.hostile_dead.values()) == n, res.hostile_dead  # each one dead-lettered ...
         assert "unknown" not in res.hostile_dead  # ... with a reason
-        assert res.honest_stale == 0
+        assert res.honest_stale - res.attacker_site_stale == 0  # the flooding site may only hurt itself
         report = replay(broker_url, res.job)
         summary = report.to_dict()
         assert summary["mismatches"] == 0 and summary["versions_recomputed"] == res.demo["versions"], summary
