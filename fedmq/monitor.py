@@ -55,7 +55,7 @@ from shared.jobstate import (
     field_text,
     read_event_delivery,
 )
-from shared.messages import Event, EventKind
+from shared.messages import Event, EventKind, update_id_for
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ class JobView:
     accuracy: list[tuple[int, float, float]] = field(default_factory=list)    # (version, t, accuracy)
     sites: dict[str, SiteRow] = field(default_factory=dict)
     update_ids: set[str] = field(default_factory=set)
+    #: update ids of the tasks the coordinator issued: a site's event counts only for one of
+    #: these, so junk ids cannot grow the view's memory or its per-site counts
+    issued_updates: set[str] = field(default_factory=set)
     updates_applied: int = 0
     tasks_issued: int = 0
     dead_letters: list[tuple[float, str]] = field(default_factory=list)       # (ts, reason)
@@ -180,7 +183,9 @@ class JobView:
         handler = _HANDLERS.get(ev.event)
         if handler is not None and handler(self, ev) is False:
             self.skip("bad_field")
-            log.warning("event with a bad field skipped job=%s event=%s", self.job, ev.event)
+            n = self.poison["bad_field"]
+            if n <= 20 or n % 1000 == 0:  # a flood of junk events must not flood the log too
+                log.warning("event with a bad field skipped job=%s event=%s skipped=%d", self.job, ev.event, n)
 
     def _on_started(self, ev: Event) -> bool:
         self.started_at = ev.ts
@@ -196,6 +201,8 @@ class JobView:
     def _on_update(self, ev: Event) -> bool:
         uid, site, eps = field_id(ev.data, "update_id"), field_site(ev.data), _epsilon(ev.data)
         if uid is None or site is None or _bad_epsilon(ev.data, eps):
+            return False
+        if uid not in self.issued_updates:
             return False
         row = self._seen(site, ev.ts)
         if uid not in self.update_ids:  # a redelivered task re-publishes the same update id
@@ -250,6 +257,10 @@ class JobView:
         return True
 
     def _on_task(self, ev: Event) -> bool:
+        task = ev.data.get("task")
+        task_id = field_id(task, "task_id") if isinstance(task, dict) else None
+        if task_id is not None:
+            self.issued_updates.add(update_id_for(task_id))
         self.tasks_issued += 1
         return True
 

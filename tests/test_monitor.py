@@ -38,6 +38,8 @@ def ev(kind: EventKind, ts: float, source: str = "test", **data: object) -> Even
 def running_view(now: float) -> JobView:
     view = JobView("j")
     view.apply(ev(EventKind.JOB_STARTED, now - 30, strategy="fedbuff", params={"buffer_size": 2}))
+    for i in range(4):  # the monitor counts a site's update only as the answer to an issued task
+        view.apply(ev(EventKind.TASK_ISSUED, now - 29, task={"task_id": f"t{i}"}))
     return view
 
 
@@ -60,9 +62,9 @@ def test_site_rows_count_each_update_id_once_and_average_staleness_of_applied_up
     now = time.time()
     view = running_view(now)
     for i, site in enumerate(["a", "a", "b"]):
-        view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 10 + i, source=site, site=site, update_id=f"u{i}"))
-    view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 5, source="a", site="a", update_id="u0"))  # redelivery
-    view.apply(ev(EventKind.VERSION_PUBLISHED, now - 4, version=1, included=["u0", "u1", "u2"],
+        view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 10 + i, source=site, site=site, update_id=f"u-t{i}"))
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 5, source="a", site="a", update_id="u-t0"))  # redelivery
+    view.apply(ev(EventKind.VERSION_PUBLISHED, now - 4, version=1, included=["u-t0", "u-t1", "u-t2"],
                   sites=["a", "a", "b"], staleness=[0, 3, 1]))
     assert view.sites["a"].updates == 2
     assert view.sites["a"].applied == 2
@@ -73,12 +75,20 @@ def test_site_rows_count_each_update_id_once_and_average_staleness_of_applied_up
     assert view.updates_applied == 3
 
 
+def test_a_site_event_for_a_task_never_issued_is_not_counted() -> None:
+    now = time.time()
+    view = running_view(now)
+    for i in range(100):
+        view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="flooder", update_id=f"u-junk{i}"))
+    assert "flooder" not in view.sites and len(view.update_ids) == 0 and view.poison["bad_field"] == 100
+
+
 def test_epsilon_is_shown_only_when_a_site_reports_it() -> None:
     now = time.time()
     view = running_view(now)
-    view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="dp", update_id="u1", epsilon=0.5))
-    view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="dp", update_id="u2", epsilon=0.8))
-    view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="plain", update_id="u3"))
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="dp", update_id="u-t1", epsilon=0.5))
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="dp", update_id="u-t2", epsilon=0.8))
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now, site="plain", update_id="u-t3"))
     rows = Snapshot("j", now, view, queues(), {}, [], 60.0).to_dict()["sites"]
     assert rows["dp"]["epsilon"] == pytest.approx(0.8)
     assert rows["plain"]["epsilon"] is None
@@ -164,8 +174,8 @@ def test_dashboard_renders_queues_sites_accuracy_and_alerts() -> None:
     now = time.time()
     view = running_view(now)
     view.apply(ev(EventKind.AGGREGATOR_ACTIVE, now - 20, replica="agg-blue", takeover=False))
-    view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 12, site="clinic-7", update_id="u1", epsilon=1.25))
-    view.apply(ev(EventKind.VERSION_PUBLISHED, now - 10, version=1, included=["u1"], sites=["clinic-7"],
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 12, site="clinic-7", update_id="u-t1", epsilon=1.25))
+    view.apply(ev(EventKind.VERSION_PUBLISHED, now - 10, version=1, included=["u-t1"], sites=["clinic-7"],
                   staleness=[2]))
     view.apply(ev(EventKind.VERSION_EVALUATED, now - 9, version=1, accuracy=0.8765, t=21.0))
     qs = queues(tasks=(5, 0), updates=(0, 1))
