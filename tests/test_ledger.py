@@ -1,0 +1,66 @@
+"""The ledger checker every chaos test relies on, on hand-built ledgers: it must catch each way
+an update can go wrong (lost, doubled, both included and dead, a fork or gap in the versions) and
+accept the one benign overlap (an included update whose stale copy hit the delivery limit)."""
+
+from __future__ import annotations
+
+from shared.ledger import DELIVERY_LIMIT, DeadLetter, Ledger, VersionEntry
+
+
+def _chain(*included: tuple[str, ...]) -> list[VersionEntry]:
+    versions = [VersionEntry(0, -1, (), "0" * 64)]
+    versions += [VersionEntry(i, i - 1, ids, f"{i:064x}") for i, ids in enumerate(included, start=1)]
+    return versions
+
+
+def test_a_clean_ledger_is_ok() -> None:
+    ledger = Ledger(_chain(("u-a", "u-b"), ("u-c",)), ["u-a", "u-b", "u-c", "u-d"],
+                    [DeadLetter("update", "u-d", "stale"), DeadLetter("task", "t-9", "rejected")])
+    report = ledger.check()
+    assert report.ok, report
+    assert (report.logged, report.included, report.dead_lettered, report.versions) == (4, 3, 1, 3)
+
+
+def test_an_update_neither_included_nor_dead_is_lost() -> None:
+    report = Ledger(_chain(("u-a",)), ["u-a", "u-lost"], []).check()
+    assert not report.ok and report.lost == ["u-lost"]
+
+
+def test_an_update_in_two_versions_is_double_counted() -> None:
+    report = Ledger(_chain(("u-a",), ("u-a", "u-b")), ["u-a", "u-b"], []).check()
+    assert not report.ok and report.double_counted == ["u-a"]
+
+
+def test_an_update_both_included_and_dead_lettered_by_the_aggregator_is_an_error() -> None:
+    report = Ledger(_chain(("u-a",)), ["u-a"], [DeadLetter("update", "u-a", "shape_mismatch")]).check()
+    assert not report.ok and report.included_and_dead == ["u-a"]
+
+
+def test_an_included_update_whose_copy_hit_the_delivery_limit_is_redundant_not_an_error() -> None:
+    report = Ledger(_chain(("u-a",)), ["u-a", "u-a"], [DeadLetter("update", "u-a", DELIVERY_LIMIT)]).check()
+    assert report.ok and report.redundant_dead_letters == ["u-a"]
+
+
+def test_an_included_update_never_logged_is_an_error() -> None:
+    report = Ledger(_chain(("u-ghost",)), [], []).check()
+    assert not report.ok and report.never_logged == ["u-ghost"]
+
+
+def test_a_fork_two_children_of_one_parent_is_a_version_error() -> None:
+    versions = _chain(("u-a",))
+    versions.append(VersionEntry(1, 0, ("u-b",), "f" * 64))  # a second v1
+    report = Ledger(versions, ["u-a", "u-b"], []).check()
+    assert not report.ok and any("version 1" in e for e in report.version_errors)
+
+
+def test_a_gap_or_a_wrong_parent_is_a_version_error() -> None:
+    gap = [VersionEntry(0, -1, (), "0" * 64), VersionEntry(2, 1, ("u-a",), "2" * 64)]
+    assert Ledger(gap, ["u-a"], []).check().version_errors
+    orphan = [VersionEntry(0, -1, (), "0" * 64), VersionEntry(1, 5, ("u-a",), "1" * 64)]
+    assert Ledger(orphan, ["u-a"], []).check().version_errors
+
+
+def test_lost_doubled_and_dead_at_once_are_each_reported() -> None:
+    report = Ledger(_chain(("u-a",), ("u-a", "u-x")), ["u-a", "u-x", "u-l"],
+                    [DeadLetter("update", "u-x", "non_finite")]).check()
+    assert (report.lost, report.double_counted, report.included_and_dead) == (["u-l"], ["u-a"], ["u-x"])
