@@ -66,13 +66,16 @@ def dead_reason(headers: dict[str, Any]) -> str:
     the wrong shape (a site can preset any header, x-first-death-reason too) is UNREADABLE_REASON."""
     if not isinstance(headers, dict):
         return "unknown"
-    for key in (REASON_HEADER, "x-first-death-reason"):
-        reason = _reason(headers.get(key))
-        if reason is not None:
-            return reason
+    # the broker dead-lettered it: x-death[0] is the broker's newest entry (it prepends to any
+    # x-death a publisher preset), whereas x-fedmq-reason and x-first-death-reason may be the
+    # sender's own; the aggregator's dead letters carry fresh headers without x-death
     deaths = headers.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict):
         reason = _reason(deaths[0].get("reason"))
+        if reason is not None:
+            return reason
+    for key in (REASON_HEADER, "x-first-death-reason"):
+        reason = _reason(headers.get(key))
         if reason is not None:
             return reason
     return "unknown"

@@ -64,3 +64,21 @@ def test_lost_doubled_and_dead_at_once_are_each_reported() -> None:
     report = Ledger(_chain(("u-a",), ("u-a", "u-x")), ["u-a", "u-x", "u-l"],
                     [DeadLetter("update", "u-x", "non_finite")]).check()
     assert (report.lost, report.double_counted, report.included_and_dead) == (["u-l"], ["u-a"], ["u-x"])
+
+
+def test_a_reason_the_sender_preset_does_not_override_the_brokers() -> None:
+    from shared.ledger import dead_reason
+
+    preset = {"x-fedmq-reason": "stale", "x-first-death-reason": "expired"}
+    broker = {"x-death": [{"reason": "delivery_limit", "queue": "q"}, {"reason": "forged"}]}
+    assert dead_reason({**preset, **broker}) == "delivery_limit"
+    assert dead_reason({"x-fedmq-reason": "unknown_task"}) == "unknown_task"  # the aggregator's own
+    assert dead_reason({"x-death": "not a list", "x-fedmq-reason": b"\xff" * 10_000}) != ""
+
+
+def test_broker_headers_a_publisher_can_preset_never_raise() -> None:
+    from shared.broker import Delivery
+
+    d = Delivery(body=b"", headers={"x-delivery-count": "zz", "x-stream-offset": 1.5}, delivery_tag=1,
+                 redelivered=False, routing_key="s", user_id=None, _channel=None, _url="")  # type: ignore[arg-type]
+    assert d.delivery_count == 0 and d.stream_offset is None
