@@ -44,7 +44,7 @@ from shared.broker import (
     run_forever,
 )
 from shared.config import ExportPolicy, JobConfig, PrivacyMechanism, StrategyName
-from shared.datasets import load_site
+from shared.datasets import fit_to_model, load_site
 from shared.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -66,7 +66,7 @@ from shared.jobstate import (
 )
 from shared.ledger import credible_update, read_dead_letter
 from shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
-from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
+from shared.models import build_model, check_forward, evaluate, get_weights, model_spec, set_weights
 from shared.privacy import check_privacy, privacy_strategy, resolve_options
 from shared.signing import META_TASK_KEY, JobTrust, load_or_create_task_key, public_hex, sign_task
 
@@ -126,12 +126,7 @@ class Coordinator:
         self.input_shape = input_shape or tuple(self.x_test.shape[1:])
         self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, **cfg.model.args)
         self.model = build_model(self.spec, seed=cfg.seed)
-        # refuse test data the model cannot take now (exit 2), not at the first evaluation; imported
-        # here because this file's import block belongs to another change (shared.models.model_for_data
-        # is the same sequence in one call, for when it can be imported at the top)
-        from shared.datasets import fit_to_model
-        from shared.models import check_forward
-
+        # refuse test data the model cannot take now (exit 2), not at the first evaluation
         source = f"data.test {cfg.data.test}"
         self.x_test = fit_to_model(self.x_test, self.y_test, self.spec, source=source)
         check_forward(self.model, self.x_test, self.num_classes, source=source)
