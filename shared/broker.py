@@ -373,14 +373,16 @@ class Delivery:
     def stream_offset(self) -> int | None:
         """The broker's own header (it replaces one a publisher set; measured on 3.10)."""
         off = self.headers.get("x-stream-offset")
-        return off if type(off) is int else None
+        # isinstance, not type(): pika hands AMQP longs over as pika.compat.long, an int subclass
+        return int(off) if isinstance(off, int) and not isinstance(off, bool) else None
 
     @property
     def delivery_count(self) -> int:
         """Redeliveries so far; a publisher may preset this header on a first delivery, so a value
         that is not a small int counts as 0 (it only ever feeds logs)."""
         count = self.headers.get("x-delivery-count", 0)
-        return count if type(count) is int and 0 <= count < 2**31 else 0
+        ok = isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 2**31
+        return int(count) if ok else 0
 
     def ack(self, multiple: bool = False) -> None:
         with amqp_errors(self._url):

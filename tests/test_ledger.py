@@ -82,3 +82,19 @@ def test_broker_headers_a_publisher_can_preset_never_raise() -> None:
     d = Delivery(body=b"", headers={"x-delivery-count": "zz", "x-stream-offset": 1.5}, delivery_tag=1,
                  redelivered=False, routing_key="s", user_id=None, _channel=None, _url="")  # type: ignore[arg-type]
     assert d.delivery_count == 0 and d.stream_offset is None
+
+
+def test_offsets_read_from_a_real_stream_are_ints(broker_url: str, job: str) -> None:
+    """pika hands AMQP longs over as an int subclass: the header must still read as the offset."""
+    from shared.broker import Connection, JobNames, TopologyConfig, read_stream
+
+    names = JobNames(job)
+    with Connection(broker_url, name="fedmq-test-offsets").open() as conn:
+        conn.declare_job(names, TopologyConfig())
+        for _ in range(3):
+            conn.publish(names.updates_exchange, "s", b"x", headers={"x-stream-offset": 10**6})
+    try:
+        assert [d.stream_offset for d in read_stream(broker_url, names.updates_log, "first")] == [0, 1, 2]
+    finally:
+        with Connection(broker_url, name="fedmq-test-cleanup").open() as conn:
+            conn.delete_job(names)
