@@ -422,8 +422,6 @@ class EncryptedAggregate(_Message):
             raise ValueError(f"aggregate for version {self.version} must have parent {self.version - 1}")
         if not all(isinstance(c, bytes) for c in self.chunks):
             raise ValueError("chunks must be bytes")
-        if len(self.included) != len(self.contributions):
-            raise ValueError("included and contributions differ in length")
 
 
 class EventKind(StrEnum):

@@ -357,7 +357,7 @@ def test_a_replica_never_publishes_a_second_aggregate_for_one_version(
     foreign = EncryptedAggregate(job=job, aggregate_id="agg-v1", version=1, parent=0, included=("x",),
                                  contributions=(), strategy="fedbuff", params=cfg.to_params(), denominator=1.0,
                                  sample_ref=1.0, context_sha256=keys.sha256, size=0, chunks=(),
-                                 ciphertext_sha256="")
+                                 ciphertext_sha256="0" * 64)
     with running_aggregator(broker_url, job, name="agg-a") as agg:
         publish_updates(broker_url, job, ups[:1])
         deadline = time.monotonic() + 30

@@ -181,6 +181,8 @@ def _events_with_poison(url: str, job: str) -> None:
         emit(conn, names, "coordinator", EventKind.JOB_STARTED, strategy="fedbuff", params={"buffer_size": 2})
         for v in (1, 2):
             ids = [f"u-{v}-{s}" for s in ("site-0", "site-1")]
+            for uid in ids:  # the monitor counts a site's update only as the answer to an issued task
+                emit(conn, names, "coordinator", EventKind.TASK_ISSUED, task={"task_id": uid[2:]})
             for uid, site in zip(ids, ("site-0", "site-1"), strict=True):
                 emit_site(conn, names, site, EventKind.UPDATE_PUBLISHED, update_id=uid, base_version=v - 1,
                           task_seconds=0.5, loss=0.3, epsilon=None)
