@@ -175,7 +175,7 @@ class Section:
     KEY: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        for name, (kind, interval) in _field_ranges(type(self)).items():
+        for name, (kind, interval) in _field_ranges(type(self)).items():  # type: ignore[arg-type]  # classes hash
             key = f"{self.KEY}.{name}"
             value = parse_number(getattr(self, name), kind, key)
             problem = interval.violation(value)
