@@ -98,16 +98,19 @@ def binary(max_len: int) -> Check:
     return check
 
 
-def id_list(max_items: int = MAX_LIST) -> Check:
-    item = text(ID_RE, 128)
-
-    def check(msg: str, name: str, value: Any) -> tuple[str, ...]:
+def list_of(item: Check, max_items: int = MAX_LIST) -> Check:
+    """A list (stored as a tuple) of at most `max_items`, each passing `item`."""
+    def check(msg: str, name: str, value: Any) -> tuple[Any, ...]:
         if type(value) not in (list, tuple):
             raise _type_error(msg, name, value, "list")
         if len(value) > max_items:
             raise _bad(msg, name, f"has {len(value)} items, at most {max_items}")
         return tuple(item(msg, f"{name}[{i}]", v) for i, v in enumerate(value))
     return check
+
+
+def id_list(max_items: int = MAX_LIST) -> Check:
+    return list_of(text(ID_RE, 128), max_items)
 
 
 def bytes_list(max_items: int = MAX_LIST) -> Check:
@@ -169,15 +172,7 @@ def _plain_value(value: Any, msg: str, path: str, depth: int, count: list[int], 
 
 def plain_list(max_items: int = MAX_LIST) -> Check:
     """A list of free-form maps (a version's contributions)."""
-    item = plain(64)
-
-    def check(msg: str, name: str, value: Any) -> tuple[dict[str, Any], ...]:
-        if type(value) not in (list, tuple):
-            raise _type_error(msg, name, value, "list")
-        if len(value) > max_items:
-            raise _bad(msg, name, f"has {len(value)} items, at most {max_items}")
-        return tuple(item(msg, f"{name}[{i}]", v) for i, v in enumerate(value))
-    return check
+    return list_of(plain(64), max_items)
 
 
 def tensors(msg: str, name: str, value: Any) -> Weights:
