@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 from aggregator.dp import DpAggregation
@@ -167,6 +167,38 @@ class FairQueue:
         return sum(len(q) for q in self._by_site.values())
 
 
+class DeadLetterBudget:
+    """Per sending site: which dead letters take the precise path, and which the bulk one.
+
+    Precise: the body goes to dead letters with the reason in a header (a confirmed publish, ~1 ms
+    of waiting), then a DEAD_LETTERED event (another one). A flooding site would buy two round trips
+    of the aggregator's time per hostile body, so past `burst` dead letters a site gets the precise
+    path at most once per `every` seconds and the rest are rejected: the broker dead-letters them
+    itself (the updates queue's at-least-once DLX, x-death reason "rejected"), with no round trip,
+    and the next precise event says how many of each reason were rejected in bulk since."""
+
+    def __init__(self, burst: int = 20, every: float = 1.0) -> None:
+        self.burst, self.every = burst, every
+        self._sent: dict[str, int] = {}
+        self._last: dict[str, float] = {}
+        self._bulk: dict[str, Counter[str]] = {}
+
+    def precise(self, site: str) -> bool:
+        now = time.monotonic()
+        if self._sent.get(site, 0) < self.burst or now - self._last.get(site, 0.0) >= self.every:
+            self._sent[site] = self._sent.get(site, 0) + 1
+            self._last[site] = now
+            return True
+        return False
+
+    def bulk(self, site: str, reason: str) -> None:
+        self._bulk.setdefault(site, Counter())[reason] += 1
+
+    def take_bulk(self, site: str) -> dict[str, int]:
+        """The reasons of `site`'s dead letters rejected in bulk since its last precise one."""
+        return dict(self._bulk.pop(site, Counter()))
+
+
 def _session_class(latest: ModelVersion) -> type[_Session]:
     """Encrypted jobs (CKKS context in v0) fold ciphertexts and hand sums to the key holder."""
     if is_encrypted(latest.meta):
@@ -199,6 +231,7 @@ class _Session:
         self.folding = False
         #: differential privacy of the job (v0's meta): central noise, per-version epsilon
         self.dp = DpAggregation.from_version(current)
+        self.dead_budget = DeadLetterBudget()
         #: recorded norms of the last clip_window versions (running-median clip), rebuilt by
         #: _reload from the stream before the first fold, then extended by each flush
         self.norm_window = NormWindow(self.cfg.clip_window, complete=False)
@@ -364,16 +397,26 @@ class _Session:
             self.seen = {i for ids_ in self.recent for i in ids_}
 
     def dead_letter(self, d: Delivery, reason: str, detail: str, update_id: str | None) -> None:
-        """Park the message with its reason (confirmed), then ack: nothing is dropped silently."""
-        headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:1000]}
-        if update_id:
-            headers[UPDATE_ID_HEADER] = update_id
-        self.conn.publish(self.names.dead_exchange, d.routing_key, d.body, headers=headers)
-        d.ack()
+        """Park the message with its reason (confirmed), then ack: nothing is dropped silently.
+
+        A site past its budget (`DeadLetterBudget`) is rejected in bulk instead: the broker parks
+        the body itself, so a flood costs the others no more than a decode per hostile body."""
         counts = self.agg.stats.dead_lettered
         counts[reason] = counts.get(reason, 0) + 1
         metrics.update_dead_lettered(self.names.job, reason)
-        log.warning("update dead-lettered", extra={"job": self.names.job, "update": update_id,
-                                                    "reason": reason, "detail": detail})
+        site = d.routing_key
+        if not self.dead_budget.precise(site):
+            self.dead_budget.bulk(site, reason)
+            d.reject()
+            return
+        headers = {REASON_HEADER: reason, DETAIL_HEADER: detail[:1000]}
+        if update_id:
+            headers[UPDATE_ID_HEADER] = update_id
+        self.conn.publish(self.names.dead_exchange, site, d.body, headers=headers)
+        d.ack()
+        bulk = self.dead_budget.take_bulk(site)
+        log.warning("update dead-lettered", extra={"job": self.names.job, "update": update_id, "site": site,
+                                                    "reason": reason, "detail": detail,
+                                                    "rejected_in_bulk": sum(bulk.values())})
         emit(self.conn, self.names, "aggregator", EventKind.DEAD_LETTERED, update_id=update_id,
-             reason=reason, detail=detail[:300])
+             reason=reason, detail=detail[:300], site=site, rejected_in_bulk=bulk)
