@@ -293,7 +293,10 @@ Reasons the hostile bodies were dead-lettered with: {reasons}. The attacker hold
 credentials, and {ATTACKER} is also one of the demo's honest sites: the aggregator serves each
 sending site's deliveries in order and the sites round-robin (`FairQueue`), so {ATTACKER}'s own honest
 updates wait behind its flood and can go stale, while the other sites' updates get their turn in
-every round. That split is the fair share the design promises.
+every round. That split is the fair share the design promises. `rejected` is the bulk path: past
+20 precise dead letters a site gets one a second, the rest it sends are rejected for the broker
+to dead-letter itself (x-death reason `rejected`) and counted by reason in the next precise
+DEAD_LETTERED event, so a hostile body costs a decode and a proof check, not two confirmed publishes.
 """
 
 
