@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import Connection, Delivery, JobNames, StreamReader, read_last
+from shared.broker import SITE_EVENTS, Connection, Delivery, JobNames, StreamReader, read_last
 from shared.errors import JobNotFoundError, MalformedMessageError
 from shared.messages import ID_RE, MAX_INT, MAX_LIST, NAME_RE, Event, EventKind, ModelVersion, integer, number, text
 
@@ -133,8 +133,9 @@ def find_version(url: str, names: JobNames, version: int, offset: int | None = N
 # fields only through the typed `field_*` helpers. Decoding alone is not enough: the body chooses
 # its own `event`, `source` and `data`; the routing key is the one thing the broker pinned.
 
-#: the events a site may publish, and only under `site_event_key(<its own name>, <event>)`
-SITE_EVENT_KINDS = frozenset({EventKind.UPDATE_PUBLISHED.value, EventKind.TASK_REFUSED.value})
+#: the events a site may publish, and only under `site_event_key(<its own name>, <event>)`; the
+#: broker's topic permissions grant the same set (`shared.broker.site_permissions`)
+SITE_EVENT_KINDS = SITE_EVENTS
 #: the events trusted roles publish, under the bare event name
 TRUSTED_EVENT_KINDS = frozenset(k.value for k in EventKind) - SITE_EVENT_KINDS
 
