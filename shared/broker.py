@@ -719,3 +719,54 @@ def run_forever(step: Callable[[], None], *, stop: threading.Event, what: str,
                 on_reconnect(attempt)
         except FedmqError:
             raise
+
+
+# --------------------------------------------------------------------------- start-up wait
+
+#: seconds a long-running role waits for its broker at start-up (FEDMQ_BROKER_WAIT, --broker-wait):
+#: long enough for a broker container to boot or a maintenance restart to finish
+DEFAULT_BROKER_WAIT = 300.0
+
+
+def wait_for_broker(url: str, *, wait: float, name: str = "fedmq-wait",
+                    stop: threading.Event | None = None, cap: float = 15.0) -> bool:
+    """Connect once, retrying a broker that does not answer yet, for up to `wait` seconds.
+
+    Why: a role started beside its broker (compose runners that ignore health conditions, a site
+    whose broker restarts for maintenance) would otherwise exit 3 within seconds and use up its
+    restart policy before the broker is up. Backoff doubles from 0.5 s to `cap` (jittered, so many
+    sites do not reconnect in step); every attempt logs one line. Credentials or permissions the
+    broker refuses and malformed URLs are raised at once: waiting cannot fix them.
+
+    Returns True once connected, False when `stop` was set while waiting; raises
+    BrokerUnavailableError (exit 3) when `wait` seconds have passed without an answer.
+    """
+    started = time.monotonic()
+    deadline = started + max(wait, 0.0)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            Connection(url, name=name).open().close()
+        except BrokerAccessError:
+            raise
+        except BrokerUnavailableError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerUnavailableError(
+                    f"broker {mask_url(url)} did not answer within {wait:g}s "
+                    f"({attempt} attempts; --broker-wait / FEDMQ_BROKER_WAIT): {exc}"
+                ) from exc
+            delay = min(left, min(cap, 0.5 * 2 ** (attempt - 1)) * random.uniform(0.75, 1.0))
+            log.warning("broker not reachable yet url=%s attempt=%d retry_in=%.1f waited=%.1f wait=%g error=%s",
+                        mask_url(url), attempt, delay, time.monotonic() - started, wait, exc)
+            if stop is not None:
+                if stop.wait(delay):
+                    return False
+            else:
+                time.sleep(delay)
+            continue
+        if attempt > 1:
+            log.info("broker reachable url=%s attempt=%d waited=%.1f", mask_url(url), attempt,
+                     time.monotonic() - started)
+        return True
