@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
 from aggregator.service import SessionAbortedError, _Session
 from aggregator.validate import check_header
-from shared import he
+from shared import faults, he
 from shared.broker import (
     Connection,
     Delivery,
@@ -153,6 +153,8 @@ class HeSession(_Session):
             ciphertext_sha256=total.sha256,
         )
         self.conn.publish(self.names.aggregates_exchange, "", agg.encode(), message_id=agg.aggregate_id)
+        # the same point as the plaintext path: the aggregate is confirmed, its updates not yet acked
+        faults.point("aggregator.before_ack")
         for d in self.buffered:
             d.ack()
         self.buffered, self.buffered_ids = [], set()

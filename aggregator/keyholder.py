@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aggregator.he import decrypt_step
-from shared import he
+from shared import faults, he
 from shared.broker import DETAIL_HEADER, REASON_HEADER, Connection, Delivery, JobNames, run_forever
 from shared.config import StrategyConfig
 from shared.errors import ConfigError, FedmqError, MalformedMessageError
@@ -169,6 +169,7 @@ class KeyHolder:
             return
         seconds = time.perf_counter() - started
         conn.publish(self.names.models_exchange, "", mv.encode(), message_id=f"v{mv.version}")
+        faults.point("keyholder.before_ack")  # version n confirmed, aggregate n not yet acked
         d.ack()
         self._latest = mv
         self.stats.versions += 1
