@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from fedmq.args import HEARTBEAT, PORT, SECONDS, SLOWDOWN, config_number, number
-from shared.broker import DEFAULT_URL, Connection, mask_url, validate_job_id
+from shared.broker import DEFAULT_BROKER_WAIT, DEFAULT_URL, Connection, mask_url, validate_job_id, wait_for_broker
 from shared.config import JobConfig, PrivacyConfig
 from shared.errors import ConfigError, FedmqError
 from shared.logs import configure_logging
@@ -93,8 +93,21 @@ def start_metrics(args: argparse.Namespace) -> None:
 
 
 def check_broker(url: str) -> None:
-    """Fail fast with exit 3 and the masked URL when the broker does not answer."""
+    """Fail fast with exit 3 and the masked URL when the broker does not answer (one-shot commands)."""
     Connection(url, name="fedmq-check").open().close()
+
+
+def add_broker_wait(p: argparse.ArgumentParser) -> None:
+    """--broker-wait for the long-running roles (one-shot commands keep failing fast)."""
+    p.add_argument("--broker-wait", type=number(float, SECONDS),
+                   default=os.environ.get("FEDMQ_BROKER_WAIT") or str(DEFAULT_BROKER_WAIT),
+                   help="at start-up, keep retrying a broker that does not answer for this many seconds "
+                   "(backoff, one log line per attempt), then exit 3; 0 = fail at once (env FEDMQ_BROKER_WAIT)")
+
+
+def await_broker(args: argparse.Namespace, stop: threading.Event) -> bool:
+    """A long-running role's start-up: wait for the broker (False: a signal came while waiting)."""
+    return wait_for_broker(args.broker, wait=args.broker_wait, name=f"fedmq-{args.command}-wait", stop=stop)
 
 
 def print_json(obj: dict[str, Any]) -> None:
@@ -109,9 +122,11 @@ def print_json(obj: dict[str, Any]) -> None:
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from aggregator.service import Aggregator
 
-    check_broker(args.broker)
+    stop = stop_on_signals()
+    if not await_broker(args, stop):
+        return 0
     start_metrics(args)
-    agg = Aggregator(args.broker, args.job, stop=stop_on_signals(), heartbeat=args.heartbeat,
+    agg = Aggregator(args.broker, args.job, stop=stop, heartbeat=args.heartbeat,
                      name=args.name)
     stats = agg.run()
     log.info("aggregator stopped job=%s versions=%d applied=%d duplicates=%d", args.job,
@@ -138,8 +153,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         opts = dataclasses.replace(opts, key=args.key.replace("{site}", site))
     if args.ledger:
         opts = dataclasses.replace(opts, ledger=args.ledger.replace("{site}", site))
-    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop_on_signals())
-    check_broker(args.broker)
+    stop = stop_on_signals()
+    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop)
+    if not await_broker(args, stop):
+        return 0
     start_metrics(args)
     stats = worker.run()
     log.info("worker stopped job=%s site=%s tasks=%d", args.job, site, stats.tasks)
@@ -156,8 +173,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     if args.out:
         overrides.setdefault("coordinator", {})["out"] = args.out
     cfg = load_job_config(args.config, overrides=overrides)
-    coord = Coordinator(args.broker, cfg, stop=stop_on_signals())
-    check_broker(args.broker)
+    stop = stop_on_signals()
+    coord = Coordinator(args.broker, cfg, stop=stop)
+    if not await_broker(args, stop):
+        return 0
     start_metrics(args)
     result = coord.run()
     if args.json:
@@ -208,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="export directory (overrides coordinator.out)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     add_metrics_port(p)
+    add_broker_wait(p)
     p.set_defaults(run=cmd_coordinator)
 
     p = sub.add_parser("aggregator", help="one aggregator replica (start several: one active)",
@@ -218,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=number(int, HEARTBEAT), default=10,
                    help="AMQP heartbeat seconds (standby takeover after a hang takes 2-3x this)")
     add_metrics_port(p)
+    add_broker_wait(p)
     p.set_defaults(run=cmd_aggregator)
 
     p = sub.add_parser("worker", help="one site: train on local data, publish updates",
@@ -249,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this site's own epsilon cap over all jobs on its data; the job's budget applies "
                    "too, the tighter wins (0 = the job's only; env FEDMQ_SITE_EPSILON_BUDGET)")
     add_metrics_port(p)
+    add_broker_wait(p)
     p.set_defaults(run=cmd_worker)
 
     p = sub.add_parser("partition", help="split a bundled dataset into per-site files",

@@ -19,12 +19,14 @@ log = logging.getLogger(__name__)
 
 def cmd_keyholder(args: argparse.Namespace) -> int:
     from aggregator.keyholder import KeyHolder
-    from fedmq.cli import check_broker, stop_on_signals
+    from fedmq.cli import await_broker, stop_on_signals
     from shared import he
 
-    holder = KeyHolder(args.broker, args.job, he.read_file(args.secret, "--secret"), stop=stop_on_signals(),
+    stop = stop_on_signals()
+    holder = KeyHolder(args.broker, args.job, he.read_file(args.secret, "--secret"), stop=stop,
                        heartbeat=args.heartbeat, name=args.name)
-    check_broker(args.broker)
+    if not await_broker(args, stop):
+        return 0
     stats = holder.run()
     log.info("keyholder stopped", extra={"job": args.job, "versions": stats.versions,
                                           "duplicates": stats.duplicates})
@@ -40,4 +42,7 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
                    help="the job's <job>.secret.ctx from fedmq keys (env FEDMQ_KEYHOLDER_SECRET)")
     p.add_argument("--name", default=f"keyholder-{os.getpid()}", help="replica name in logs")
     p.add_argument("--heartbeat", type=number(int, HEARTBEAT), default=10, help="AMQP heartbeat seconds")
+    from fedmq.cli import add_broker_wait
+
+    add_broker_wait(p)
     p.set_defaults(run=cmd_keyholder)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -723,6 +724,16 @@ def run_forever(step: Callable[[], None], *, stop: threading.Event, what: str,
 
 # --------------------------------------------------------------------------- start-up wait
 
+def _certificate_refused(exc: BaseException) -> bool:
+    """True when the cause chain holds a failed TLS certificate check: no wait fixes that."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 #: seconds a long-running role waits for its broker at start-up (FEDMQ_BROKER_WAIT, --broker-wait):
 #: long enough for a broker container to boot or a maintenance restart to finish
 DEFAULT_BROKER_WAIT = 300.0
@@ -752,6 +763,9 @@ def wait_for_broker(url: str, *, wait: float, name: str = "fedmq-wait",
             raise
         except BrokerUnavailableError as exc:
             left = deadline - time.monotonic()
+            if _certificate_refused(exc):
+                raise BrokerAccessError(f"TLS to broker {mask_url(url)} refused its certificate (check the CA "
+                                        f"bundle, e.g. SSL_CERT_FILE, and the host name): {exc}") from exc
             if left <= 0:
                 raise BrokerUnavailableError(
                     f"broker {mask_url(url)} did not answer within {wait:g}s "
