@@ -23,14 +23,35 @@ from shared.models import build_model, get_weights, model_spec
 
 
 def declare_job_with_v0(url: str, job: str, strategy: StrategyConfig, *, model: str = "logreg",
-                        input_shape: tuple[int, ...] = (64,), num_classes: int = 10) -> ModelVersion:
-    """What a coordinator does first: the whole topology, then v0 on the models stream."""
+                        input_shape: tuple[int, ...] = (64,), num_classes: int = 10,
+                        meta: dict[str, Any] | None = None) -> ModelVersion:
+    """What a coordinator does first: the whole topology, then v0 on the models stream (`meta`:
+    v0's meta, e.g. a job's ``privacy`` options)."""
     names = JobNames(job)
     spec = model_spec(model, input_shape, num_classes)
     v0 = make_version(job=job, version=0, parent=-1, weights=get_weights(build_model(spec, seed=0)),
-                      included=[], strategy=strategy.name.value, params=strategy.to_params(), model=spec)
+                      included=[], strategy=strategy.name.value, params=strategy.to_params(), model=spec,
+                      meta=meta or {})
     with Connection(url, name="fedmq-test-setup").open() as conn:
         conn.declare_job(names, TopologyConfig())
+        conn.publish(names.models_exchange, "", v0.encode(), message_id="v0")
+    return v0
+
+
+def declare_encrypted_job(url: str, job: str, strategy: StrategyConfig, public: bytes) -> ModelVersion:
+    """What the coordinator does for a CKKS job: topology, aggregates queue + log, v0 carrying the
+    public context (never the secret). The digits-sized MLP: 2,410 parameters, one ciphertext."""
+    from shared import he
+
+    names = JobNames(job)
+    spec = model_spec("mlp", (64,), 10, hidden=32)
+    meta = {he.META_ENCRYPTION: he.encryption_meta(public), he.META_PUBLIC_CONTEXT: public}
+    v0 = make_version(job=job, version=0, parent=-1, weights=get_weights(build_model(spec, seed=0)),
+                      included=[], strategy=strategy.name.value, params=strategy.to_params(), model=spec,
+                      meta=meta)
+    with Connection(url, name="fedmq-test-setup").open() as conn:
+        conn.declare_job(names, TopologyConfig())
+        conn.declare_encrypted(names, TopologyConfig())
         conn.publish(names.models_exchange, "", v0.encode(), message_id="v0")
     return v0
 

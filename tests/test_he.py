@@ -9,8 +9,9 @@ within 0.3 accuracy points of the same job in plaintext.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +32,14 @@ from aggregator.he import (
 from aggregator.keyholder import KeyHolder
 from aggregator.strategy import Accumulator
 from shared import he
-from shared.broker import Connection, JobNames, TopologyConfig, read_stream
+from shared.broker import Connection, JobNames, read_stream
 from shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
 from shared.errors import ConfigError, EncryptionMismatchError, MalformedMessageError, ShapeMismatchError
-from shared.messages import EncryptedAggregate, ModelVersion, Update, make_version
+from shared.messages import EncryptedAggregate, Update
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
+from tests.chaos.harness import wait_until
 from tests.jobkit import (
+    declare_encrypted_job,
     make_update,
     publish_updates,
     run_threaded_job,
@@ -253,33 +256,16 @@ def test_encrypted_job_on_digits_ends_within_0_3_points_of_plaintext(keys: he.Ke
 # --------------------------------------------------------------------------- on a real broker
 
 
-def _declare_encrypted_job(url: str, job: str, strategy: StrategyConfig, pair: he.KeyPair) -> ModelVersion:
-    """What the coordinator does for an encrypted job: topology, aggregates queue + log, v0 with the
-    public context (never the secret)."""
-    names = JobNames(job)
-    spec = model_spec("mlp", (64,), 10, hidden=32)
-    meta = {he.META_ENCRYPTION: he.encryption_meta(pair.public), he.META_PUBLIC_CONTEXT: pair.public}
-    v0 = make_version(job=job, version=0, parent=-1, weights=get_weights(build_model(spec, seed=0)),
-                      included=[], strategy=strategy.name.value, params=strategy.to_params(), model=spec,
-                      meta=meta)
-    with Connection(url, name="fedmq-test-setup").open() as conn:
-        conn.declare_job(names, TopologyConfig())
-        conn.declare_encrypted(names, TopologyConfig())
-        conn.publish(names.models_exchange, "", v0.encode(), message_id="v0")
-    return v0
-
-
 def _aggregates(url: str, job: str) -> list[EncryptedAggregate]:
     return [EncryptedAggregate.decode(d.body) for d in read_stream(url, JobNames(job).aggregates_log, "first")]
 
 
 def _wait_aggregates(url: str, job: str, n: int, timeout: float = 60.0) -> list[EncryptedAggregate]:
-    deadline = time.monotonic() + timeout
-    while (got := _aggregates(url, job)) and len(got) < n or not got:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(got)} aggregates after {timeout}s, expected {n}")
-        time.sleep(0.2)
-    return got
+    def enough() -> list[EncryptedAggregate] | None:
+        got = _aggregates(url, job)
+        return got if len(got) >= n else None
+
+    return wait_until(enough, timeout, f"{n} aggregates", poll=0.2)
 
 
 @contextmanager
@@ -300,7 +286,7 @@ def _running_keyholder(url: str, job: str, pair: he.KeyPair) -> Iterator[KeyHold
 def test_every_update_is_folded_once_across_aggregator_and_keyholder_restarts(
         broker_url: str, job: str, keys: he.KeyPair) -> None:
     cfg = StrategyConfig(buffer_size=2, flush_timeout=60.0)
-    v0 = _declare_encrypted_job(broker_url, job, cfg, keys)
+    v0 = declare_encrypted_job(broker_url, job, cfg, keys.public)
     template = {k: np.asarray(v) for k, v in v0.weights.items()}
     plain = [make_update(job, f"u{i}", template, seed=i, num_samples=10 + i) for i in range(4)]
     ups = [_encrypted(u, keys) for u in plain]
@@ -313,9 +299,7 @@ def test_every_update_is_folded_once_across_aggregator_and_keyholder_restarts(
     with running_aggregator(broker_url, job, name="agg-b") as agg_b:
         publish_updates(broker_url, job, ups)
         got = _wait_aggregates(broker_url, job, 2)
-        deadline = time.monotonic() + 10
-        while agg_b.stats.duplicates < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: agg_b.stats.duplicates >= 2, 30, "the new replica to drop u0 and u1")
     assert [(a.version, a.parent, a.included) for a in got] == [(1, 0, ("u0", "u1")), (2, 1, ("u2", "u3"))]
     assert agg_b.stats.duplicates == 2
 
@@ -324,9 +308,7 @@ def test_every_update_is_folded_once_across_aggregator_and_keyholder_restarts(
         conn.publish(JobNames(job).aggregates_exchange, "", got[0].encode())
     with _running_keyholder(broker_url, job, keys) as holder:
         wait_for_version(broker_url, job, 2)
-        deadline = time.monotonic() + 10
-        while holder.stats.duplicates < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: holder.stats.duplicates >= 1, 30, "the key holder to drop the republished aggregate")
     models = versions(broker_url, job)
     assert [(m.version, m.included) for m in models] == [(0, ()), (1, ("u0", "u1")), (2, ("u2", "u3"))]
     assert holder.stats.duplicates == 1
@@ -349,27 +331,30 @@ def test_every_update_is_folded_once_across_aggregator_and_keyholder_restarts(
 @pytest.mark.broker
 @pytest.mark.timeout(180)
 def test_a_replica_never_publishes_a_second_aggregate_for_one_version(
-        broker_url: str, job: str, keys: he.KeyPair) -> None:
+        broker_url: str, job: str, keys: he.KeyPair, caplog: pytest.LogCaptureFixture) -> None:
     cfg = StrategyConfig(buffer_size=2, flush_timeout=60.0)
-    v0 = _declare_encrypted_job(broker_url, job, cfg, keys)
+    v0 = declare_encrypted_job(broker_url, job, cfg, keys.public)
     template = {k: np.asarray(v) for k, v in v0.weights.items()}
     ups = [_encrypted(make_update(job, f"u{i}", template, seed=i), keys) for i in range(2)]
     foreign = EncryptedAggregate(job=job, aggregate_id="agg-v1", version=1, parent=0, included=("x",),
                                  contributions=(), strategy="fedbuff", params=cfg.to_params(), denominator=1.0,
                                  sample_ref=1.0, context_sha256=keys.sha256, size=0, chunks=(),
                                  ciphertext_sha256="0" * 64)
-    with running_aggregator(broker_url, job, name="agg-a") as agg:
+    caplog.set_level(logging.INFO, logger="aggregator")
+    caplog.set_level(logging.INFO, logger="shared.broker")
+    with running_aggregator(broker_url, job, name="agg-a"):
         publish_updates(broker_url, job, ups[:1])
-        deadline = time.monotonic() + 30
-        while not agg.active and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(3.0)  # let it finish reading its state (models stream, aggregates log, v0)
+        # active, with its state read (models stream, aggregates log, v0) and its fence attached
+        wait_until(lambda: any(r.getMessage() == "encrypted aggregation ready" for r in caplog.records), 60,
+                   "the replica to become active and read its encrypted state")
         # another replica, briefly active too, publishes version 1 first
         with Connection(broker_url, name="fedmq-test-other-replica").open() as conn:
             conn.publish(JobNames(job).aggregates_exchange, "", foreign.encode())
-        time.sleep(1.0)
+        wait_until(lambda: len(_aggregates(broker_url, job)) == 1, 30, "the foreign aggregate in the log")
         publish_updates(broker_url, job, ups[1:])
         got = _wait_aggregates(broker_url, job, 2)
+    # the replica noticed it at its flush (rather than having read it at start)
+    assert any("aggregate 1 was published by another replica" in r.getMessage() for r in caplog.records)
     assert [(a.version, a.parent, a.included) for a in got] == [(1, 0, ("x",)), (2, 1, ("u0", "u1"))]
 
 
@@ -484,20 +469,22 @@ def test_demo_with_homomorphic_aggregation(broker_url: str, tmp_path: Path) -> N
 
     from tests.conftest import run_fedmq
 
-    out = run_fedmq("demo", "--privacy", "he", "--json", "--broker", broker_url, "--sites", "4", "--slow", "1",
-                    "--target", "0.85", "--workdir", str(tmp_path), timeout=560)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    job = f"t-he-demo-{uuid.uuid4().hex[:8]}"
     try:
+        out = run_fedmq("demo", "--privacy", "he", "--json", "--broker", broker_url, "--job", job, "--sites", "4",
+                        "--slow", "1", "--target", "0.85", "--workdir", str(tmp_path), timeout=560)
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["job"] == job
         assert result["encryption"] == "ckks" and result["signed"] is True
         # the target was reached; the final version (after in-flight updates are drained) may dip below
         assert result["seconds_to_target"] is not None and result["updates_dead_lettered"] == 0, result
-        logged = [Update.decode(d.body) for d in read_stream(broker_url, JobNames(result["job"]).updates_log, "first")]
+        logged = [Update.decode(d.body) for d in read_stream(broker_url, JobNames(job).updates_log, "first")]
         assert logged and all(u.delta is None and u.signature for u in logged)
         assert (tmp_path / "logs" / "keyholder.log").is_file()
-    finally:
+    finally:  # on failure too: a demo that died half-way leaves its queues and streams
         with Connection(broker_url, name="fedmq-test-cleanup").open() as conn:
-            conn.delete_job(JobNames(result["job"]))
+            conn.delete_job(JobNames(job))
 
 
 def test_the_coordinator_refuses_encrypted_jobs_it_cannot_run(tmp_path: Path) -> None:
