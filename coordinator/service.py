@@ -172,7 +172,8 @@ class Coordinator:
 
     def _topology(self) -> TopologyConfig:
         r = self.cfg.retention
-        return TopologyConfig(retention=Retention(r.max_age or None, r.max_bytes or None))
+        return TopologyConfig(retention=Retention(r.max_age or None, r.max_bytes or None),
+                              replicas=self.cfg.cluster.replicas)
 
     def _publish_v0(self, conn: Connection) -> None:
         weights = get_weights(self.model)

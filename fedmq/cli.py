@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from fedmq.args import HEARTBEAT, PORT, SECONDS, SLOWDOWN, config_number, number
 from shared.broker import DEFAULT_BROKER_WAIT, DEFAULT_URL, Connection, mask_url, validate_job_id, wait_for_broker
-from shared.config import JobConfig, PrivacyConfig
+from shared.config import ClusterConfig, JobConfig, PrivacyConfig
 from shared.errors import ConfigError, FedmqError
 from shared.logs import configure_logging
 
@@ -56,7 +56,8 @@ def _job(value: str) -> str:
 
 def add_common(p: argparse.ArgumentParser, *, job: bool = True, job_required: bool = True) -> None:
     p.add_argument("--broker", default=os.environ.get("FEDMQ_BROKER_URL", DEFAULT_URL),
-                   help="AMQP URL, amqps:// for TLS (env FEDMQ_BROKER_URL)")
+                   help="AMQP URL, amqps:// for TLS; the nodes of a cluster as a comma-separated list, "
+                   "tried in turn on connect and reconnect (env FEDMQ_BROKER_URL)")
     if job:
         env_job = os.environ.get("FEDMQ_JOB") or None  # an exported but empty FEDMQ_JOB is unset
         p.add_argument("--job", type=_job, required=job_required and env_job is None,
@@ -172,6 +173,8 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         overrides["data"] = {"test": args.test}
     if args.out:
         overrides.setdefault("coordinator", {})["out"] = args.out
+    if "replicas" in args:  # unset: the config's cluster.replicas (env FEDMQ_CLUSTER_REPLICAS)
+        overrides["cluster"] = {"replicas": args.replicas}
     cfg = load_job_config(args.config, overrides=overrides)
     stop = stop_on_signals()
     coord = Coordinator(args.broker, cfg, stop=stop)
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="job TOML (env FEDMQ_CONFIG); FEDMQ_<SECTION>_<KEY> env overrides it")
     p.add_argument("--test", help="held-out test data (overrides data.test)")
     p.add_argument("--out", help="export directory (overrides coordinator.out)")
+    p.add_argument("--replicas", type=config_number(ClusterConfig, "replicas"), default=argparse.SUPPRESS,
+                   help="copies of each queue and stream on a RabbitMQ cluster, capped at its node count; "
+                   "0 = every node (overrides cluster.replicas, default 3)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     add_metrics_port(p)
     add_broker_wait(p)

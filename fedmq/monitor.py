@@ -40,7 +40,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from shared.broker import Connection, JobNames, StreamReader, read_last
+from shared.broker import Connection, JobNames, StreamReader, broker_urls, read_last
 from shared.codec import unpack
 from shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
 from shared.jobstate import (
@@ -452,7 +452,7 @@ class ManagementAPI:
 
     def __init__(self, base_url: str, broker_url: str, timeout: float = 2.0) -> None:
         parts = urllib.parse.urlsplit(base_url)
-        broker = urllib.parse.urlsplit(broker_url)
+        broker = urllib.parse.urlsplit(broker_urls(broker_url)[0])  # a cluster's nodes share users and vhosts
         user = urllib.parse.unquote(parts.username or broker.username or "guest")
         password = urllib.parse.unquote(parts.password or broker.password or "guest")
         host = parts.hostname or "127.0.0.1"

@@ -8,7 +8,11 @@ Facts this module is built on (see shared/RABBITMQ.md of the design repo):
 * quorum queues need an *int* ``x-delivery-limit`` and at-least-once dead-lettering needs
   ``x-overflow: reject-publish``; the DLX and its queues are declared before the queues using them;
 * a connection is only serviced while `process` runs: long work runs in another thread and the
-  owner keeps calling `process` (heartbeats), see `Connection.wait_for`.
+  owner keeps calling `process` (heartbeats), see `Connection.wait_for`;
+* a broker "URL" may list the nodes of a RabbitMQ cluster, comma-separated: `Connection.open`
+  tries them in turn, the node that answered last first, so every reconnect fails over;
+* quorum queues and streams are declared with an initial replica count (`TopologyConfig.replicas`),
+  which RabbitMQ caps at the cluster's node count (measured on 3.10: 5 on 3 nodes gives 3).
 
 pika errors never leave this module: they become `ConnectionLostError` (transient: reconnect),
 `BrokerAccessError` (credentials / permissions: never retried), `BrokerUnavailableError` or
@@ -67,12 +71,32 @@ class ConnectionLostError(BrokerUnavailableError):
     """The connection dropped (broker restart, network, missed heartbeats): reconnect and resume."""
 
 
+def broker_urls(text: str) -> list[str]:
+    """The node URLs of a broker address: one AMQP URL, or several separated by commas (the nodes
+    of one cluster). A comma inside a password must be written %2C. ConfigError when empty."""
+    urls = [part.strip() for part in text.split(",")]
+    if not any(urls):
+        raise ConfigError("broker URL is empty (give amqp://user:password@host:5672/vhost)")
+    if not all(urls):
+        raise ConfigError(f"broker URL list {mask_url(text)} has an empty entry (separate URLs by one comma)")
+    return urls
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***, for error messages and logs.
+    """The URL (or comma-separated URL list) with every password replaced by ***, for errors and logs.
 
     Never raises: the message saying that a URL is malformed (an unbalanced IPv6 bracket, a bad
-    port) is built with it, so when urlsplit refuses the URL the password is cut out by hand.
+    port) is built with it, so when urlsplit refuses the URL the password is cut out by hand. A
+    text is masked as a list only when every part looks like a URL: an unescaped comma inside a
+    password then masks the whole password, not half of it.
     """
+    parts = url.split(",")
+    if len(parts) > 1 and all("://" in p for p in parts):
+        return ",".join(_mask_one(p) for p in parts)
+    return _mask_one(url)
+
+
+def _mask_one(url: str) -> str:
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -287,20 +311,36 @@ def site_permissions(job: str, site: str, vhost: str = "/") -> SitePermissions:
     )
 
 
+#: replicas of each quorum queue and stream unless the job says otherwise: survives one node lost
+DEFAULT_REPLICAS = 3
+
+
 @dataclass(frozen=True)
 class TopologyConfig:
     task_delivery_limit: int = 20
     update_delivery_limit: int = 5
     retention: Retention = field(default_factory=Retention)
+    #: initial members of every quorum queue and stream; RabbitMQ caps it at the cluster's node
+    #: count (a single node: 1). 0 = send no argument: RabbitMQ's own default, every node. Part
+    #: of the declare: a job re-declared with another value fails with 406 (ConfigError)
+    replicas: int = DEFAULT_REPLICAS
+
+    def quorum_size(self) -> dict[str, Any]:
+        return {"x-quorum-initial-group-size": int(self.replicas)} if self.replicas else {}
+
+    def stream_args(self) -> dict[str, Any]:
+        size = {"x-initial-cluster-size": int(self.replicas)} if self.replicas else {}
+        return {**self.retention.arguments(), **size}
 
 
-def _quorum_args(names: JobNames, delivery_limit: int, **extra: Any) -> dict[str, Any]:
+def _quorum_args(names: JobNames, delivery_limit: int, cfg: TopologyConfig, **extra: Any) -> dict[str, Any]:
     return {
         "x-queue-type": "quorum",
         "x-delivery-limit": int(delivery_limit),
         "x-dead-letter-exchange": names.dead_exchange,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
+        **cfg.quorum_size(),
         **extra,
     }
 
@@ -311,9 +351,9 @@ def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> No
     Dead-letter targets come first: a quorum queue whose DLX does not exist yet keeps its dead
     letters invisibly and retries only every 180 s.
     """
-    stream_args = cfg.retention.arguments()
+    stream_args = cfg.stream_args()
     ch.exchange_declare(names.dead_exchange, "fanout", durable=True)
-    ch.queue_declare(names.dead, durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_declare(names.dead, durable=True, arguments={"x-queue-type": "quorum", **cfg.quorum_size()})
     ch.queue_declare(names.dead_log, durable=True, arguments=stream_args)
     ch.queue_bind(names.dead, names.dead_exchange)
     ch.queue_bind(names.dead_log, names.dead_exchange)
@@ -328,13 +368,13 @@ def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> No
 
     ch.exchange_declare(names.updates_exchange, "topic", durable=True)
     ch.queue_declare(names.updates, durable=True, arguments=_quorum_args(
-        names, cfg.update_delivery_limit, **{"x-single-active-consumer": True}))
+        names, cfg.update_delivery_limit, cfg, **{"x-single-active-consumer": True}))
     ch.queue_declare(names.updates_log, durable=True, arguments=stream_args)
     ch.queue_bind(names.updates, names.updates_exchange, routing_key="#")
     ch.queue_bind(names.updates_log, names.updates_exchange, routing_key="#")
 
     ch.exchange_declare(names.tasks_exchange, "direct", durable=True)
-    ch.queue_declare(names.tasks, durable=True, arguments=_quorum_args(names, cfg.task_delivery_limit))
+    ch.queue_declare(names.tasks, durable=True, arguments=_quorum_args(names, cfg.task_delivery_limit, cfg))
     ch.queue_bind(names.tasks, names.tasks_exchange, routing_key="task")
     # one publish reaches the queue and the journal: a coordinator that dies right after publishing
     # finds the task in the log on restart and does not issue that work a second time
@@ -348,8 +388,8 @@ def declare_encrypted(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig)
     reads its own last sums back from after a restart (its dedup state between versions)."""
     ch.exchange_declare(names.aggregates_exchange, "fanout", durable=True)
     ch.queue_declare(names.aggregates, durable=True, arguments=_quorum_args(
-        names, cfg.update_delivery_limit, **{"x-single-active-consumer": True}))
-    ch.queue_declare(names.aggregates_log, durable=True, arguments=cfg.retention.arguments())
+        names, cfg.update_delivery_limit, cfg, **{"x-single-active-consumer": True}))
+    ch.queue_declare(names.aggregates_log, durable=True, arguments=cfg.stream_args())
     ch.queue_bind(names.aggregates, names.aggregates_exchange)
     ch.queue_bind(names.aggregates_log, names.aggregates_exchange)
 
@@ -411,32 +451,48 @@ def _sleep_backoff(attempt: int, base: float = 0.25, cap: float = 10.0) -> float
     return delay
 
 
+def _node_parameters(url: str, *, name: str, heartbeat: int, connect_timeout: float) -> pika.URLParameters:
+    """pika's parameters for one node URL; ConfigError (exit 2) for anything malformed."""
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:  # "Invalid IPv6 URL", a bracketed host that is no IP address
+        raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
+    if scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"broker URL {mask_url(url)} must start with amqp:// or amqps://")
+    try:
+        params = pika.URLParameters(url)
+    except Exception as exc:  # pika raises ValueError/AttributeError/... on bad URLs
+        raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
+    try:  # pika validates these setters with ValueError/TypeError
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 60
+        params.socket_timeout = connect_timeout
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": name}
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"connection settings for {mask_url(url)}: {exc}") from exc
+    return params
+
+
+#: node list -> index of the node that answered last: a reconnect after losing a node goes
+#: straight to a survivor instead of waiting on the dead one's connect timeout again
+_LAST_GOOD: dict[str, int] = {}
+
+
 class Connection:
-    """One AMQP connection with a confirm channel for publishing and one for consuming."""
+    """One AMQP connection with a confirm channel for publishing and one for consuming.
+
+    `url` may list several nodes of one cluster, comma-separated: `open` tries each once per
+    attempt, the node that answered last first; `node_url` is the one connected to."""
 
     def __init__(self, url: str, *, name: str = "fedmq", heartbeat: int = 30,
                  connect_timeout: float = 5.0) -> None:
         self.url = url
         self.name = name
-        try:
-            scheme = urlsplit(url).scheme
-        except ValueError as exc:  # "Invalid IPv6 URL", a bracketed host that is no IP address
-            raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
-        if scheme not in ("amqp", "amqps"):
-            raise ConfigError(f"broker URL {mask_url(url)} must start with amqp:// or amqps://")
-        try:
-            params = pika.URLParameters(url)
-        except Exception as exc:  # pika raises ValueError/AttributeError/... on bad URLs
-            raise ConfigError(f"broker URL {mask_url(url)} is not valid: {exc}") from exc
-        try:  # pika validates these setters with ValueError/TypeError
-            params.heartbeat = heartbeat
-            params.blocked_connection_timeout = 60
-            params.socket_timeout = connect_timeout
-            params.connection_attempts = 1
-            params.client_properties = {"connection_name": name}
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"connection settings for {mask_url(url)}: {exc}") from exc
-        self._params = params
+        self.urls = broker_urls(url)
+        self._params = [_node_parameters(u, name=name, heartbeat=heartbeat, connect_timeout=connect_timeout)
+                        for u in self.urls]
+        self.node_url = self.urls[0]
         self._conn: pika.BlockingConnection | None = None
         self._pub: BlockingChannel | None = None
         self._cons: BlockingChannel | None = None
@@ -448,11 +504,7 @@ class Connection:
         attempt = 0
         while True:
             try:
-                with amqp_errors(self.url):
-                    self._conn = pika.BlockingConnection(self._params)
-                    self._pub = self._conn.channel()
-                    self._pub.confirm_delivery()
-                log.debug("connected name=%s url=%s", self.name, mask_url(self.url))
+                self._connect_any()
                 return self
             except ConnectionLostError as exc:
                 if attempt >= retries:
@@ -461,6 +513,41 @@ class Connection:
                     ) from exc
                 _sleep_backoff(attempt)
                 attempt += 1
+
+    def _connect_any(self) -> None:
+        """One pass over the node list; raises the last node's ConnectionLostError if none answers.
+
+        Refused credentials or vhost access are raised at once: users and permissions are
+        cluster-wide, so another node would refuse them too."""
+        first = _LAST_GOOD.get(self.url, 0) % len(self.urls)
+        order = [(first + k) % len(self.urls) for k in range(len(self.urls))]
+        lost: ConnectionLostError | None = None
+        for i in order:
+            url = self.urls[i]
+            try:
+                with amqp_errors(url):
+                    conn = pika.BlockingConnection(self._params[i])
+                    try:
+                        pub = conn.channel()
+                        pub.confirm_delivery()
+                    except BaseException:
+                        with suppress(Exception):
+                            conn.close()
+                        raise
+            except ConnectionLostError as exc:
+                lost = exc
+                if len(self.urls) > 1:
+                    log.info("broker node not answering name=%s node=%s error=%r", self.name, mask_url(url),
+                             exc.__cause__)
+                continue
+            self._conn, self._pub, self._cons, self.node_url = conn, pub, None, url
+            if i != first:
+                log.warning("failed over to another broker node name=%s node=%s", self.name, mask_url(url))
+            _LAST_GOOD[self.url] = i
+            log.debug("connected name=%s url=%s", self.name, mask_url(url))
+            return
+        assert lost is not None  # the list is never empty
+        raise lost
 
     def close(self) -> None:
         conn, self._conn, self._pub, self._cons = self._conn, None, None, None

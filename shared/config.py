@@ -305,6 +305,15 @@ class RetentionConfig(Section):
                  f"{self.max_age!r} must be a number and one of Y M D h m s, like 30D or 12h")
 
 
+@dataclass(frozen=True)
+class ClusterConfig(Section):
+    """How the job's queues and streams are replicated over a RabbitMQ cluster (docs/deploy.md)."""
+
+    KEY: ClassVar[str] = "cluster"
+
+    replicas: Annotated[int, In("[0, 99]")] = 3  # copies of each queue and stream (capped at the node count); 0 = all
+
+
 class PrivacyMechanism(StrEnum):
     NONE = "none"
     DP_SGD = "dp_sgd"        # record-level: Opacus DP-SGD at every site
@@ -411,6 +420,7 @@ class JobConfig(Section):
     training: TrainingConfig = field(default_factory=TrainingConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
