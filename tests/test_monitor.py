@@ -25,6 +25,7 @@ from shared.broker import Connection, JobNames
 from shared.config import StrategyConfig
 from shared.jobstate import emit
 from shared.messages import Event, EventKind, Task
+from tests.chaos.harness import wait_until
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, running_aggregator, wait_for_version
 
@@ -215,9 +216,14 @@ def test_snapshots_follow_queue_depths_of_a_running_job(broker_url: str, job: st
         worker = Connection(broker_url, name="fedmq-test-worker").open()
         try:
             worker.consume(names.tasks, lambda d: None, prefetch=1)
-            worker.process(0.3)
-            snap = mon.snapshot().to_dict()
-            assert (snap["queues"]["tasks"]["messages"], snap["queues"]["tasks"]["consumers"]) == (2, 1)
+
+            def tasks_queue() -> tuple[int, int]:
+                worker.process(0.05)
+                q = mon.snapshot().to_dict()["queues"]["tasks"]
+                return q["messages"], q["consumers"]
+
+            wait_until(lambda: tasks_queue() == (2, 1), 20, "tasks ready 2, consumers 1")
+            assert tasks_queue() == (2, 1)
         finally:
             worker.close()
 
@@ -227,9 +233,8 @@ def test_snapshots_follow_queue_depths_of_a_running_job(broker_url: str, job: st
 
         with running_aggregator(broker_url, job, name="agg-under-test"):
             wait_for_version(broker_url, job, 1, timeout=60)
-            deadline = time.monotonic() + 20
-            while (snap := mon.snapshot().to_dict())["active_aggregator"] is None and time.monotonic() < deadline:
-                time.sleep(0.2)
+            snap = wait_until(lambda: (s := mon.snapshot().to_dict())["active_aggregator"] and s, 20,
+                              "the monitor to see the active aggregator", poll=0.2)
             assert snap["queues"]["updates"]["messages"] == 0
             assert snap["queues"]["updates"]["consumers"] == 1
             assert snap["active_aggregator"] == "agg-under-test"

@@ -44,6 +44,18 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, poll: float = 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def holds_for(check: Callable[[], bool], seconds: float, what: str, poll: float = 0.2) -> None:
+    """Fail as soon as `check` is false during the next `seconds`: for what must *not* happen
+    (work issued twice), which no event announces; a positive condition uses `wait_until`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if not check():
+            raise AssertionError(f"no longer true: {what}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(poll)
+
+
 # --------------------------------------------------------------------------- job files
 
 

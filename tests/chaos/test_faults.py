@@ -4,7 +4,6 @@ test_chaos.py. Each test places its fault exactly (shared/faults.py) and checks 
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from shared.config import StrategyConfig, StrategyName
 from shared.ledger import DELIVERY_LIMIT, logged_update_id, read_dead_letter, read_ledger
 from shared.messages import Event, EventKind, ModelVersion, Update, make_version
 from tests.brokers import PrivateBroker
-from tests.chaos.harness import Fleet, close_connection, count_stream, wait_until, write_job
+from tests.chaos.harness import Fleet, close_connection, count_stream, holds_for, wait_until, write_job
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, wait_for_version
 
 TASK_RE = re.compile(r'msg="task received" .*?task=(\w+)')
@@ -124,7 +123,9 @@ def test_a_replica_that_sees_another_replicas_version_rebuilds_instead_of_forkin
                          params=v1.params, model=v1.model)
     with Connection(broker_url, name="fedmq-test-other-replica").open() as conn:
         conn.publish(names.models_exchange, "", other.encode(), message_id="v2")
-    time.sleep(1.0)  # the replica's fence has received v2 by now
+    # v2 is in the stream: the broker pushes it to the replica's fence consumer as to this reader,
+    # long before the two updates below are delivered, folded and flushed
+    wait_until(lambda: len(_versions(broker_url, names)) == 3, 30, "the foreign v2 in the models stream")
     publish_updates(broker_url, job, [make_update(job, f"u-{i}", v0.weights, base_version=1, seed=i)
                                       for i in range(2, 4)])
     got = wait_for_version(broker_url, job, 3)
@@ -204,8 +205,8 @@ def test_a_restarted_coordinator_resumes_without_issuing_work_twice(
         fleet.restart("coordinator")
         wait_until(lambda: count_stream(broker_url, names.tasks_log) >= 3, 150, "three outstanding tasks")
         wait_until(lambda: "coordinator resumed" in fleet.log("coordinator"), 60, "the coordinator to resume")
-        time.sleep(3)  # time to (wrongly) issue more
-        assert count_stream(broker_url, names.tasks_log) == 3, f"restart {restart}"
+        # its loop tops up right after resuming: a wrong top-up would show within this window
+        holds_for(lambda: count_stream(broker_url, names.tasks_log) == 3, 3.0, f"3 tasks after restart {restart}")
         assert ready_tasks() == 3
         fleet.kill("coordinator")
 
