@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,36 @@ def replace_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
+
+
+def run_group(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None,
+              cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(capture_output=True, text=True)` in a process group of its own, and on a
+    timeout the whole group is SIGKILLed, not only `cmd`: `fedmq demo` starts a coordinator, an
+    aggregator and workers as its children, and killing the parent alone would orphan them (still
+    training, still holding the job's queues). Raises `subprocess.TimeoutExpired` like `run`."""
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=out, stderr=err) from None
+    except BaseException:  # KeyboardInterrupt, a test's own timeout: never leave the group running
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    # the parent is gone; children it failed to reap (it crashed) must not outlive it either
+    _kill_group(proc.pid)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nobody (of ours) left in the group
 
 
 def _git_commit() -> str:

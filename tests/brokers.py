@@ -89,7 +89,11 @@ class PrivateBroker:
             if broker_answers(self.url, timeout=1.0):
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"private broker on port {self.port} did not answer within {timeout}s")
+        # a node still booting would outlive the test (and hold its ports): stop it before raising;
+        # it has no state worth a graceful stop, and a booting node may ignore SIGTERM for a while
+        self.stop(timeout=2.0)
+        raise RuntimeError(f"private broker on port {self.port} did not answer within {timeout}s; stopped it "
+                           f"(its output: {self.base / 'server.out'})")
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop only this node: its own process group, by pid."""

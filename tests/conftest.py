@@ -37,8 +37,8 @@ def _find_broker() -> Iterator[str]:
         return
     if PrivateBroker.available():
         node = PrivateBroker()
-        node.start()
         try:
+            node.start()
             yield node.url
         finally:
             node.cleanup()
@@ -70,8 +70,8 @@ def private_broker() -> Iterator[PrivateBroker]:
     if not PrivateBroker.available():
         pytest.skip("rabbitmq-server is not installed: cannot start a private node")
     node = PrivateBroker()
-    node.start()
     try:
+        node.start()
         yield node
     finally:
         node.cleanup()
@@ -89,6 +89,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_fedmq(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the real console entry point in a child process."""
-    return subprocess.run(fedmq_cmd(*args), capture_output=True, text=True, timeout=timeout,
-                          env=child_env(**env), cwd=ROOT)
+    """Run the real console entry point in a child process of its own process group: on a timeout
+    the whole group (a demo's coordinator, aggregators and workers too) is SIGKILLed."""
+    from bench.common import run_group
+
+    return run_group(fedmq_cmd(*args), timeout=timeout, env=child_env(**env), cwd=ROOT)
