@@ -91,7 +91,7 @@ def mask_url(url: str) -> str:
     password then masks the whole password, not half of it.
     """
     parts = url.split(",")
-    if len(parts) > 1 and all("://" in p for p in parts):
+    if len(parts) > 1 and all("://" in p or not p.strip() for p in parts):  # empty entries too
         return ",".join(_mask_one(p) for p in parts)
     return _mask_one(url)
 
