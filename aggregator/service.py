@@ -21,9 +21,18 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from aggregator.dp import DpAggregation
-from aggregator.strategy import Accumulator, NormWindow, chain_window, learning_rate, recorded_norms
+from aggregator.strategy import (
+    Accumulator,
+    NormWindow,
+    chain_window,
+    clip_measure,
+    last_step,
+    learning_rate,
+    recorded_norms,
+)
 from aggregator.validate import validate_update
 from shared import faults, metrics
 from shared.broker import (
@@ -38,7 +47,7 @@ from shared.broker import (
     header_update_id,
     run_forever,
 )
-from shared.config import StrategyConfig
+from shared.config import ClipCenter, StrategyConfig
 from shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError, MalformedMessageError
 from shared.he import is_encrypted
 from shared.jobstate import emit, load_model_state
@@ -258,7 +267,9 @@ class _Session:
         self.seen = set(state.recent_included)
         self.recent = [state.latest.included]
         self.dp = DpAggregation.from_version(state.latest)
-        self.norm_window = chain_window(state.recent_contributions, state.latest.version, self.cfg.clip_window)
+        chain = chain_window(state.recent_contributions, state.latest.version, self.cfg.clip_window,
+                             clip_measure(self.cfg))
+        self.norm_window = dataclasses.replace(chain, step=self._step_of(state.latest, state.parent))
         self.clip_bound = self.norm_window.bound(self.cfg)
         if self.cfg.clip_median_factor > 0 and not self.norm_window.known:
             log.warning("clip history incomplete (models stream truncated?): bound from what is left",
@@ -268,6 +279,19 @@ class _Session:
         self.fence = StreamReader(self.agg.url, self.names.models,
                                   name=f"fedmq-{self.agg.name}-fence-{self.names.job}", prefetch=8)
         self.fence.start(state.offset + 1)
+
+    def _step_of(self, version: ModelVersion, parent: ModelVersion | None) -> dict[str, Any] | None:
+        """Centred clipping's centre for the child of `version`: {} (zero) for v0, None when not
+        centred, or when the parent was not read (the centre is then zero and replay says so)."""
+        if self.cfg.clip_center is not ClipCenter.LAST_STEP:
+            return None
+        if version.parent < 0:
+            return {}
+        if parent is None:
+            log.warning("centred clip: the parent of the newest version was not read, centre is zero",
+                        extra={"job": self.names.job, "version": version.version})
+            return None
+        return last_step(version.weights, parent.weights, self.cfg)
 
     def _check_fence(self) -> None:
         """Never publish a second child of the same parent: if a version newer than ours appeared
@@ -342,7 +366,8 @@ class _Session:
         self.folding = True
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version,
-                      median_bound=self.clip_bound)
+                      median_bound=self.clip_bound, center=self.norm_window.step,
+                      outlier_limit=self.norm_window.limit(self.cfg))
         return tau
 
     def _ready(self) -> bool:
@@ -377,7 +402,8 @@ class _Session:
         self.current = mv
         self._remember(mv.included)
         # the next version's clip bound: from the norms as published (the same floats replay reads)
-        self.norm_window = self.norm_window.push(recorded_norms(mv.contributions))
+        self.norm_window = self.norm_window.push(recorded_norms(mv.contributions, clip_measure(self.cfg)),
+                                                 self._step_of(mv, cur))
         self.clip_bound = self.norm_window.bound(self.cfg)
         self.agg.stats.versions += 1
         self.agg.stats.applied += len(mv.included)

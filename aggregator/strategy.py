@@ -29,19 +29,32 @@ is a pure function of what the models stream holds (`NormWindow`, `median_clip_b
 replica taking over and `fedmq replay` derive the same bound; it does not look at the buffer being
 filled, so the fold stays O(model) and its order does not matter for the bound. Until the window
 holds `MIN_CLIP_NORMS` norms there is no median bound (only ``clip_norm``, if set).
+
+Centred clipping (``clip_center = "last_step"``, after Karimireddy, He and Jaggi, ICML 2021): a
+length bound alone lets an attacker pull against the honest direction with a full-length update
+(a sign flip clipped to the median norm still cancels an honest one). Centred, each delta is
+replaced by ``c + clip(delta - c, bound)``, where c is the step the previous version took
+(`last_step`: its weights minus its parent's, over the server lr) and the bound is factor x the
+running median of recorded *deviations* ``|delta - c|``. An update can then move the mean at most
+``bound / K`` away from where the honest majority was already heading, whatever its direction.
+c is computed from published weights only, so a replica taking over and replay get the same bits.
+Before any deviation is recorded (the job's first version) there is no running median, and an
+unclipped first version would hand attackers the centre: those folds are held until the flush and
+clipped against factor x the median of that version's own deviations (K deltas in memory, once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any
 
 import numpy as np
 
 from shared.codec import Weights
-from shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
+from shared.config import ClipCenter, Robust, StalenessFn, StrategyConfig, StrategyName
+from shared.errors import OutlierError
 
 
 def staleness_factor(tau: int, fn: StalenessFn = StalenessFn.POLYNOMIAL, a: float = 0.5, b: int = 4) -> float:
@@ -93,12 +106,16 @@ class Contribution:
     #: L2 norm of the delta as received, before any clipping: the running-median clip's history.
     #: None only for contributions rebuilt from versions written before norms were recorded.
     norm: float | None = None
+    #: centred clipping only: L2 norm of the delta's deviation from the centre, before clipping
+    deviation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"update_id": self.update_id, "site": self.site, "base_version": self.base_version,
                                "staleness": self.staleness, "weight": self.weight, "num_samples": self.num_samples}
         if self.norm is not None:
             out["norm"] = self.norm
+        if self.deviation is not None:
+            out["deviation"] = self.deviation
         return out
 
 
@@ -117,14 +134,20 @@ def median_clip_bound(norms: Sequence[float], factor: float) -> float | None:
     return factor * float(np.median(np.asarray(norms, dtype=np.float64)))
 
 
-def recorded_norms(contributions: Sequence[Mapping[str, Any]]) -> tuple[float, ...]:
-    """The norms a version's recorded contributions carry, in `included` order.
+def clip_measure(cfg: StrategyConfig) -> str:
+    """The contribution field the running median is taken over: raw norms, or deviations when centred."""
+    return "deviation" if cfg.clip_center is ClipCenter.LAST_STEP else "norm"
 
-    Entries without a finite non-negative float ``norm`` (versions written before norms were
+
+def recorded_norms(contributions: Sequence[Mapping[str, Any]], measure: str = "norm") -> tuple[float, ...]:
+    """The norms (field `measure`, see `clip_measure`) a version's recorded contributions carry, in
+    `included` order.
+
+    Entries without a finite non-negative float there (versions written before norms were
     recorded, CKKS versions) add nothing: the bound uses only what the stream actually says."""
     out = []
     for c in contributions:
-        n = c.get("norm")
+        n = c.get(measure)
         if isinstance(n, float) and np.isfinite(n) and n >= 0:
             out.append(n)
     return tuple(out)
@@ -137,11 +160,15 @@ class NormWindow:
     `complete` is False when the chain's older versions were not read (the models stream was
     truncated by retention, or a reader started mid-stream) and fewer than `window` versions are
     known: such a window cannot say what bound the aggregator used (`known`).
+
+    `step` is the newest version's `last_step`, the centre of centred clipping: empty for v0 (a
+    zero centre), None when not known (its parent was not read) or not needed.
     """
 
     window: int
     versions: tuple[tuple[float, ...], ...] = ()
     complete: bool = True
+    step: Mapping[str, np.ndarray] | None = field(default=None, compare=False)
 
     @property
     def known(self) -> bool:
@@ -150,18 +177,22 @@ class NormWindow:
     def norms(self) -> list[float]:
         return [n for v in self.versions[-self.window:] for n in v]
 
-    def push(self, norms: Sequence[float]) -> NormWindow:
-        """The window of a child version: this one plus the child's own norms, oldest dropped."""
+    def push(self, norms: Sequence[float], step: Mapping[str, np.ndarray] | None = None) -> NormWindow:
+        """The window of a child version: this one plus the child's own norms (and step), oldest dropped."""
         versions = (*self.versions, tuple(norms))[-self.window:]
-        return NormWindow(self.window, versions, self.complete or len(versions) >= self.window)
+        return NormWindow(self.window, versions, self.complete or len(versions) >= self.window, step)
 
     def bound(self, cfg: StrategyConfig) -> float | None:
         """The running-median clip bound for a version built on top of this window's newest one."""
         return median_clip_bound(self.norms(), cfg.clip_median_factor)
 
+    def limit(self, cfg: StrategyConfig) -> float | None:
+        """Beyond this an update is an outlier (dead-lettered), for the same version; None = off/short."""
+        return median_clip_bound(self.norms(), cfg.outlier_factor)
+
 
 def chain_window(entries: Sequence[tuple[int, int, Sequence[Mapping[str, Any]]]], head: int,
-                 window: int) -> NormWindow:
+                 window: int, measure: str = "norm") -> NormWindow:
     """The NormWindow of version `head` from (version, parent, contributions) entries in stream order.
 
     Walks parent links back from `head`; where a version number has several entries (a fork), the
@@ -177,7 +208,7 @@ def chain_window(entries: Sequence[tuple[int, int, Sequence[Mapping[str, Any]]]]
         if entry is None:
             break
         parent, contributions = entry
-        chain.append(recorded_norms(contributions))
+        chain.append(recorded_norms(contributions, measure))
         if parent < 0:
             complete = True
             break
@@ -186,8 +217,38 @@ def chain_window(entries: Sequence[tuple[int, int, Sequence[Mapping[str, Any]]]]
     return NormWindow(window, tuple(chain), complete or len(chain) >= window)
 
 
+def _refuse_outlier(update_id: str, what: str, size: float, limit: float | None, cfg: StrategyConfig) -> None:
+    if limit is not None and size > limit:
+        raise OutlierError(f"update {update_id}: {what} {size:.4g} > {cfg.outlier_factor:g} x the running median "
+                           f"({limit:.4g}); dead-lettered, not folded (strategy.outlier_factor)")
+
+
 def learning_rate(cfg: StrategyConfig) -> float:
     return cfg.alpha if cfg.name is StrategyName.FEDASYNC else cfg.server_lr
+
+
+def last_step(weights: Weights, parent: Weights, cfg: StrategyConfig) -> dict[str, np.ndarray]:
+    """(weights - parent) / lr in float64: the mean delta a version applied, as published (after
+    the cast to the model's dtype and any central noise), so every reader derives the same bits."""
+    lr = learning_rate(cfg)
+    return {k: (np.asarray(w, np.float64) - np.asarray(parent[k], np.float64)) / lr
+            for k, w in weights.items() if k in parent}
+
+
+def centred_clip(delta: Weights, center: Mapping[str, np.ndarray] | None,
+                 bound: float | None) -> tuple[dict[str, np.ndarray], float]:
+    """(center + clip(delta - center, bound), |delta - center|); a missing centre is zero and
+    bound None clips nothing (the median history is still short)."""
+    center = center or {}
+    base = {k: np.asarray(center[k], np.float64) if k in center else np.zeros(np.shape(v), np.float64)
+            for k, v in delta.items()}
+    deviation = {k: np.asarray(v, np.float64) - base[k] for k, v in delta.items()}
+    size = l2_norm(deviation)
+    if bound is not None and bound <= 0 < size:
+        deviation = {k: np.zeros_like(v) for k, v in deviation.items()}
+    elif bound is not None:
+        deviation = clip(deviation, bound, size)
+    return {k: base[k] + deviation[k] for k in delta}, size
 
 
 class Accumulator:
@@ -198,6 +259,8 @@ class Accumulator:
         self._sum: dict[str, np.ndarray] | None = None
         self._denominator = 0.0
         self._buffer: list[Weights] = []  # robust strategies only
+        #: centred folds before any deviation was recorded: (delta, centre, deviation, s, m)
+        self._pending: list[tuple[Weights, Mapping[str, np.ndarray] | None, float, float, float]] = []
         self.contributions: list[Contribution] = []
 
     def __len__(self) -> int:
@@ -207,22 +270,40 @@ class Accumulator:
         return len(self) >= self.cfg.effective_buffer
 
     def fold(self, *, update_id: str, site: str, delta: Weights, tau: int, num_samples: int,
-             base_version: int, median_bound: float | None = None) -> Contribution:
+             base_version: int, median_bound: float | None = None,
+             center: Mapping[str, np.ndarray] | None = None, outlier_limit: float | None = None) -> Contribution:
         """Fold one delta. `median_bound` is the running-median clip bound of the version being
-        built (`NormWindow.bound`; None = none yet, or clipping against the median is off)."""
+        built (`NormWindow.bound`; None = none yet, or clipping against the median is off);
+        `center` the centred clip's centre (`NormWindow.step`), used when clip_center is last_step;
+        `outlier_limit` (`NormWindow.limit`): raises OutlierError, before touching any state, for a
+        delta whose norm (deviation, when centred) exceeds it."""
         cfg = self.cfg
         s = staleness_factor(tau, cfg.staleness, cfg.staleness_a, cfg.staleness_b)
         m = float(num_samples) if cfg.sample_weighted else 1.0
         norm = l2_norm(delta)
-        bound = cfg.clip_norm
-        if median_bound is not None and (bound <= 0 or median_bound < bound):
-            bound = median_bound
-        if median_bound is not None and median_bound <= 0 < norm:
-            # the recent updates were all zero: a bound of 0 admits no movement (clip's 0 means "off")
-            delta = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
+        if cfg.clip_center is not ClipCenter.LAST_STEP:
+            _refuse_outlier(update_id, "L2 norm", norm, outlier_limit, cfg)
+            self._add(self._length_clip(delta, norm, median_bound), s, m)
+            c = Contribution(update_id, site, base_version, tau, s * m, num_samples, norm)
+            self.contributions.append(c)
+            return c
+        delta = clip(delta, cfg.clip_norm, norm)
+        if median_bound is None:
+            # cold start (no recorded deviations yet): held until flush, then clipped against the
+            # median of this version's own deviations, so the very first version is bounded too
+            deviation = centred_clip(delta, center, None)[1]
+            _refuse_outlier(update_id, "deviation from the last step", deviation, outlier_limit, cfg)
+            self._pending.append((delta, center, deviation, s, m))
         else:
-            delta = clip(delta, bound, norm)
-        if cfg.robust is Robust.NONE:
+            clipped, deviation = centred_clip(delta, center, median_bound)
+            _refuse_outlier(update_id, "deviation from the last step", deviation, outlier_limit, cfg)
+            self._add(clipped, s, m)
+        c = Contribution(update_id, site, base_version, tau, s * m, num_samples, norm, deviation)
+        self.contributions.append(c)
+        return c
+
+    def _add(self, delta: Weights, s: float, m: float) -> None:
+        if self.cfg.robust is Robust.NONE:
             if self._sum is None:
                 self._sum = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
             w = s * m
@@ -231,11 +312,28 @@ class Accumulator:
             self._denominator += m
         else:
             self._buffer.append({k: s * np.asarray(v, dtype=np.float64) for k, v in delta.items()})
-        c = Contribution(update_id, site, base_version, tau, s * m, num_samples, norm)
-        self.contributions.append(c)
-        return c
+
+    def _resolve_pending(self) -> None:
+        """Clip the cold-start folds against factor x the median of their own deviations."""
+        if not self._pending:
+            return
+        bound = self.cfg.clip_median_factor * float(np.median(np.asarray([p[2] for p in self._pending], np.float64)))
+        for delta, center, _deviation, s, m in self._pending:
+            self._add(centred_clip(delta, center, bound)[0], s, m)
+        self._pending = []
+
+    def _length_clip(self, delta: Weights, norm: float, median_bound: float | None) -> Weights:
+        """Scale to the tighter of clip_norm and the running-median bound."""
+        bound = self.cfg.clip_norm
+        if median_bound is not None and (bound <= 0 or median_bound < bound):
+            bound = median_bound
+        if median_bound is not None and median_bound <= 0 < norm:
+            # the recent updates were all zero: a bound of 0 admits no movement (clip's 0 means "off")
+            return {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
+        return clip(delta, bound, norm)
 
     def mean_delta(self) -> dict[str, np.ndarray]:
+        self._resolve_pending()
         cfg = self.cfg
         if cfg.robust is Robust.NONE:
             if self._sum is None or self._denominator <= 0:
@@ -266,6 +364,7 @@ class Accumulator:
             new[k] = (base + lr * step if step is not None else base).astype(np.asarray(w).dtype)
         contributions = self.contributions
         self._sum, self._denominator, self._buffer, self.contributions = None, 0.0, [], []
+        self._pending = []
         return new, contributions
 
 

@@ -44,12 +44,12 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Accumulator, Contribution, NormWindow, l2_norm, recorded_norms
+from aggregator.strategy import Accumulator, Contribution, NormWindow, clip_measure, l2_norm, last_step, recorded_norms
 from aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none
 from shared.broker import JobNames, read_stream
 from shared.codec import Weights, weights_sha256
-from shared.config import StrategyConfig, StrategyName
+from shared.config import ClipCenter, StrategyConfig, StrategyName
 from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError
 from shared.messages import ModelVersion, Update
 from shared.plugins import import_callable
@@ -180,19 +180,25 @@ def fold_version(parent: ModelVersion, version: ModelVersion, updates: Sequence[
     `parent`): the running-median clip bound is recomputed from it, never read from the version.
     Raises ClipHistoryUnknownError when clipping is on and that window was not (fully) read."""
     cfg = StrategyConfig.from_params(version.params)
-    bound = None
+    bound = limit = None
     if cfg.clip_median_factor > 0:
         if norms is None or not norms.known:
             raise ClipHistoryUnknownError(
                 f"the running-median clip bound needs the norms of the {cfg.clip_window} versions up to "
                 f"v{parent.version}, and the older ones were not read (truncated models stream)")
-        bound = NormWindow(cfg.clip_window, norms.versions, norms.complete).bound(cfg)
+        window = NormWindow(cfg.clip_window, norms.versions, norms.complete)
+        bound, limit = window.bound(cfg), window.limit(cfg)
+    center = norms.step if norms is not None else None
+    if cfg.clip_center is ClipCenter.LAST_STEP and center is None:
+        raise ClipHistoryUnknownError(
+            f"the centred clip's centre is the step v{parent.version} took from its parent, which was not read")
     acc = Accumulator(cfg)
     for u in updates:
         if u.delta is None:
             raise ValueError(f"update {u.update_id} is encrypted")
         acc.fold(update_id=u.update_id, site=u.site, delta=u.delta, tau=parent.version - u.base_version,
-                 num_samples=u.num_samples, base_version=u.base_version, median_bound=bound)
+                 num_samples=u.num_samples, base_version=u.base_version, median_bound=bound, center=center,
+                 outlier_limit=limit)
     weights, contributions = acc.flush(parent.weights)
     if version.contributions and not any("norm" in c for c in version.contributions):
         # written before norms were recorded: compare what was recorded (the math is unchanged)
@@ -348,6 +354,8 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
             weights, contributions, cfg = fold_version(parent, version, attempt, norms)
         except ClipHistoryUnknownError as exc:
             return _verdict(version, Status.UNVERIFIABLE, str(exc), used=attempt)
+        except InvalidUpdateError as exc:  # an included outlier: the aggregator should have refused it
+            return _verdict(version, Status.MISMATCH, f"included update refused ({exc.reason}): {exc}", used=attempt)
         except (ConfigError, ValueError, KeyError) as exc:
             return _verdict(version, Status.MISMATCH, f"cannot recompute: {exc}", used=attempt)
         try:
@@ -762,18 +770,22 @@ class Replayer:
         """mv's NormWindow: its parent's (the newest entry of that number, as an aggregator reloading
         would pick) plus mv's own recorded norms; unknown history before the first version read."""
         try:
-            window = StrategyConfig.from_params(mv.params).clip_window
+            cfg = StrategyConfig.from_params(mv.params)
         except ConfigError:
-            window = StrategyConfig().clip_window
+            cfg = StrategyConfig()
+        window = cfg.clip_window
         parents = self.recent.get(mv.parent, [])
+        centred = cfg.clip_center is ClipCenter.LAST_STEP  # only then keep a step (one model) per version
+        step: Mapping[str, Any] | None = None
         if mv.parent < 0:
-            base = NormWindow(window)
+            base, step = NormWindow(window), {}
         elif parents:
             base = self.norms.get((mv.parent, parents[-1].sha256), NormWindow(window, complete=False))
+            step = last_step(mv.weights, parents[-1].weights, cfg) if centred else None
         else:
             base = NormWindow(window, complete=False)
         base = NormWindow(window, base.versions, base.complete)
-        self.norms[(mv.version, mv.sha256)] = base.push(recorded_norms(mv.contributions))
+        self.norms[(mv.version, mv.sha256)] = base.push(recorded_norms(mv.contributions, clip_measure(cfg)), step)
 
     def _check_against_parents(self, mv: ModelVersion, candidates: Mapping[str, Sequence[Update]]) -> Verdict:
         """Against the parent entry; after a fork, against each entry of the parent's number."""

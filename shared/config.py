@@ -58,6 +58,13 @@ class Robust(StrEnum):
     MEDIAN = "median"
 
 
+class ClipCenter(StrEnum):
+    """What the running-median clip measures each delta against."""
+
+    ZERO = "zero"            # the delta itself: bounds its length, not its direction
+    LAST_STEP = "last_step"  # its deviation from the previous version's step (centred clipping)
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -209,6 +216,8 @@ class StrategyConfig(Section):
     max_update_norm: Norm = 0.0    # > 0: dead-letter deltas with a larger L2 norm ("norm_bound")
     clip_median_factor: Annotated[float, In("[0, 1000]")] = 0.0  # >= 1: clip to factor x running median norm; 0 = off
     clip_window: Annotated[int, In("[1, 1000]")] = 10  # versions whose recorded norms form that median
+    clip_center: ClipCenter = ClipCenter.ZERO  # last_step: clip each delta's deviation from the last step
+    outlier_factor: Annotated[float, In("[0, 1000]")] = 0.0  # > 0: dead-letter beyond factor x that median ("outlier")
 
     def check(self) -> None:
         if self.name is StrategyName.FEDAVG:
@@ -217,6 +226,12 @@ class StrategyConfig(Section):
         _require(self.clip_median_factor == 0 or self.clip_median_factor >= 1, "strategy.clip_median_factor",
                  f"must be 0 (off) or >= 1 (below 1 it shrinks the typical honest update), "
                  f"got {self.clip_median_factor!r}")
+        _require(self.clip_center is ClipCenter.ZERO or self.clip_median_factor > 0, "strategy.clip_center",
+                 "last_step clips against the running median of deviations: set clip_median_factor >= 1 too")
+        _require(self.outlier_factor == 0 or (self.clip_median_factor > 0
+                                              and self.outlier_factor >= self.clip_median_factor),
+                 "strategy.outlier_factor", f"must be 0 (off) or >= clip_median_factor (> 0), which it refines, "
+                 f"got {self.outlier_factor!r} with clip_median_factor {self.clip_median_factor!r}")
 
     @property
     def effective_buffer(self) -> int:

@@ -15,6 +15,7 @@ Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead lett
         ├── ShapeMismatchError      "shape_mismatch"
         ├── NonFiniteError          "non_finite"
         ├── NormBoundError          "norm_bound"
+        ├── OutlierError            "outlier"
         ├── StaleUpdateError        "stale"
         ├── FutureVersionError      "future_version"
         ├── SignatureError          "bad_signature"
@@ -77,6 +78,12 @@ class NonFiniteError(InvalidUpdateError):
 
 class NormBoundError(InvalidUpdateError):
     reason = "norm_bound"
+
+
+class OutlierError(InvalidUpdateError):
+    """Far outside the running median of recent updates (strategy.outlier_factor)."""
+
+    reason = "outlier"
 
 
 class StaleUpdateError(InvalidUpdateError):

@@ -60,6 +60,9 @@ class ModelState:
     #: (version, parent, contributions) of every version read, in stream order: the running-median
     #: clip rebuilds its norm history from these (aggregator.strategy.chain_window)
     recent_contributions: list[tuple[int, int, tuple[dict[str, Any], ...]]] = field(default_factory=list)
+    #: the newest entry of latest.parent read before latest (centred clipping's centre needs its
+    #: weights); None when latest is v0 or that entry was not in the window read
+    parent: ModelVersion | None = None
 
 
 def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float = 0.0) -> ModelState:
@@ -85,6 +88,9 @@ def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float
     best_offset = 0
     included: set[str] = set()
     contributions: list[tuple[int, int, tuple[dict[str, Any], ...]]] = []
+    # the newest entry of each of the last two version numbers: the best one's parent is among
+    # them (keeps two models in memory, not the window's)
+    newest: dict[int, ModelVersion] = {}
     # stop at the offset "last" found instead of waiting for the stream to go quiet: this read is
     # on the takeover path, and the idle wait would be most of a standby's takeover time
     with StreamReader(url, names.models, name=f"fedmq-state-{names.job}") as reader:
@@ -98,12 +104,16 @@ def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float
                 included.update(mv.included)
                 contributions.append((mv.version, mv.parent, mv.contributions))
                 if best is None or mv.version >= best.version:
+                    if best is not None and best.version < mv.version:
+                        newest = {v: e for v, e in newest.items() if v >= mv.version - 1}
                     best, best_offset = mv, d.stream_offset or 0
+                    newest[mv.version] = mv
             if (d.stream_offset or 0) >= last_offset:
                 break
     if best is None:
         raise JobNotFoundError(f"job {names.job}: models stream has no readable version")
-    return ModelState(best, best_offset, included, contributions)
+    parent = newest.get(best.parent) if best.parent == best.version - 1 else None
+    return ModelState(best, best_offset, included, contributions, parent)
 
 
 def find_version(url: str, names: JobNames, version: int, offset: int | None = None,

@@ -7,6 +7,7 @@ aggregator and `fedmq replay` derive the same one, bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 
@@ -17,8 +18,11 @@ from aggregator.strategy import (
     MIN_CLIP_NORMS,
     Accumulator,
     NormWindow,
+    centred_clip,
     chain_window,
+    clip_measure,
     l2_norm,
+    last_step,
     median_clip_bound,
     recorded_norms,
 )
@@ -26,10 +30,17 @@ from fedmq.replay import ClipHistoryUnknownError, Status, fold_version, replay
 from shared import he
 from shared.broker import Connection, JobNames
 from shared.codec import Weights, weights_sha256
-from shared.config import Robust, StrategyConfig
-from shared.errors import ConfigError
+from shared.config import ClipCenter, Robust, StrategyConfig
+from shared.errors import ConfigError, OutlierError
 from shared.messages import ModelVersion, make_version
-from tests.jobkit import declare_job_with_v0, make_update, publish_updates, running_aggregator, wait_for_version
+from tests.jobkit import (
+    dead_letters,
+    declare_job_with_v0,
+    make_update,
+    publish_updates,
+    running_aggregator,
+    wait_for_version,
+)
 
 
 def _delta(scale: float, seed: int = 0) -> Weights:
@@ -113,6 +124,79 @@ def test_clip_median_config_is_validated() -> None:
             StrategyConfig.from_params(bad)
 
 
+def test_centred_clip_bounds_the_deviation_from_the_centre_not_the_length() -> None:
+    honest = _delta(0.01, 1)
+    flipped = {k: -10.0 * np.asarray(v, np.float64) for k, v in honest.items()}
+    center = {k: np.asarray(v, np.float64) for k, v in honest.items()}
+    bound = 0.5 * l2_norm(honest)
+    out, deviation = centred_clip(flipped, center, bound)
+    assert deviation == pytest.approx(11 * l2_norm(honest), rel=1e-6)  # |-10 d - d|
+    # the flip lands half a step short of the centre, still on the honest side
+    for k in out:
+        np.testing.assert_allclose(out[k], 0.5 * center[k], rtol=1e-5, atol=1e-12)
+    # a zero (or missing) centre is a plain length clip; no bound yet clips nothing
+    zero, size = centred_clip(flipped, {}, bound)
+    assert size == pytest.approx(l2_norm(flipped)) and l2_norm(zero) == pytest.approx(bound, rel=1e-9)
+    same, _ = centred_clip(flipped, center, None)
+    assert all(np.array_equal(same[k], flipped[k]) for k in flipped)
+    # a zero median: only the centre is left
+    stay, _ = centred_clip(flipped, center, 0.0)
+    assert all(np.array_equal(stay[k], center[k]) for k in center)
+
+
+def test_a_centred_fold_records_the_deviation_and_medians_over_it() -> None:
+    cfg = StrategyConfig(buffer_size=1, clip_median_factor=1.0, clip_center=ClipCenter.LAST_STEP)
+    assert clip_measure(cfg) == "deviation" and clip_measure(StrategyConfig()) == "norm"
+    honest, center = _delta(0.01, 1), {k: np.asarray(v, np.float64) for k, v in _delta(0.01, 2).items()}
+    c = Accumulator(cfg).fold(update_id="u", site="a", delta=honest, tau=0, num_samples=1, base_version=3,
+                              center=center)
+    dev = l2_norm({k: np.asarray(v, np.float64) - center[k] for k, v in honest.items()})
+    assert c.norm == l2_norm(honest) and c.deviation == dev
+    assert recorded_norms([c.to_dict()], "deviation") == (dev,)
+    assert "deviation" not in Accumulator(StrategyConfig(buffer_size=1)).fold(
+        update_id="u", site="a", delta=honest, tau=0, num_samples=1, base_version=0).to_dict()
+
+
+def test_last_step_is_the_published_difference_over_the_server_lr() -> None:
+    parent = {"w": np.ones((2, 2), np.float32)}
+    child = {"w": np.full((2, 2), 1.5, np.float32)}
+    step = last_step(child, parent, StrategyConfig(server_lr=0.5))
+    assert step["w"].dtype == np.float64 and np.all(step["w"] == 1.0)
+
+
+def test_clip_center_needs_the_median_clip() -> None:
+    with pytest.raises(ConfigError, match="strategy.clip_center"):
+        StrategyConfig.from_params({"clip_center": "last_step"})
+    with pytest.raises(ConfigError, match="strategy.clip_center"):
+        StrategyConfig.from_params({"clip_center": "sideways", "clip_median_factor": 2.0})
+    assert StrategyConfig.from_params({"clip_center": "last_step", "clip_median_factor": 2.0}).clip_center \
+        is ClipCenter.LAST_STEP
+
+
+def test_an_outlier_is_refused_before_the_accumulator_changes() -> None:
+    honest, attack = _delta(0.01, 1), _delta(0.1, 2)
+    for center in (ClipCenter.ZERO, ClipCenter.LAST_STEP):
+        acc = Accumulator(StrategyConfig(buffer_size=3, clip_median_factor=1.0, outlier_factor=3.0,
+                                         clip_center=center))
+        limit = 3 * l2_norm(honest)
+        acc.fold(update_id="h", site="a", delta=honest, tau=0, num_samples=1, base_version=0,
+                 median_bound=l2_norm(honest), outlier_limit=limit)
+        before = acc.mean_delta()
+        with pytest.raises(OutlierError, match="outlier_factor") as exc:
+            acc.fold(update_id="x", site="b", delta=attack, tau=0, num_samples=1, base_version=0,
+                     median_bound=l2_norm(honest), outlier_limit=limit)
+        assert exc.value.reason == "outlier" and len(acc) == 1
+        assert all(np.array_equal(before[k], acc.mean_delta()[k]) for k in before)
+
+
+def test_outlier_factor_refines_the_median_clip() -> None:
+    assert StrategyConfig(clip_median_factor=1.0, outlier_factor=4.0).outlier_factor == 4.0
+    for bad in ({"outlier_factor": 4.0}, {"outlier_factor": 1.5, "clip_median_factor": 2.0},
+                {"outlier_factor": -1.0, "clip_median_factor": 1.0}):
+        with pytest.raises(ConfigError, match="strategy.outlier_factor"):
+            StrategyConfig.from_params(bad)
+
+
 def test_encrypted_jobs_refuse_robust_settings() -> None:
     for cfg in (StrategyConfig(clip_median_factor=2.0), StrategyConfig(robust=Robust.MEDIAN),
                 StrategyConfig(robust=Robust.TRIMMED_MEAN)):
@@ -139,6 +223,22 @@ def test_replay_fold_needs_the_parent_chain_norms() -> None:
     weights, contributions, _ = fold_version(parent, child, [u], norms)
     assert l2_norm(weights) == pytest.approx(0.02, rel=1e-6)  # clipped to 2 x median
     assert contributions[0].norm == l2_norm(u.delta or {})
+
+
+def test_replay_of_a_centred_fold_needs_the_parent_step() -> None:
+    cfg = StrategyConfig(buffer_size=1, clip_median_factor=2.0, clip_window=2, clip_center=ClipCenter.LAST_STEP)
+    w = {k: np.zeros_like(v) for k, v in _delta(1.0).items()}
+    parent = _version(5, 4, cfg.to_params(), [{"update_id": "x", "deviation": 1.0}], w)
+    u = make_update("j", "u", w, base_version=5, scale=0.1)
+    child = _version(6, 5, cfg.to_params(), [{"update_id": "u", "deviation": 1.0}], w)
+    norms = NormWindow(2, ((0.01, 0.01, 0.01), (0.01, 0.01)))
+    with pytest.raises(ClipHistoryUnknownError, match="centre"):
+        fold_version(parent, child, [u], norms)  # the window has no step: v4 was not read
+    step = {k: np.full(np.shape(v), 0.001) for k, v in w.items()}
+    weights, contributions, _ = fold_version(parent, child, [u], NormWindow(2, norms.versions, step=step))
+    deviation = {k: np.asarray(weights[k], np.float64) - step[k] for k in weights}
+    assert l2_norm(deviation) == pytest.approx(0.02, rel=1e-5)  # 2 x median deviation, around the step
+    assert contributions[0].deviation is not None
 
 
 def test_replay_of_a_version_written_before_norms_compares_what_was_recorded() -> None:
@@ -221,3 +321,70 @@ def test_trimmed_mean_and_median_end_to_end(broker_url: str, robust_job: str, ro
     assert max(float(np.max(np.abs(s))) for s in step.values()) < 0.1  # the 100x-scale update is cut away
     report = replay(broker_url, job)
     assert [c.status for c in report.checks] == [Status.ROOT, Status.OK]
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(240)
+def test_a_sign_flip_is_clipped_around_the_last_step_across_a_restart(broker_url: str, robust_job: str) -> None:
+    job = robust_job
+    cfg = StrategyConfig(buffer_size=2, flush_timeout=120.0, clip_median_factor=1.0, clip_window=3,
+                         clip_center=ClipCenter.LAST_STEP, staleness_a=0.0)
+    v0 = declare_job_with_v0(broker_url, job, cfg)
+    honest = [make_update(job, f"h{i}", v0.weights, site=f"site-{i % 3}", seed=i, scale=0.01) for i in range(6)]
+    with running_aggregator(broker_url, job):
+        for i in range(3):
+            publish_updates(broker_url, job, [dataclasses.replace(u, base_version=i) for u in honest[2 * i:2 * i + 2]])
+            wait_for_version(broker_url, job, i + 1)
+    # a new replica: the deviations and the centre (v3 - v2) come from the models stream only
+    with running_aggregator(broker_url, job, name="aggregator-2"):
+        got = wait_for_version(broker_url, job, 3)
+        v2, v3 = got[2], got[3]
+        center = last_step(v3.weights, v2.weights, cfg)
+        good = make_update(job, "h6", v0.weights, site="site-1", seed=6, scale=0.01, base_version=3)
+        flip = dataclasses.replace(good, update_id="evil", task_id="evil", site="site-9",
+                                   delta={k: -10 * v for k, v in (good.delta or {}).items()})
+        publish_updates(broker_url, job, [flip, good])
+        v4 = wait_for_version(broker_url, job, 4)[4]
+        assert v4.included == ("evil", "h6")
+        deviations = [c["deviation"] for v in got[1:4] for c in v.contributions]
+        bound = median_clip_bound(deviations, 1.0)
+        assert bound is not None and v4.contributions[0]["deviation"] > 5 * bound
+        acc = Accumulator(cfg)
+        for u in (flip, good):
+            acc.fold(update_id=u.update_id, site=u.site, delta=u.delta or {}, tau=0, num_samples=u.num_samples,
+                     base_version=3, median_bound=bound, center=center)
+        expected, _ = acc.flush(v3.weights)
+        assert weights_sha256(expected) == v4.sha256
+        # the flipped update moved the mean by at most bound / K away from the centre
+        good_share, _ = centred_clip(good.delta or {}, center, bound)
+        step = last_step(v4.weights, v3.weights, cfg)
+        off = {k: 2 * step[k] - good_share[k] - center[k] for k in step}
+        assert l2_norm(off) == pytest.approx(bound, rel=1e-4)
+    report = replay(broker_url, job)
+    assert [c.status for c in report.checks] == [Status.ROOT] + [Status.OK] * 4, [c.to_dict() for c in report.checks]
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(240)
+def test_an_outlier_is_dead_lettered_and_replay_agrees(broker_url: str, robust_job: str) -> None:
+    job = robust_job
+    cfg = StrategyConfig(buffer_size=2, flush_timeout=120.0, clip_median_factor=1.0, clip_window=3,
+                         clip_center=ClipCenter.LAST_STEP, outlier_factor=3.0, staleness_a=0.0)
+    v0 = declare_job_with_v0(broker_url, job, cfg)
+    with running_aggregator(broker_url, job):
+        for i in range(3):
+            publish_updates(broker_url, job, [make_update(job, f"h{2 * i + j}", v0.weights, site=f"site-{j}",
+                                                          seed=2 * i + j, scale=0.01, base_version=i)
+                                              for j in range(2)])
+            wait_for_version(broker_url, job, i + 1)
+        good = [make_update(job, f"h{i}", v0.weights, site="site-1", seed=i, scale=0.01, base_version=3)
+                for i in (6, 7)]
+        flip = dataclasses.replace(good[0], update_id="evil", task_id="evil", site="site-9",
+                                   delta={k: -10 * v for k, v in (good[0].delta or {}).items()})
+        publish_updates(broker_url, job, [good[0], flip, good[1]])
+        v4 = wait_for_version(broker_url, job, 4)[4]
+        assert v4.included == ("h6", "h7")  # the flip took no slot in the buffer
+    dead = [d for d in dead_letters(broker_url, job) if d.update_id == "evil"]
+    assert [d.reason for d in dead] == ["outlier"] and "outlier_factor" in dead[0].detail
+    report = replay(broker_url, job)
+    assert [c.status for c in report.checks] == [Status.ROOT] + [Status.OK] * 4, [c.to_dict() for c in report.checks]
