@@ -50,7 +50,7 @@ from fedmq.history import StreamCursor, decode_or_none
 from shared.broker import JobNames, read_stream
 from shared.codec import Weights, weights_sha256
 from shared.config import ClipCenter, StrategyConfig, StrategyName
-from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError
+from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError, OutlierError
 from shared.messages import ModelVersion, Update
 from shared.plugins import import_callable
 from shared.signing import JobTrust
@@ -539,7 +539,9 @@ class WhatIf:
     based on the what-if version that was current when b was (same arrival position). A partial
     buffer is flushed when an update was created more than flush_timeout after the buffer's first
     one, which is how the live aggregator's flush timeout fires. Updates the what-if strategy would
-    refuse as stale or over the norm bound are skipped and counted; so are encrypted ones.
+    refuse as stale, over the norm bound or as outliers are skipped and counted; so are encrypted
+    ones. Running-median and centred clipping build their history from the what-if's own versions,
+    from the start version on, as a new job would.
     """
 
     def __init__(self, cfg: StrategyConfig, start: ModelVersion, evaluate: Callable[[Weights], float]) -> None:
@@ -552,8 +554,9 @@ class WhatIf:
         self.flush_positions: list[int] = []
         self.original_positions: dict[int, int] = {start.version: 0}
         self.first_created: float | None = None
-        self.skipped: dict[str, int] = {"stale": 0, "norm_bound": 0, "encrypted": 0, "missing": 0}
+        self.skipped: dict[str, int] = {"stale": 0, "norm_bound": 0, "outlier": 0, "encrypted": 0, "missing": 0}
         self.contributions: list[Contribution] = []  # every fold, in order (staleness as re-measured)
+        self.norms = NormWindow(cfg.clip_window, step={})
         self.curve = [CurvePoint(start.version, 0, evaluate(self.weights))]
 
     @property
@@ -577,11 +580,16 @@ class WhatIf:
         elif self.cfg.max_update_norm > 0 and l2_norm(u.delta) > self.cfg.max_update_norm:
             self.skipped["norm_bound"] += 1
         else:
-            self.contributions.append(self.acc.fold(
-                update_id=u.update_id, site=u.site, delta=u.delta, tau=tau, num_samples=u.num_samples,
-                base_version=u.base_version))
-            if self.first_created is None:
-                self.first_created = u.created_at
+            try:
+                self.contributions.append(self.acc.fold(
+                    update_id=u.update_id, site=u.site, delta=u.delta, tau=tau, num_samples=u.num_samples,
+                    base_version=u.base_version, median_bound=self.norms.bound(self.cfg), center=self.norms.step,
+                    outlier_limit=self.norms.limit(self.cfg)))
+            except OutlierError:
+                self.skipped["outlier"] += 1
+            else:
+                if self.first_created is None:
+                    self.first_created = u.created_at
         self.position += 1
         if self.acc.ready():
             self._flush()
@@ -598,7 +606,11 @@ class WhatIf:
         if not len(self.acc):
             self.first_created = None
             return
-        self.weights, _ = self.acc.flush(self.weights)
+        before = self.weights
+        self.weights, contributions = self.acc.flush(self.weights)
+        centred = self.cfg.clip_center is ClipCenter.LAST_STEP
+        self.norms = self.norms.push(recorded_norms([c.to_dict() for c in contributions], clip_measure(self.cfg)),
+                                     last_step(self.weights, before, self.cfg) if centred else None)
         self.first_created = None
         self.flush_positions.append(self.position)
         self.curve.append(CurvePoint(self.version, self.position, self.evaluate(self.weights)))

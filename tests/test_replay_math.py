@@ -317,3 +317,25 @@ def test_an_included_update_whose_signature_fails_against_the_registry_is_a_mism
     forged = [honest[0], sign_update(_update("u2", 0, seed=2), impostor)]
     check = check_version(v0, _child(v0, forged, cfg=cfg), _by_id(forged)).check
     assert check.status is Status.MISMATCH and "bad_signature" in check.detail
+
+
+def test_what_if_applies_centred_clipping_and_skips_outliers_with_its_own_history() -> None:
+    import dataclasses
+
+    from aggregator.strategy import l2_norm
+    from shared.config import ClipCenter
+
+    cfg = StrategyConfig(buffer_size=1, clip_median_factor=1.0, outlier_factor=3.0, clip_center=ClipCenter.LAST_STEP)
+    v0 = _root(cfg)
+    wi = WhatIf(cfg, v0, lambda w: 0.0)
+    for i in range(6):  # history: five deviations make a running median
+        wi.feed(_update(f"h{i}", 0, seed=i))
+    honest = _update("h6", 0, seed=6)
+    flip = dataclasses.replace(honest, update_id="evil", task_id="evil",
+                               delta={k: -10 * v for k, v in (honest.delta or {}).items()})
+    before = wi.weights
+    wi.feed(flip)
+    assert wi.skipped["outlier"] == 1 and wi.weights is before  # no version for the outlier
+    assert all("deviation" in c.to_dict() for c in wi.contributions)
+    wi.feed(honest)
+    assert wi.version == 7 and l2_norm(wi.weights) != l2_norm(before)
