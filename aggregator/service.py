@@ -108,6 +108,7 @@ class Aggregator:
                 return
             log.info("aggregator ready job=%s version=%d dedup=%d", self.names.job,
                      state.latest.version, len(state.recent_included))
+            metrics.aggregator_active(self.names.job, False)  # a standby until a delivery reaches it
             while not self.stop.is_set():
                 conn.process(0.1)
                 while pending and not self.stop.is_set():

@@ -105,3 +105,28 @@ def test_aggregator_process_serves_its_counters_on_metrics_port(broker_url: str,
     assert got[("fedmq_publish_seconds_count", j)] == 2
     assert got[("fedmq_fold_seconds_count", j)] == 4
     assert proc.returncode == 0, err.decode()[-2000:]
+
+
+def test_a_replica_with_nothing_delivered_exports_active_0(broker_url: str, job: str) -> None:
+    """A standby (no delivery yet) says so on /metrics, so `sum(fedmq_aggregator_active)` alerts work."""
+    declare_job_with_v0(broker_url, job, StrategyConfig(buffer_size=2))
+    port = free_port()
+    proc = subprocess.Popen(fedmq_cmd("aggregator", "--broker", broker_url, "--job", job, "--name", "agg-standby",
+                                      "--metrics-port", str(port)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=child_env(), cwd=ROOT)
+    key = ("fedmq_aggregator_active", (("job", job),))
+    try:
+        deadline = time.monotonic() + 30
+        got: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        while key not in got:
+            assert time.monotonic() < deadline, "aggregator /metrics never showed fedmq_aggregator_active"
+            try:
+                got = samples(metrics.scrape(f"http://127.0.0.1:{port}/metrics"))
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert got[key] == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()[-2000:]
