@@ -115,6 +115,23 @@ def test_compose_has_the_broker_coordinator_two_aggregators_and_a_scalable_worke
     assert "FEDMQ_SITE" not in worker["environment"] and "FEDMQ_DATA" not in worker["environment"]
     pool = worker["environment"]["FEDMQ_SITE_POOL"]
     assert any(pool.startswith(v.split(":")[1] + "/") for v in worker["volumes"]), "site pool is not mounted"
+    assert worker["build"]["target"] == "site" and worker["image"] != services["coordinator"]["image"]
+
+
+def test_compose_host_ports_images_and_broker_wait_can_be_moved() -> None:
+    """A host whose own broker holds 5672/15672, or whose images live in its own registry."""
+    env = {"RABBITMQ_PORT": "25672", "RABBITMQ_MANAGEMENT_PORT": "35672", "RABBITMQ_IMAGE": "reg.example/rmq:3.10",
+           "FEDMQ_IMAGE": "reg.example/fedmq:1", "FEDMQ_SITE_IMAGE": "reg.example/fedmq-site:1",
+           "FEDMQ_BROKER_WAIT": "42"}
+    services = load_compose(env)["services"]
+    assert services["rabbitmq"]["ports"] == ["25672:5672", "35672:15672"]
+    assert services["rabbitmq"]["image"] == "reg.example/rmq:3.10"
+    assert services["worker"]["image"] == "reg.example/fedmq-site:1"
+    assert {services[n]["image"] for n in ROLES - {"worker"}} == {"reg.example/fedmq:1"}
+    assert {services[n]["environment"]["FEDMQ_BROKER_WAIT"] for n in ROLES} == {"42"}
+    defaults = load_compose()["services"]
+    assert defaults["rabbitmq"]["ports"] == ["5672:5672", "15672:15672"]
+    assert int(defaults["worker"]["environment"]["FEDMQ_BROKER_WAIT"]) >= 60  # long enough for a broker to boot
 
 
 def test_every_service_command_is_a_real_subcommand_whose_help_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,25 +176,72 @@ def test_roles_are_configured_only_by_env_and_the_mounted_job_toml() -> None:
 # ----------------------------------------------------------------------------- Dockerfile, static
 
 
+def dockerfile_args() -> dict[str, str]:
+    """ARG defaults (the first declaration with a value wins, as for the global ARGs)."""
+    out: dict[str, str] = {}
+    for w, a in dockerfile_instructions():
+        if w == "ARG":
+            for item in a.split():
+                name, eq, value = item.partition("=")
+                if eq and name not in out:
+                    out[name] = value.strip('"')
+    return out
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Stage name -> its instructions (after its FROM)."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for w, a in dockerfile_instructions():
+        if w == "FROM":
+            current = stages.setdefault(a.split()[-1], [])
+        elif current is not None:
+            current.append((w, a))
+    return stages
+
+
 def test_dockerfile_is_slim_non_root_healthchecked_with_fedmq_entrypoint() -> None:
     ins = dockerfile_instructions()
-    words = [w for w, _ in ins]
-    base = next(a for w, a in ins if w == "FROM")
-    assert base.startswith("python:3.11") and "slim" in base
-    user = [a for w, a in ins if w == "USER"][-1]
-    assert user.split(":")[0] not in ("root", "0")
-    assert words.index("USER") < words.index("ENTRYPOINT")
+    base = next(a for w, a in ins if w == "FROM").split()[0]
+    assert base == "${BASE_IMAGE}"
+    default = dockerfile_args()["BASE_IMAGE"]
+    assert default.startswith("python:3.11") and "slim" in default
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "full" and "site" in stages  # `docker build .` gives the full image
+    for name in ("site", "full"):  # the images people run: their last USER is the unprivileged one
+        user = [a for w, a in stages[name] if w == "USER"][-1]
+        assert user == "10001:10001", name
     health = next(a for w, a in ins if w == "HEALTHCHECK")
     cmd = json.loads(health.split("CMD", 1)[1].strip())
     assert cmd[:2] == ["python", "-m"] and cmd[2] == metrics.__name__
     assert json.loads(next(a for w, a in ins if w == "ENTRYPOINT")) == ["fedmq"]
 
 
+def test_dockerfile_user_and_group_ids_agree_and_own_the_volumes() -> None:
+    run = " ".join(a for w, a in dockerfile_instructions() if w == "RUN" and "useradd" in a)
+    assert re.search(r"groupadd [^&]*--gid 10001 fedmq", run), run
+    assert re.search(r"useradd [^&]*--uid 10001 --gid 10001", run), run
+    assert "chown 10001:10001 /out /state" in run
+
+
+def test_dockerfile_package_sources_are_build_arguments_with_public_defaults() -> None:
+    args = dockerfile_args()
+    assert args["PIP_INDEX_URL"] == "https://pypi.org/simple"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    text = DOCKERFILE.read_text()
+    assert "https://" not in text.split("ARG TORCH_INDEX_URL=")[1].split("\n", 1)[1]  # no URL past the ARGs
+    for name, stage in dockerfile_stages().items():  # an ARG's value ends with its stage
+        if any(w == "RUN" and "pip install" in a for w, a in stage):
+            declared = {n for w, a in stage if w == "ARG" for n in a.split()}
+            assert {"PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT"} <= declared, name
+
+
 def test_dockerfile_pins_cpu_torch_inside_the_pyproject_range() -> None:
     ins = dockerfile_instructions()
-    pinned = next(a.split("=", 1)[1] for w, a in ins if w == "ARG" and a.startswith("TORCH_VERSION="))
+    pinned = dockerfile_args()["TORCH_VERSION"]
     install = next(a for w, a in ins if w == "RUN" and "torch==" in a)
-    assert "download.pytorch.org/whl/cpu" in install
+    assert '--index-url "${TORCH_INDEX_URL}"' in install
+    assert dockerfile_args()["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_spec = next(d for d in deps if re.match(r"^torch\b", d))
     assert pinned in SpecifierSet(torch_spec[len("torch"):]), (pinned, torch_spec)
@@ -187,7 +251,7 @@ def test_dockerfile_pins_cpu_torch_inside_the_pyproject_range() -> None:
 
 def test_dockerfile_copies_every_package_pip_installs_and_nothing_ignored() -> None:
     ins = dockerfile_instructions()
-    copied = {src for w, a in ins if w == "COPY" for src in a.split()[:-1]}
+    copied = {src for w, a in ins if w == "COPY" and "--from=" not in a for src in a.split()[:-1]}
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
     packages = {p.rstrip("*") for p in include}
     assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"
