@@ -95,6 +95,7 @@ class JobResult:
     #: the updates queue is then kept, so an aggregator started later can still fold them
     updates_unresolved: int = 0
     last_accuracy: float | None = None  # test accuracy of the newest version
+    task_failures: dict[str, int] = field(default_factory=dict)  # site -> tasks whose training raised
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -140,6 +141,7 @@ class Coordinator:
         self.sites_seen: set[str] = set()   # sites that published an update
         self.sites_spent: set[str] = set()  # sites that refused a task: privacy budget spent
         self.update_site: dict[str, str] = {}  # update id -> site, to attribute budget dead letters
+        self.task_failures: dict[str, int] = {}  # site -> tasks whose training raised (task_failed)
         self.outstanding: dict[str, Task] = {}  # issued, neither finished, refused nor expired
         self.finished_tasks: set[str] = set()
         self.included: set[str] = set()
@@ -159,6 +161,7 @@ class Coordinator:
     def _reset(self) -> None:
         """Forget all that the streams hold: each (re)connection reads it back (`_resume`)."""
         self.sites_seen, self.sites_spent, self.update_site = set(), set(), {}
+        self.task_failures = {}
         self.outstanding, self.finished_tasks = {}, set()
         self.included, self.dead_ids = set(), set()
         self.latest, self.latest_offset = None, None
@@ -323,8 +326,8 @@ class Coordinator:
         return ""
 
     def _apply_site_event(self, site: str, sev: SourcedEvent) -> str:
-        """UPDATE_PUBLISHED / TASK_REFUSED from `site` (read_event has matched the routing key, the
-        body's event and data["site"]) for a task that is outstanding here."""
+        """UPDATE_PUBLISHED / TASK_REFUSED / TASK_FAILED from `site` (read_event has matched the
+        routing key, the body's event and data["site"]) for a task that is outstanding here."""
         data = sev.data
         tid = field_id(data, "task_id")
         if tid is None:
@@ -340,10 +343,15 @@ class Coordinator:
             late.discard(tid)
             self.sites_seen.add(site)
             self.update_site[update_id_for(tid)] = site
-        else:  # TASK_REFUSED: _issue replaces the task for the other sites
+        else:  # TASK_REFUSED / TASK_FAILED: _issue replaces the task for the other sites
             self.outstanding.pop(tid, None)
             late.discard(tid)
-            if field_text(data, "reason", 64) == PrivacyBudgetError.reason:
+            if sev.event.event == EventKind.TASK_FAILED:
+                self.task_failures[site] = self.task_failures.get(site, 0) + 1
+                log.warning("site training failed", extra={
+                    "job": self.names.job, "site": site, "task": tid,
+                    "error": field_text(data, "error", 500) or "?"})
+            elif field_text(data, "reason", 64) == PrivacyBudgetError.reason:
                 self.sites_spent.add(site)
         return ""
 
@@ -564,7 +572,7 @@ class Coordinator:
             final_accuracy=final_acc, versions=newest.version, updates_applied=len(self.included),
             stop_reason=reason, wall_seconds=time.time() - self.started, seconds_to_target=self.target_at,
             export_path=str(path), accuracy_curve=self.curve, updates_unresolved=len(unresolved),
-            last_accuracy=self.curve[-1][2] if self.curve else None,
+            last_accuracy=self.curve[-1][2] if self.curve else None, task_failures=dict(self.task_failures),
         )
         emit(conn, self.names, "coordinator", EventKind.JOB_FINISHED, **{
             k: v for k, v in result.to_dict().items() if k != "accuracy_curve"})

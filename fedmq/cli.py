@@ -140,7 +140,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
                          device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
-                         wait_for_job=args.wait, epsilon_budget=args.epsilon_budget)
+                         wait_for_job=args.wait, epsilon_budget=args.epsilon_budget,
+                         max_failures=args.max_failures)
     site, data = args.site, args.data
     if args.site_pool:
         from fedmq.site_pool import claim_site
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tasks", type=number(int, "[0, 1_000_000_000]"), default=0,
                    help="leave after N tasks (0 = until the job ends)")
     p.add_argument("--wait", type=number(float, SECONDS), default=60.0, help="seconds to wait for the job to exist")
+    p.add_argument("--max-failures", type=number(int, "[0, 1_000_000]"), default=3,
+                   help="stop (exit 1) after training fails on N tasks in a row; each failure is reported as a "
+                   "task_failed event and the task goes back to the others (0 = never stop)")
     p.add_argument("--key", default=os.environ.get("FEDMQ_SITE_KEY", ""),
                    help="the site's Ed25519 key file (fedmq keys --site NAME); signs every update; "
                    "'{site}' is replaced by the site name (env FEDMQ_SITE_KEY)")

@@ -22,7 +22,16 @@ from typing import Any
 
 from shared.broker import Delivery, JobNames, StreamReader
 from shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
-from shared.jobstate import PoisonCounter, as_int, as_site, field_float, field_int, read_event_delivery
+from shared.jobstate import (
+    PoisonCounter,
+    as_int,
+    as_site,
+    field_float,
+    field_id,
+    field_int,
+    field_text,
+    read_event_delivery,
+)
 from shared.ledger import dead_reason, header_detail, header_id
 from shared.messages import EventKind, ModelVersion, Task, Update
 
@@ -199,12 +208,32 @@ class SiteTotals:
     staleness_sum: int = 0
     dead_lettered: int = 0
     epsilon: float | None = None  # highest DP epsilon the site reported in its updates
+    task_failures: int = 0        # tasks whose training raised at the site (task_failed events)
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.staleness_sum / self.updates_included if self.updates_included else None
         return {"updates_logged": self.updates_logged, "updates_included": self.updates_included,
                 "samples_included": self.samples_included, "total_weight": self.total_weight,
-                "mean_staleness": mean, "dead_lettered": self.dead_lettered, "epsilon": self.epsilon}
+                "mean_staleness": mean, "dead_lettered": self.dead_lettered, "epsilon": self.epsilon,
+                "task_failures": self.task_failures}
+
+
+@dataclass(frozen=True)
+class TaskFailure:
+    """A site's report that its training raised on a task (the task went back to the others)."""
+
+    site: str
+    task_id: str
+    error: str
+    ts: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "task_id": self.task_id, "error": self.error, "ts": self.ts}
+
+
+#: task failures a history keeps (a site reporting failures without end cannot grow it past this;
+#: the rest are counted per site only)
+MAX_FAILURES_KEPT = 10_000
 
 
 @dataclass
@@ -219,6 +248,7 @@ class History:
     models_first_offset: int | None = None
     updates_first_offset: int | None = None
     sites: dict[str, SiteTotals] = field(default_factory=dict)
+    task_failures: list[TaskFailure] = field(default_factory=list)
 
     @property
     def truncated(self) -> bool:
@@ -251,6 +281,7 @@ class History:
             "unreadable_updates": self.unreadable_updates,
             "poison": dict(self.poison),
             "sites": {s: t.to_dict() for s, t in sorted(self.sites.items())},
+            "task_failures": [f.to_dict() for f in self.task_failures],
             "truncated": self.truncated,
             "first_version": self.versions[0].version if self.versions else None,
         }
@@ -278,9 +309,11 @@ def parse_dead_letter(d: Delivery) -> DeadLetter:
     return DeadLetter("unknown", update_id, None, as_site(d.routing_key), reason, detail)
 
 
-def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = None) -> dict[int, float]:
+def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = None,
+                    failures: dict[str, list[TaskFailure]] | None = None) -> dict[int, float]:
     """Test accuracy per version from the coordinator's VERSION_EVALUATED events (only events the
-    routing key vouches for, with a well-typed version and an accuracy in [0, 1])."""
+    routing key vouches for, with a well-typed version and an accuracy in [0, 1]); with `failures`,
+    also each site's TASK_FAILED reports (site -> failures, vouched for by the routing key)."""
     out: dict[int, float] = {}
     poison = poison or PoisonCounter("history", names.job)
     with StreamCursor(url, names.events, name=f"fedmq-history-events-{names.job}", prefetch=256) as cur:
@@ -289,6 +322,13 @@ def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = No
                 sev = read_event_delivery(d)
             except MalformedMessageError as exc:
                 poison.note(f"event_{exc.reason}", names.events, d.stream_offset, exc)
+                continue
+            if sev.event.event == EventKind.TASK_FAILED and failures is not None and sev.site is not None:
+                failure = _task_failure(sev.site, sev.data, sev.event.ts)
+                if failure is None:
+                    poison.note("event_bad_field", names.events, d.stream_offset, "task_failed")
+                else:
+                    failures.setdefault(sev.site, []).append(failure)
                 continue
             if sev.event.event != EventKind.VERSION_EVALUATED:
                 continue
@@ -300,13 +340,21 @@ def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = No
     return out
 
 
+def _task_failure(site: str, data: dict[str, Any], ts: float) -> TaskFailure | None:
+    tid, error = field_id(data, "task_id"), field_text(data, "error", 500)
+    if tid is None or (error is None and "error" in data):
+        return None
+    return TaskFailure(site, tid, error or "", ts)
+
+
 def read_history(url: str, job: str) -> History:
     """Everything `fedmq history` shows, from the job's four streams; what is no message, or lies
     about its sender, is skipped and counted (`History.poison`), never fatal."""
     names = JobNames(job)
     hist = History(job)
     poison = PoisonCounter("history", job)
-    accuracy = read_accuracies(url, names, poison)
+    failures: dict[str, list[TaskFailure]] = {}
+    accuracy = read_accuracies(url, names, poison, failures)
     with StreamCursor(url, names.models, name=f"fedmq-history-models-{job}", prefetch=8) as cur:
         for d in cur:
             mv = decode_or_none(ModelVersion, d)
@@ -341,6 +389,9 @@ def read_history(url: str, job: str) -> History:
             if dl.kind == "unknown":
                 poison.note("dead_unreadable", names.dead_log, d.stream_offset, f"reason={dl.reason}")
             hist.dead_letters.append(dl)
+    for site, reported in failures.items():
+        hist.sites.setdefault(site, SiteTotals()).task_failures = len(reported)
+    hist.task_failures = sorted((f for fs in failures.values() for f in fs), key=lambda f: f.ts)[:MAX_FAILURES_KEPT]
     _site_totals(hist)
     hist.poison = poison.to_dict()
     return hist
@@ -409,15 +460,22 @@ def render(hist: History) -> None:
     console.print(d)
     s = Table(title="per site")
     for col in ("site", "logged", "included", "samples", "total weight", "mean staleness", "dead-lettered",
-                "epsilon"):
+                "epsilon", "training failed"):
         s.add_column(col)
     for site, tot in sorted(hist.sites.items()):
         row = tot.to_dict()
         mean = row["mean_staleness"]
         s.add_row(site, str(tot.updates_logged), str(tot.updates_included), str(tot.samples_included),
                   f"{tot.total_weight:.4g}", "-" if mean is None else f"{mean:.2f}", str(tot.dead_lettered),
-                  "-" if tot.epsilon is None else f"{tot.epsilon:.3f}")
+                  "-" if tot.epsilon is None else f"{tot.epsilon:.3f}", str(tot.task_failures))
     console.print(s)
+    if hist.task_failures:
+        f = Table(title=f"training failures reported by sites: {len(hist.task_failures)}")
+        for col in ("site", "task", "error"):
+            f.add_column(col)
+        for tf in hist.task_failures[-50:]:
+            f.add_row(tf.site, tf.task_id, escape(tf.error[:120]))
+        console.print(f)
     missing = hist.not_included()
     console.print(f"{len(hist.updates_logged)} updates logged, {len(missing)} neither included nor "
                   f"dead-lettered{': ' + ', '.join(missing[:10]) if missing else ''}"

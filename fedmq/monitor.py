@@ -91,6 +91,9 @@ class SiteRow:
     last_seen: float | None = None
     epsilon: float | None = None   # newest privacy spend the site reported (DP on)
     refused: int = 0
+    failed: int = 0                # tasks whose training raised at the site (task_failed)
+    last_failure: float | None = None
+    last_error: str | None = None  # the newest failure's error text, as the site reported it
 
     @property
     def mean_staleness(self) -> float | None:
@@ -102,7 +105,8 @@ class SiteRow:
             "mean_staleness": None if self.mean_staleness is None else round(self.mean_staleness, 3),
             "last_seen": self.last_seen,
             "last_seen_seconds_ago": None if self.last_seen is None else round(now - self.last_seen, 1),
-            "epsilon": self.epsilon, "refused": self.refused,
+            "epsilon": self.epsilon, "refused": self.refused, "failed": self.failed,
+            "last_error": self.last_error,
         }
 
 
@@ -222,6 +226,18 @@ class JobView:
             row.epsilon = eps
         return True
 
+    def _on_failed(self, ev: Event) -> bool:
+        site, tid = field_site(ev.data), field_id(ev.data, "task_id")
+        error = field_text(ev.data, "error", 500)
+        if site is None or tid is None or (error is None and "error" in ev.data):
+            return False
+        if update_id_for(tid) not in self.issued_updates:
+            return False  # not a task of this job: junk cannot grow the table
+        row = self._seen(site, ev.ts)
+        row.failed += 1
+        row.last_failure, row.last_error = ev.ts, error
+        return True
+
     def _on_version(self, ev: Event) -> bool:
         version = field_int(ev.data, "version")
         included = _optional_list(ev.data, "included", as_id)
@@ -304,6 +320,7 @@ _HANDLERS: dict[str, Callable[[JobView, Event], bool]] = {
     EventKind.JOB_STARTED: JobView._on_started,
     EventKind.TASK_ISSUED: JobView._on_task,
     EventKind.TASK_REFUSED: JobView._on_refused,
+    EventKind.TASK_FAILED: JobView._on_failed,
     EventKind.UPDATE_PUBLISHED: JobView._on_update,
     EventKind.VERSION_PUBLISHED: JobView._on_version,
     EventKind.VERSION_EVALUATED: JobView._on_evaluated,
@@ -383,6 +400,13 @@ def alerts(view: JobView, queues: dict[str, QueueState], now: float, limits: Thr
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(_count(recent).items())) or "broker delivery limit"
         out.append(Alert(Level.WARNING, "dead_letters_growing",
                          f"{grown} dead letters in the last {limits.window:g} s ({reasons})"))
+    failing = sorted(name for name, row in view.sites.items()
+                     if row.last_failure is not None and row.last_failure >= now - limits.window)
+    if failing:
+        shown = ", ".join(f"{name} ({view.sites[name].last_error or '?'})"[:200] for name in failing[:5])
+        more = f" and {len(failing) - 5} more" if len(failing) > 5 else ""
+        out.append(Alert(Level.WARNING, "training_failing",
+                         f"training failed in the last {limits.window:g} s at {len(failing)} site(s): {shown}{more}"))
     last = view.last_progress()
     if running and last is not None and now - last > limits.stall_seconds:
         out.append(Alert(Level.WARNING, "job_stalled",
@@ -680,14 +704,14 @@ def _queues_table(snap: Snapshot) -> Table:
 
 def _sites_table(snap: Snapshot) -> Table:
     t = Table(title="sites", title_justify="left", expand=True)
-    for col in ("site", "updates", "applied", "mean staleness", "last seen", "epsilon"):
+    for col in ("site", "updates", "applied", "mean staleness", "last seen", "epsilon", "failed"):
         t.add_column(col, justify="left" if col == "site" else "right")
     for name, row in sorted(snap.view.sites.items()):
         seen = None if row.last_seen is None else snap.ts - row.last_seen
         t.add_row(name, str(row.updates), str(row.applied), _fmt(row.mean_staleness, ".2f"), _ago(seen),
-                  _fmt(row.epsilon, ".3f"))
+                  _fmt(row.epsilon, ".3f"), str(row.failed) if row.failed else "")
     if not snap.view.sites:
-        t.add_row("(no site has published yet)", "", "", "", "", "")
+        t.add_row("(no site has published yet)", "", "", "", "", "", "")
     return t
 
 

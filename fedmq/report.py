@@ -72,6 +72,9 @@ class ReportData:
     applied: set[str] = field(default_factory=set)
     applied_by_site: Counter[str] = field(default_factory=Counter)
     dead_reasons: list[str] = field(default_factory=list)
+    #: tasks whose training raised, per reporting site (task_failed events), and the newest error
+    failures: Counter[str] = field(default_factory=Counter)
+    last_error: dict[str, str] = field(default_factory=dict)
     #: entries skipped per reason: junk, events their routing key does not vouch for, bad fields
     poison: Counter[str] = field(default_factory=Counter)
 
@@ -112,6 +115,14 @@ class ReportData:
         self.applied_by_site.update(sites)
         return True
 
+    def _failed(self, d: dict[str, Any], ts: float) -> bool:
+        site, tid, error = field_site(d), field_id(d, "task_id"), field_text(d, "error", 500)
+        if site is None or tid is None or (error is None and "error" in d):
+            return False
+        self.failures[site] += 1
+        self.last_error[site] = error or ""
+        return True
+
     def _evaluated(self, d: dict[str, Any], ts: float) -> bool:
         version, t = field_int(d, "version"), field_float(d, "t", 0.0, 1e9)
         acc = field_float(d, "accuracy", 0.0, 1.0)
@@ -150,6 +161,9 @@ class ReportData:
             "stop_reason": fin.get("stop_reason"), "wall_seconds": fin.get("wall_seconds"),
             "seconds_to_target": fin.get("seconds_to_target"),
             "poison": sum(self.poison.values()),
+            "task_failures": sum(self.failures.values()),
+            "sites_failing": "; ".join(f"{s}: {n} ({self.last_error.get(s, '')[:80]})"
+                                       for s, n in self.failures.most_common(10)) or None,
         }
 
 
@@ -162,6 +176,7 @@ _APPLY: dict[str, Callable[[ReportData, dict[str, Any], float], bool]] = {
     EventKind.UPDATE_PUBLISHED: ReportData._update,
     EventKind.VERSION_PUBLISHED: ReportData._version,
     EventKind.VERSION_EVALUATED: ReportData._evaluated,
+    EventKind.TASK_FAILED: ReportData._failed,
     EventKind.JOB_FINISHED: ReportData._finished,
 }
 

@@ -273,7 +273,8 @@ class JobNames:
 
 
 #: the only events a site publishes, under the routing key ``site.<its name>.<event>``
-SITE_EVENTS = frozenset({EventKind.UPDATE_PUBLISHED.value, EventKind.TASK_REFUSED.value})
+SITE_EVENTS = frozenset({EventKind.UPDATE_PUBLISHED.value, EventKind.TASK_REFUSED.value,
+                         EventKind.TASK_FAILED.value})
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,25 @@ class Delivery:
             self._channel.basic_nack(self.delivery_tag, requeue=True)
 
 
+#: how often a consumer that has an `on_cancel` checks that its queue still exists
+QUEUE_WATCH_SECONDS = 5.0
+
+
+@dataclass
+class _QueueWatch:
+    """A consumed queue whose deletion must reach `on_cancel` exactly once."""
+
+    queue: str
+    on_cancel: Callable[[], None]
+    next_check: float
+    fired: bool = False
+
+    def fire(self) -> None:
+        if not self.fired:
+            self.fired = True
+            self.on_cancel()
+
+
 def _sleep_backoff(attempt: int, base: float = 0.25, cap: float = 10.0) -> float:
     """Full-jitter exponential backoff, so many sites reconnecting do not stampede the broker."""
     delay = random.uniform(0, min(cap, base * 2**attempt))
@@ -496,6 +516,7 @@ class Connection:
         self._conn: pika.BlockingConnection | None = None
         self._pub: BlockingChannel | None = None
         self._cons: BlockingChannel | None = None
+        self._watches: list[_QueueWatch] = []
 
     # -- lifecycle
 
@@ -550,6 +571,7 @@ class Connection:
         raise lost
 
     def close(self) -> None:
+        self._watches = []
         conn, self._conn, self._pub, self._cons = self._conn, None, None, None
         if conn is not None and conn.is_open:
             with suppress(Exception):  # closing a stream consumer can fail server-side
@@ -679,13 +701,34 @@ class Connection:
         with amqp_errors(url):
             ch.basic_qos(prefetch_count=prefetch)
             if on_cancel is not None:
-                ch.add_on_cancel_callback(lambda _frame: on_cancel())
+                watch = _QueueWatch(queue, on_cancel, time.monotonic() + QUEUE_WATCH_SECONDS)
+                ch.add_on_cancel_callback(lambda _frame: watch.fire())
+                self._watches.append(watch)
             return ch.basic_consume(queue, _cb, auto_ack=False, arguments=arguments)
+
+    def _check_watches(self) -> None:
+        """Every QUEUE_WATCH_SECONDS, a passive declare of each queue consumed with `on_cancel`.
+
+        Why: on a cluster that lost the node leading a quorum queue, deleting the queue later
+        cancelled none of its consumers on the surviving nodes (measured on 3.10: workers and
+        standby aggregators waited forever after their job ended). A missing queue fires the
+        same callback the broker's basic.cancel would have, once."""
+        now = time.monotonic()
+        for watch in [w for w in self._watches if now >= w.next_check and not w.fired]:
+            watch.next_check = now + QUEUE_WATCH_SECONDS
+            try:
+                self.queue_stats(watch.queue)
+            except JobNotFoundError:
+                log.warning("consumed queue is gone without a cancel from the broker queue=%s name=%s",
+                            watch.queue, self.name)
+                watch.fire()
 
     def process(self, time_limit: float = 0.0) -> None:
         """Service the connection (heartbeats, deliveries, confirms) for up to `time_limit` s."""
         with amqp_errors(self.url):
             self._require().process_data_events(time_limit=time_limit)
+        if self._watches:
+            self._check_watches()
 
     def sleep(self, seconds: float) -> None:
         """Like time.sleep, but keeps the connection alive."""

@@ -8,6 +8,7 @@ Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead lett
     ├── BrokerAccessError           exit 3  credentials / permissions refused: never retried
     ├── JobNotFoundError            exit 4  the job's topology or v0 does not exist
     ├── SealedSeedError             exit 2  the DP noise key does not open a version's seed
+    ├── TrainingFailedError         exit 1  a site's training raised on N tasks in a row
     ├── MalformedMessageError       reason "malformed"  bytes that are not a valid message
     │   └── CodecError              reason "malformed"  tensor map with bad dtype/shape/size
     └── InvalidUpdateError          reason given per subclass; the update is dead-lettered
@@ -78,6 +79,11 @@ class NonFiniteError(InvalidUpdateError):
 
 class NormBoundError(InvalidUpdateError):
     reason = "norm_bound"
+
+
+class TrainingFailedError(FedmqError):
+    """A site's training raised on several tasks in a row: the worker stops instead of failing
+    every task it takes (each failure was reported as a task_failed event)."""
 
 
 class OutlierError(InvalidUpdateError):

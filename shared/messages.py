@@ -423,6 +423,9 @@ class EventKind(StrEnum):
     JOB_STARTED = "job_started"
     TASK_ISSUED = "task_issued"
     TASK_REFUSED = "task_refused"
+    #: a site's training raised: data task_id, site, reason, error (bounded text); the task is
+    #: rejected (the broker dead-letters it) and the coordinator reissues it to the others
+    TASK_FAILED = "task_failed"
     UPDATE_PUBLISHED = "update_published"
     VERSION_PUBLISHED = "version_published"
     VERSION_EVALUATED = "version_evaluated"

@@ -30,7 +30,15 @@ from shared.broker import (
     validate_site,
 )
 from shared.datasets import fit_to_model, load_site
-from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError, NonFiniteError, PrivacyBudgetError
+from shared.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    JobNotFoundError,
+    MalformedMessageError,
+    NonFiniteError,
+    PrivacyBudgetError,
+    TrainingFailedError,
+)
 from shared.jobstate import emit_site, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
@@ -53,6 +61,11 @@ class WorkerOptions:
     ledger: str = ""               # DP budget ledger file ("" = <data stem>.<site>.dp-ledger.json beside the data)
     epsilon_budget: float = 0.0    # the site's own epsilon cap; the job's budget applies too (0 = none)
     key: str = ""                  # the site's Ed25519 key (fedmq keys --site); "" = updates go unsigned
+    max_failures: int = 3          # consecutive training failures before the worker stops (0 = never)
+
+
+#: how much of a training error's text a task_failed event carries (readers bound it too)
+ERROR_TEXT = 500
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class _Outgoing:
 @dataclass
 class WorkerStats:
     tasks: int = 0
+    failures: int = 0              # tasks whose training raised (reported as task_failed)
     reconnects: int = 0
     train_seconds: list[float] = field(default_factory=list)
 
@@ -92,6 +106,7 @@ class Worker:
         self._models: OrderedDict[int, ModelVersion] = OrderedDict()
         #: updates whose confirm (or event) never came: republished after a reconnect, not retrained
         self._outbox: dict[str, _Outgoing] = {}
+        self._failures = 0  # consecutive tasks whose training raised
         #: task ids whose update is confirmed but whose ack died with the connection
         self._delivered: OrderedDict[str, None] = OrderedDict()
         self._joined = False  # consumed the tasks queue once: its absence now means the job ended
@@ -177,7 +192,14 @@ class Worker:
             return
         started = time.monotonic()
         base = self._model(task)
-        result: LocalResult = conn.wait_for(self._pool.submit(self._train, task, base, started, plan))
+        try:
+            result: LocalResult = conn.wait_for(self._pool.submit(self._train, task, base, started, plan))
+        except BrokerUnavailableError:
+            raise  # the connection, not the training: reconnect, the task is redelivered
+        except Exception as exc:  # the model's or the trainer's code raised: report it, go on
+            self._failed(conn, d, task, exc)
+            return
+        self._failures = 0
         if self.stop.is_set() and self.finished:
             return  # the job ended while we trained: nothing to deliver to
         update = Update(
@@ -205,6 +227,22 @@ class Worker:
         log.info("update published", extra={"job": task.job, "site": self.site, "task": task.task_id,
                                              "base_version": base.version,
                                              "seconds": round(update.metrics["task_seconds"], 3)})
+
+    def _failed(self, conn: Connection, d: Delivery, task: Task, exc: Exception) -> None:
+        """Tell the coordinator why (it reissues the task to the others; monitor, history and
+        report show the error), reject the task, and stop after `max_failures` in a row: code that
+        fails on every task would otherwise take and fail every task of the job."""
+        error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT]
+        self._failures += 1
+        self.stats.failures += 1
+        log.error("training failed", exc_info=exc, extra={
+            "job": task.job, "site": self.site, "task": task.task_id, "failures_in_a_row": self._failures})
+        emit_site(conn, self.names, self.site, EventKind.TASK_FAILED, task_id=task.task_id,
+                  reason="training_failed", error=error)
+        d.reject()
+        if self.options.max_failures and self._failures >= self.options.max_failures:
+            raise TrainingFailedError(f"site {self.site}: training failed on {self._failures} tasks in a row, "
+                                      f"last: {error}; fix the model, trainer or data and start the worker again")
 
     def _park(self, conn: Connection, d: Delivery, reason: str, detail: str) -> None:
         """A task this site cannot train is rejected: the broker itself dead-letters it (reason
