@@ -58,7 +58,8 @@ def measure(sizes: tuple[int, ...] = SIZES, repeats: int = 7) -> dict[int, dict[
 def run(url: str = "", quick: bool = False) -> str:
     """The section's markdown; `url` is unused (no broker involved), kept for bench.run_all."""
     machine = Machine()
-    results = measure(repeats=3 if quick else 7)
+    repeats = 3 if quick else 7
+    results = measure(repeats=repeats)
     rows = []
     for n, by_method in results.items():
         floor = by_method["numpy copy"][0]
@@ -74,8 +75,8 @@ def run(url: str = "", quick: bool = False) -> str:
         for n, r in results.items())
     return "\n\n".join([
         machine.note().markdown(),
-        "One float32 tensor, encode + decode per call (best of 7 samples; the median shows the noise of the "
-        "shared machine). fedmq = `pack(encode_tensors)` + `decode_tensors(unpack)`, which decodes to a "
+        f"One float32 tensor, encode + decode per call (best of {repeats} samples; the median shows the noise "
+        "of the shared machine). fedmq = `pack(encode_tensors)` + `decode_tensors(unpack)`, which decodes to a "
         "zero-copy read-only view; pickle protocol 5; torch.save/load through BytesIO; numpy copy = "
         "`arr.copy()`, the memory-bandwidth floor. MB/s counts the tensor's bytes once.",
         table(["floats", "method", "best", "median", "MB/s", "vs numpy copy"], rows),

@@ -78,12 +78,21 @@ def _kill_group(pgid: int) -> None:
 
 
 def _git_commit() -> str:
+    """HEAD's short hash, with ``+changes`` when tracked files differ from it: then the figures were
+    measured on code that no commit holds."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=ROOT, timeout=10)
-        return out.stdout.strip() or "unknown"
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, cwd=ROOT, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+    commit = out.stdout.strip() or "unknown"
+    return f"{commit}+changes" if changed.returncode == 0 and changed.stdout.strip() else commit
+
+
+def git_commit() -> str:
+    return _git_commit()
 
 
 def load_average() -> tuple[float, float, float]:

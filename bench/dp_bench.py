@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Machine, replace_section, table
+from bench.common import Machine, replace_section, run_group, table
 from shared.broker import DEFAULT_URL, Connection, JobNames, read_stream
 from shared.errors import MalformedMessageError
 from shared.messages import Event, EventKind, Update
@@ -64,11 +63,11 @@ def run_setting(url: str, s: Setting, max_seconds: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "fedmq", "demo", "--json", "--broker", url, "--job", job, "--workdir", work,
            "--target", "0.9", "--max-seconds", str(max_seconds), *s.args]
     t0 = time.time()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max_seconds + 300)
-    if out.returncode != 0:
-        raise SystemExit(f"bench: {s.name} failed ({out.returncode}): {out.stderr.strip()[-800:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    try:
+    try:  # the job is deleted whatever happens, and a timeout kills the demo's whole process group
+        out = run_group(cmd, env=env, timeout=max_seconds + 300)
+        if out.returncode != 0:
+            raise SystemExit(f"bench: {s.name} failed ({out.returncode}): {out.stderr.strip()[-800:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
         return {"setting": s.name, "label": s.label, "demo": result, "total_seconds": time.time() - t0,
                 **_from_streams(url, job)}
     finally:
@@ -138,19 +137,12 @@ released versions). One run per row on a shared machine: the accuracies are what
 costs, the times are indicative only."""
 
 
-READING = """Reading (see docs/privacy.md, "How to choose"): record-level DP-SGD trades accuracy for
-epsilon on digits, whose sites hold only 110-300 records each; site-level DP-FedAvg stays near
-chance with 8 sites, since its noise per version is sigma C sqrt(d) / K against a mean of norm at
-most C; and the row that waits for every site to spend its budget shows the slow-site tail that
-`--stop-when-spent` cuts off."""
-
-
 def run(url: str, quick: bool = False) -> str:
     """`make bench` (bench.run_all): every setting (quick: no DP and DP-SGD at epsilon 4 only)."""
     chosen = [s for s in SETTINGS if not quick or s.name in ("none", "sgd-4")]
     machine = Machine()
     runs = [run_setting(url, s, 120.0 if quick else 300.0) for s in chosen]
-    return f"{METHOD}\n\n{machine.note().markdown()}\n\n{render(runs)}\n\n{READING}"
+    return f"{METHOD}\n\n{machine.note().markdown()}\n\n{render(runs)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,13 +8,15 @@ Per update (one float32 tensor of 100k / 1M parameters, default CKKS parameters)
   parse and check every chunk (`check_ciphertext`) + multiply by the weight and add
   (`CiphertextAccumulator.fold`);
 * decrypt — the key holder, once per version: CKKS = decrypt the sum and apply it
-  (`decrypt_step`); plaintext = `Accumulator.flush` (the same division and addition, no decryption);
+  (`decrypt_step`); plaintext = `apply_sum` of the same sum in plaintext (the same division and
+  addition, no decryption). Neither side folds here: folding is the "aggregate" row;
 * bytes — the Update message on the wire, and for CKKS the EncryptedAggregate sent to the key holder;
 * sign / verify — Ed25519 over `Update.signing_bytes()` (site / aggregator), which covers the delta
   or the ciphertext, so it grows with the message.
 
 Time to accuracy runs `fedmq demo --json` (digits, 8 sites, FedBuff K=3, signed) with
-``--privacy none`` and ``--privacy he``, alternating, as real processes on the test broker.
+``--privacy none`` and ``--privacy he``, alternating, as real processes on the test broker; each
+demo's job is deleted afterwards, whether it succeeded or not.
 
     python -m bench.he_bench [--part micro|demo|all] [--quick] [--demo-runs N] [--broker URL]
 """
@@ -25,18 +27,18 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
+import uuid
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext, decrypt_step
-from aggregator.strategy import Accumulator
-from bench.common import ROOT, Machine, best_and_median, fmt_seconds, replace_section, table
+from aggregator.he import CiphertextAccumulator, JobKeys, apply_sum, check_ciphertext, decrypt_step
+from aggregator.strategy import Accumulator, learning_rate
+from bench.common import ROOT, Machine, best_and_median, fmt_seconds, replace_section, run_group, table
 from shared import he
-from shared.broker import DEFAULT_URL
+from shared.broker import DEFAULT_URL, Connection, JobNames
 from shared.config import StrategyConfig
 from shared.messages import EncryptedAggregate, Update
 from shared.signing import public_hex, sign_update, verify_update
@@ -70,10 +72,12 @@ def measure_update(n: int, keys: he.KeyPair, repeats: int) -> dict[str, Any]:
         acc.fold(update_id=u.update_id, site=u.site, delta=u.delta or {}, tau=0, num_samples=u.num_samples,
                  base_version=0)
 
-    def plain_flush() -> None:
-        a = Accumulator(cfg)
-        a.fold(update_id="u", site="s", delta=update.delta or {}, tau=0, num_samples=100, base_version=0)
-        a.flush(parent)
+    # the plaintext sum the key holder would hold had nothing been encrypted (one update, weight 1)
+    layout = he.Layout.of(parent)
+    plain_sum = layout.flatten(update.delta).astype(np.float64)
+
+    def plain_apply() -> None:
+        apply_sum(parent, plain_sum, layout, 1.0, learning_rate(cfg))
 
     enc = he.encrypt_update(update, public, keys.sha256, slots)
     enc_body = enc.encode()
@@ -103,7 +107,7 @@ def measure_update(n: int, keys: he.KeyPair, repeats: int) -> dict[str, Any]:
                   "verify": best_and_median(lambda: verify_update(signed_plain, registry),
                                             **heavy),  # type: ignore[arg-type]
                   "fold": best_and_median(plain_fold, repeats=repeats),
-                  "apply": best_and_median(plain_flush, repeats=repeats),
+                  "apply": best_and_median(plain_apply, repeats=repeats),
                   "bytes": len(plain_body)},
         "ckks": {"encode": best_and_median(lambda: he.encrypt_update(update, public, keys.sha256, slots).encode(),
                                            **heavy),  # type: ignore[arg-type]
@@ -118,14 +122,21 @@ def measure_update(n: int, keys: he.KeyPair, repeats: int) -> dict[str, Any]:
 
 
 def run_demo(privacy: str, broker: str, seed: int) -> dict[str, Any]:
+    """One demo as real processes (its whole process group is killed on a timeout); its job is
+    deleted from the broker afterwards, on failure too."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "fedmq", "demo", "--json", "--privacy", privacy,
-                          "--seed", str(seed), "--broker", broker, "--log-level", "warning"],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"demo --privacy {privacy} failed ({out.returncode}): {out.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    job = f"bench-he-{privacy}-{uuid.uuid4().hex[:8]}"
+    try:
+        out = run_group([sys.executable, "-m", "fedmq", "demo", "--json", "--privacy", privacy, "--job", job,
+                         "--seed", str(seed), "--broker", broker, "--log-level", "warning"],
+                        timeout=900, cwd=ROOT, env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"demo --privacy {privacy} failed ({out.returncode}): {out.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        with Connection(broker, name="fedmq-bench-cleanup").open() as conn:
+            conn.delete_job(JobNames(job))
 
 
 def _per_update_section(results: dict[int, dict[str, Any]]) -> str:
@@ -145,8 +156,9 @@ def _per_update_section(results: dict[int, dict[str, Any]]) -> str:
     return "\n\n".join([
         table(["parameters", "step", "plaintext (best)", "CKKS (best)", "CKKS (median)", "CKKS / plaintext"], rows),
         f"Largest absolute error of a decrypted delta (values ~0.01): {errors}. Plaintext 'encrypt' is the "
-        "msgpack encoding alone and plaintext 'decrypt + apply' is `Accumulator.flush`, so the ratios are "
-        "the whole cost CKKS adds at each role, not a comparison of two ciphers.",
+        "msgpack encoding alone; plaintext 'decrypt + apply' is `apply_sum` of the same sum in plaintext "
+        "(CKKS: decrypt, then the same `apply_sum`); neither side folds in that row. The ratios are the "
+        "whole cost CKKS adds at each role, not a comparison of two ciphers.",
     ])
 
 

@@ -43,8 +43,9 @@ def measure(url: str, versions: int) -> dict[str, dict[str, list[float]]]:
             while seen < 1:  # v0: also proves the reader is attached before we start timing
                 seen += len(reader.poll(0.1))
             for v in range(1, versions + 1):
-                bodies = [(f"v{v}-u{i}", f"site-{i}", job.update(f"v{v}-u{i}", base_version=v - 1,
-                                                                  seed=v * K + i).encode()) for i in range(K)]
+                updates = [job.update(f"v{v}-u{i}", base_version=v - 1, seed=v * K + i) for i in range(K)]
+                # published under the site each update names, as that site's credentials would
+                bodies = [(u.update_id, u.site, u.encode()) for u in updates]
                 publish_bodies(conn, job.names, bodies[:-1])
                 time.sleep(SETTLE)
                 publish_bodies(conn, job.names, bodies[-1:])

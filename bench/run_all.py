@@ -2,23 +2,32 @@
 
 Each benchmark is a module with ``run(url, quick) -> str`` (the section's markdown) and a ``## ``
 title listed in `BENCHMARKS`. To add one, write the module and add it to `BENCHMARKS`;
-`replace_section` keeps every other section of the file as it is. A section is written as soon as it is measured, so
-an interrupted run keeps what it finished. ``--only codec,tta`` runs a subset (by short name).
+`replace_section` keeps every other section of the file as it is. A section is written as soon as it
+is measured, so an interrupted run keeps what it finished. A benchmark that fails does not stop the
+others: its section is left as it was, and the run exits 1 at the end. Every run also rewrites the
+"Last run" section: per benchmark its status, wall time and the load average before and after,
+and the commit measured, so which sections this run re-measured is on the page.
+``--only codec,tta`` runs a subset (by short name).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from bench.common import BENCHMARKS as OUT
-from bench.common import replace_section
+from bench.common import git_commit, load_average, replace_section, table
 from shared.broker import DEFAULT_URL, Connection
 from shared.errors import FedmqError
 from shared.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 #: short name -> (module, title); the order is the order they run in
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -33,11 +42,57 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "flood": ("bench.flood", "Flood from one site"),
     "byzantine": ("bench.byzantine", "Byzantine robustness"),
 }
+RUN_TITLE = "Last run"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    status: str  # "measured" or "failed: <error>"
+    seconds: float
+    load_start: tuple[float, float, float]
+    load_end: tuple[float, float, float]
 
 
 def _run(module: str, url: str, quick: bool) -> str:
     body: str = importlib.import_module(module).run(url, quick=quick)
     return body
+
+
+def measure(name: str, url: str, quick: bool, path: Path = OUT) -> Outcome:
+    """Run one benchmark and write its section of `path`; a failure is recorded, not raised."""
+    module, title = BENCHMARKS[name]
+    load_start, t0 = load_average(), time.perf_counter()
+    try:
+        body = _run(module, url, quick)
+    except Exception as exc:  # any benchmark bug: the others still run, the exit status says so
+        log.exception("benchmark failed name=%s", name)
+        status = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
+    except SystemExit as exc:  # benchmarks that give up with SystemExit(message)
+        status = f"failed: {exc.code}"
+    else:
+        replace_section(title, body, path)
+        status = "measured"
+    return Outcome(name, status, time.perf_counter() - t0, load_start, load_average())
+
+
+def run_section(outcomes: list[Outcome], *, quick: bool, commit: str, started: str) -> str:
+    """The "Last run" section: what this run measured, how long each took, under what load."""
+    def fmt(load: tuple[float, float, float]) -> str:
+        return " / ".join(f"{x:.2f}" for x in load)
+
+    rows = [[f"{BENCHMARKS[o.name][1]} (`{o.name}`)", o.status, f"{o.seconds:.0f} s", fmt(o.load_start),
+             fmt(o.load_end)] for o in outcomes]
+    skipped = [n for n in BENCHMARKS if n not in {o.name for o in outcomes}]
+    lines = [
+        f"_`python -m bench.run_all{' --quick' if quick else ''}` started {started} on {os.cpu_count()} cores, "
+        f"commit {commit}; load average 1/5/15 min before and after each benchmark._",
+        table(["section", "status", "wall", "load before", "load after"], rows),
+    ]
+    if skipped:
+        lines.append("Not run this time (their sections are from earlier runs; each says when): "
+                     + ", ".join(f"`{n}`" for n in skipped) + ".")
+    return "\n\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         except FedmqError as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return exc.exit_code
+    started, commit = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), git_commit()
+    outcomes: list[Outcome] = []
     for name in chosen:
-        module, title = BENCHMARKS[name]
+        title = BENCHMARKS[name][1]
         print(f"bench: {title} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        body = _run(module, args.broker, args.quick)
-        replace_section(title, body)
-        print(f"bench: {title} done in {time.perf_counter() - t0:.0f} s -> {OUT.name}", file=sys.stderr, flush=True)
-    return 0
+        outcomes.append(measure(name, args.broker, args.quick))
+        replace_section(RUN_TITLE, run_section(outcomes, quick=args.quick, commit=commit, started=started))
+        print(f"bench: {title} {outcomes[-1].status} in {outcomes[-1].seconds:.0f} s -> {OUT.name}",
+              file=sys.stderr, flush=True)
+    return 0 if all(o.status == "measured" for o in outcomes) else 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, Machine, table
+from bench.common import ROOT, Machine, run_group, table
 from shared.broker import Connection, JobNames, read_stream
 from shared.messages import Event, EventKind
 
@@ -61,7 +60,7 @@ def demo(url: str, label: str, strategy: str, extra: list[str], max_seconds: flo
            str(work), "--strategy", strategy, "--target", str(TARGET), "--max-seconds", str(max_seconds), *extra]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + 300, cwd=ROOT)
+        proc = run_group(cmd, timeout=max_seconds + 300, cwd=ROOT)  # a timeout kills the demo's children too
         total = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{label}: demo exited {proc.returncode}: {proc.stderr[-2000:]}")

@@ -1,0 +1,75 @@
+"""Every benchmark `make bench` runs, in its quick mode: a benchmark broken by a change fails CI
+instead of the next `make bench`. BENCHMARKS.md is not touched (`run` returns the section).
+
+The demo-based ones start real `fedmq demo` processes and take a minute or more each: `slow`.
+The Byzantine benchmark has its own quick test (test_byzantine_bench.py)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import run_all
+
+#: short name -> (needs a broker, slow, text the section must contain)
+EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
+    "codec": (False, False, ["best of 3 samples", "| 1,000,000 | fedmq msgpack |"]),
+    "aggregator": (True, False, ["aggregator / consume+ack", "| digits MLP", "| MNIST MLP"]),
+    "overhead": (True, False, ["| digits MLP", "| MNIST MLP"]),
+    "replay": (True, True, ["| demo job (", "| synthetic, 200,000 float32 params"]),
+    "he": (False, True, ["decrypt + apply (key holder, per version)", "| 1,000,000 | encrypt (site)"]),
+    "he_tta": (True, True, ["| none |", "| he |", "ratio he / none"]),
+    "dp": (True, True, ["| no DP |", "| DP-SGD, epsilon 4 |"]),
+    "tta": (True, True, ["| FedBuff |", "| FedAsync |", "| FedAvg (synchronous) |"]),
+    "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
+}
+OWN_TEST = {"byzantine": "tests/test_byzantine_bench.py"}
+
+
+def _params() -> list[object]:
+    out = []
+    for name, (broker, slow, _) in EXPECT.items():
+        marks = [pytest.mark.timeout(900 if slow else 300)]
+        if broker:
+            marks.append(pytest.mark.broker)
+        if slow:
+            marks.append(pytest.mark.slow)
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def test_every_benchmark_of_make_bench_has_a_quick_run_test() -> None:
+    assert set(EXPECT) | set(OWN_TEST) == set(run_all.BENCHMARKS)
+    for path in OWN_TEST.values():
+        assert (Path(__file__).resolve().parent.parent / path).is_file()
+
+
+@pytest.mark.parametrize("name", _params())
+def test_quick_mode_measures_its_section(name: str, request: pytest.FixtureRequest) -> None:
+    broker, _, expected = EXPECT[name]
+    url = request.getfixturevalue("broker_url") if broker else ""
+    module, _title = run_all.BENCHMARKS[name]
+    body: str = importlib.import_module(module).run(url, quick=True)
+    assert re.search(r"_Measured \d{4}-\d\d-\d\d \d\d:\d\d UTC on \d+ cores .*load average", body), body[:300]
+    assert "|---|" in body
+    for text in expected:
+        assert text in body, f"{text!r} missing from {name}'s section:\n{body}"
+    assert "nan" not in body.lower().split("|"), body
+
+
+def test_a_failing_benchmark_is_recorded_and_leaves_its_section_alone(tmp_path: Path) -> None:
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# fedmq benchmarks\n\n## Aggregator throughput\n\nold figures\n")
+    failed = run_all.measure("aggregator", "amqp://guest:guest@127.0.0.1:1/%2F", True, out)  # nothing listens
+    assert failed.status.startswith("failed: ")
+    assert "old figures" in out.read_text()
+    measured = run_all.measure("codec", "", True, out)
+    assert measured.status == "measured" and "## Codec" in out.read_text()
+    section = run_all.run_section([failed, measured], quick=True, commit="abc1234", started="2026-01-01 00:00 UTC")
+    assert "commit abc1234" in section and "--quick" in section
+    assert re.search(r"\| Codec \(`codec`\) \| measured \| \d+ s \| [\d.]+ / [\d.]+ / [\d.]+ \|", section)
+    assert "| Aggregator throughput (`aggregator`) | failed: " in section
+    assert "`tta`" in section  # not run this time: said so
