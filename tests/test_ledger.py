@@ -41,6 +41,28 @@ def test_an_included_update_whose_copy_hit_the_delivery_limit_is_redundant_not_a
     assert report.ok and report.redundant_dead_letters == ["u-a"]
 
 
+def test_an_id_twice_in_one_version_is_double_counted() -> None:
+    report = Ledger(_chain(("u-a", "u-a")), ["u-a"], []).check()
+    assert not report.ok and report.double_counted == ["u-a"]
+
+
+def test_a_delivery_limit_copy_does_not_excuse_a_second_reason() -> None:
+    """Included, hit the delivery limit *and* dead-lettered by the aggregator as invalid: an error."""
+    dead = [DeadLetter("update", "u-a", DELIVERY_LIMIT), DeadLetter("update", "u-a", "stale")]
+    report = Ledger(_chain(("u-a",)), ["u-a", "u-a"], dead).check()
+    assert not report.ok and report.included_and_dead == ["u-a"] and report.redundant_dead_letters == []
+
+
+def test_an_update_logged_twice_and_never_resolved_is_lost_once() -> None:
+    report = Ledger(_chain(("u-a",)), ["u-a", "u-b", "u-b"], []).check()
+    assert report.lost == ["u-b"] and report.logged == 2
+
+
+def test_an_update_only_dead_lettered_is_accounted_for() -> None:
+    report = Ledger(_chain(), ["u-a"], [DeadLetter("update", "u-a", DELIVERY_LIMIT)]).check()
+    assert report.ok and report.dead_lettered == 1 and report.lost == []
+
+
 def test_an_included_update_never_logged_is_an_error() -> None:
     report = Ledger(_chain(("u-ghost",)), [], []).check()
     assert not report.ok and report.never_logged == ["u-ghost"]
