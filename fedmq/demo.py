@@ -30,7 +30,7 @@ from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
 from shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
 from shared.config import CoordinatorConfig, JobConfig, TrainingConfig
-from shared.datasets import write_partition
+from shared.datasets import PartitionResult, write_partition
 from shared.errors import ConfigError, FedmqError
 from shared.messages import Event, EventKind
 
@@ -181,6 +181,27 @@ def _sites_line(st: Progress_) -> Text:
     return Text(f"updates per site  {counts}", style="dim", overflow="fold")
 
 
+def demo_sections(args: argparse.Namespace, part: PartitionResult, work: Path) -> dict[str, dict[str, Any]]:
+    """The demo job's TOML sections before privacy and keys (also what `bench` simulates)."""
+    strategy = dict(DEMO_STRATEGIES[args.strategy]["strategy"])
+    if args.strategy == "fedavg":
+        strategy["buffer_size"] = args.sites
+    return {
+        "model": {"name": args.model},
+        "data": {"test": str(part.test_file)},
+        "strategy": strategy,
+        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+        "coordinator": {"concurrency": args.sites, "target_accuracy": args.target,
+                        "max_versions": args.max_versions, "max_seconds": args.max_seconds,
+                        "out": str(work / "model")},
+    }
+
+
+def site_slowdown(args: argparse.Namespace, i: int) -> float:
+    """The last `--slow` sites are `--slowdown` times slower."""
+    return float(args.slowdown) if i >= args.sites - args.slow else 1.0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     if not 0 <= args.slow <= args.sites:
         raise ConfigError(f"--slow must be between 0 and --sites ({args.sites}), got {args.slow}")
@@ -193,18 +214,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     part = write_partition(work / "data", args.dataset, args.sites, scheme=args.partition,
                            alpha=args.alpha, seed=args.seed)
-    strategy = dict(DEMO_STRATEGIES[args.strategy]["strategy"])
-    if args.strategy == "fedavg":
-        strategy["buffer_size"] = args.sites
-    sections = {
-        "model": {"name": args.model},
-        "data": {"test": str(part.test_file)},
-        "strategy": strategy,
-        "training": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
-        "coordinator": {"concurrency": args.sites, "target_accuracy": args.target,
-                        "max_versions": args.max_versions, "max_seconds": args.max_seconds,
-                        "out": str(work / "model")},
-    }
+    sections = demo_sections(args, part, work)
     apply_privacy(args, work, sections)
     keys = apply_keys(args, work, job, [f"site-{i}" for i in range(args.sites)], sections)
     config = work / "job.toml"
@@ -223,9 +233,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if keys.keyholder_secret is not None:
             procs.start("keyholder", ["keyholder", *common, "--secret", str(keys.keyholder_secret)])
         for i, f in enumerate(part.site_files):
-            slow = i >= args.sites - args.slow
             procs.start(f"site-{i}", ["worker", *common, "--site", f"site-{i}", "--data", str(f),
-                                      "--slowdown", str(args.slowdown if slow else 1.0),
+                                      "--slowdown", str(site_slowdown(args, i)),
                                       "--min-task-seconds", str(args.min_task_seconds),
                                       *keys.worker_args(f"site-{i}")])
         st = _follow(url, job, procs, console, args)

@@ -20,6 +20,7 @@ COMMAND_MODULES: list[str] = [
     "fedmq.keys",
     "fedmq.keyholder",
     "fedmq.permissions",
+    "fedmq.simulate",
 ]
 
 
