@@ -445,6 +445,14 @@ class Delivery:
             self._channel.basic_nack(self.delivery_tag, requeue=True)
 
 
+#: seconds a publish waits for its confirm before the connection is given up (see _confirm_deadline)
+CONFIRM_TIMEOUT = 30.0
+
+
+class _ConfirmTimeout(Exception):
+    """Raised from the I/O loop's timer to end a wait for a confirm that will not come."""
+
+
 #: how often a consumer that has an `on_cancel` checks that its queue still exists
 QUEUE_WATCH_SECONDS = 5.0
 
@@ -680,7 +688,45 @@ class Connection:
             if self._pub is None or not self._pub.is_open:
                 self._pub = conn.channel()
                 self._pub.confirm_delivery()
-            self._pub.basic_publish(exchange, routing_key, body, props, mandatory=True)
+            pub = self._pub
+        with self._confirm_deadline(conn):
+            with amqp_errors(self.url):
+                pub.basic_publish(exchange, routing_key, body, props, mandatory=True)
+
+    @contextmanager
+    def _confirm_deadline(self, conn: pika.BlockingConnection) -> Iterator[None]:
+        """Give up on a confirm after `CONFIRM_TIMEOUT` s: drop the connection, raise ConnectionLostError.
+
+        Why: a worker's update published the moment the node leading the updates queue was
+        SIGKILLed never got its confirm, and pika waits for one forever (measured on a 3.10
+        cluster: the site hung, its task never acked). Callers already treat a lost connection
+        as "re-send on a new one, receivers dedup by id". pika's own timers only fire inside
+        `process_data_events`, so the deadline uses the I/O loop's timer, which also runs while
+        `basic_publish` waits; the socket is then aborted, not closed politely.
+        """
+        impl: Any = getattr(conn, "_impl", None)
+        if impl is None or not hasattr(impl, "_adapter_call_later"):
+            yield  # another pika: no deadline rather than no publish
+            return
+
+        def _expire() -> None:
+            raise _ConfirmTimeout
+
+        timer = impl._adapter_call_later(CONFIRM_TIMEOUT, _expire)
+        try:
+            yield
+        except _ConfirmTimeout:
+            log.warning("no publisher confirm, dropping the connection name=%s node=%s waited=%.0f",
+                        self.name, mask_url(self.node_url), CONFIRM_TIMEOUT)
+            transport: Any = getattr(impl, "_transport", None)
+            self._conn, self._pub, self._cons, self._watches = None, None, None, []
+            with suppress(Exception):
+                transport.abort()
+            raise ConnectionLostError(f"no publisher confirm from {mask_url(self.node_url)} within "
+                                      f"{CONFIRM_TIMEOUT:.0f} s (node lost mid-publish?): re-send it") from None
+        finally:
+            with suppress(Exception):
+                impl._adapter_remove_timeout(timer)
 
     # -- consume
 
