@@ -167,5 +167,6 @@ class HeSession(_Session):
                                                  "seconds": round(time.perf_counter() - started, 4)})
         emit(self.conn, self.names, "aggregator", EventKind.AGGREGATE_PUBLISHED, version=agg.version,
              parent=agg.parent, included=list(agg.included), ciphertext_sha256=agg.ciphertext_sha256,
+             replica=self.agg.name,
              sites=[c["site"] for c in agg.contributions],
              staleness=[c["staleness"] for c in agg.contributions])

@@ -7,6 +7,7 @@ aggregator's own `Accumulator`. Nothing here mocks the broker or a process.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from tests.brokers import SERVER, PrivateBroker
 from tests.conftest import ROOT, child_env, fedmq_cmd
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, poll: float = 0.1) -> T:
@@ -67,8 +69,10 @@ class JobFiles:
 
 
 def write_job(workdir: Path, *, sites: int, strategy: dict[str, Any], coordinator: dict[str, Any],
-              training: dict[str, Any] | None = None, model: str = "mlp", scheme: str = "iid") -> JobFiles:
-    """Digits split over `sites` plus a job TOML: small and fast enough for hundreds of updates."""
+              training: dict[str, Any] | None = None, model: str = "mlp", scheme: str = "iid",
+              extra: dict[str, dict[str, Any]] | None = None) -> JobFiles:
+    """Digits split over `sites` plus a job TOML: small and fast enough for hundreds of updates.
+    `extra`: more sections, e.g. ``{"encryption": {...}}``."""
     part = write_partition(workdir / "data", "digits", sites, scheme=scheme, seed=0)
     config = workdir / "job.toml"
     write_job_toml(config, {
@@ -77,6 +81,7 @@ def write_job(workdir: Path, *, sites: int, strategy: dict[str, Any], coordinato
         "strategy": strategy,
         "training": training or {"epochs": 1, "batch_size": 16, "lr": 0.1},
         "coordinator": {"out": str(workdir / "model"), **coordinator},
+        **(extra or {}),
     })
     return JobFiles(config, part.site_files, part.test_file)
 
@@ -109,7 +114,7 @@ class Fleet:
 
     def restart(self, name: str, new_name: str | None = None) -> subprocess.Popen[bytes]:
         role, args, faults = self.args[name]
-        if role == "aggregator" and new_name:
+        if role in ("aggregator", "keyholder") and new_name:
             args = tuple(new_name if a == name else a for a in args)
         return self.start(new_name or name, role, *args, faults=faults)
 
@@ -168,12 +173,18 @@ class Fleet:
                     proc.wait(10)
 
 
-def close_connection(node: PrivateBroker, name_part: str) -> int:
-    """Drop (server-side, like a network cut) every connection whose name contains `name_part`."""
+def close_connection(node: PrivateBroker, name_part: str, timeout: float = 30.0) -> int:
+    """Drop (server-side, like a network cut) every connection whose name contains `name_part`;
+    returns how many. 0 as well when the listing does not answer within `timeout`: it asks every
+    connection process, and on a loaded node one busy with large bodies can hold it for a minute."""
     ctl = str(Path(SERVER).with_name("rabbitmqctl"))
     env = dict(os.environ, HOME=str(node.base))
-    listing = subprocess.run([ctl, "-n", node.name, "-q", "--no-table-headers", "list_connections", "pid",
-                              "client_properties"], env=env, capture_output=True, text=True, timeout=60)
+    try:
+        listing = subprocess.run([ctl, "-n", node.name, "-q", "--no-table-headers", "list_connections", "pid",
+                                  "client_properties"], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("list_connections did not answer node=%s timeout=%.0f", node.name, timeout)
+        return 0
     pids = [line.split("\t")[0] for line in listing.stdout.splitlines() if name_part in line]
     for pid in pids:
         subprocess.run([ctl, "-n", node.name, "-q", "close_connection", pid, "chaos test"], env=env,
