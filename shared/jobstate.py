@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.broker import SITE_EVENTS, Connection, Delivery, JobNames, StreamReader, read_last
-from shared.errors import JobNotFoundError, MalformedMessageError
+from shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
 from shared.messages import ID_RE, MAX_INT, MAX_LIST, NAME_RE, Event, EventKind, ModelVersion, integer, number, text
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,92 @@ def find_version(url: str, names: JobNames, version: int, offset: int | None = N
             reader.close()
             return find_version(url, names, version, None, timeout)
     raise JobNotFoundError(f"job {names.job}: version {version} not found in the models stream")
+
+
+class ModelFeed:
+    """A site's view of the models stream: one reader that stays attached and follows the stream,
+    and the last `cache` versions decoded.
+
+    Why: nearly every task names a version the site has not seen yet, and opening a reader for it
+    (`find_version`: a new connection, a consumer, a seek) cost tens of milliseconds per task, on
+    the critical path between a task's arrival and its training. Attached once, the feed has
+    usually read the version before the task for it arrives. A version it has already passed
+    without keeping it, a fork (the task's offset names another entry) or a dropped connection
+    fall back to `find_version`.
+    """
+
+    def __init__(self, url: str, names: JobNames, *, cache: int = 4) -> None:
+        self.url, self.names, self.size = url, names, max(cache, 1)
+        self._reader: StreamReader | None = None
+        self._cache: OrderedDict[int, tuple[ModelVersion, int]] = OrderedDict()
+        self._newest = -1  # the highest version number read so far
+        self.attached = 0  # readers opened (1 for a whole job unless a connection was lost)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def get(self, version: int, offset: int | None = None, timeout: float = 30.0) -> ModelVersion:
+        """Version `version` (the entry at `offset`, when the task gave one)."""
+        hit = self._cached(version, offset)
+        if hit is not None:
+            return hit
+        if self._reader is None:
+            self._attach(offset)
+        elif version <= self._newest:
+            return self._fallback(version, offset, timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                got = self._reader.poll(0.05) if self._reader is not None else []
+            except BrokerUnavailableError as exc:
+                log.warning("models feed lost its connection, reading directly job=%s error=%s", self.names.job, exc)
+                self.close()
+                return self._fallback(version, offset, timeout)
+            for d in got:
+                self._absorb(d)
+            hit = self._cached(version, offset)
+            if hit is not None:
+                return hit
+            if version <= self._newest:  # passed without a match: a fork or a wrong hint
+                return self._fallback(version, offset, timeout)
+        raise JobNotFoundError(f"job {self.names.job}: version {version} did not appear in the models stream "
+                               f"within {timeout:g} s")
+
+    def _attach(self, offset: int | None) -> None:
+        self._reader = StreamReader(self.url, self.names.models, name=f"fedmq-models-feed-{self.names.job}",
+                                    prefetch=8)
+        self._reader.start(offset if offset is not None else "first")
+        self.attached += 1
+
+    def _absorb(self, d: Delivery) -> None:
+        try:
+            mv = ModelVersion.decode(d.body)
+        except MalformedMessageError as exc:
+            log.error("unreadable model version skipped job=%s offset=%s error=%s", self.names.job,
+                      d.stream_offset, exc)
+            return
+        self._newest = max(self._newest, mv.version)
+        self._keep(mv, d.stream_offset or 0)
+
+    def _keep(self, mv: ModelVersion, offset: int) -> None:
+        self._cache[mv.version] = (mv, offset)
+        self._cache.move_to_end(mv.version)
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+
+    def _cached(self, version: int, offset: int | None) -> ModelVersion | None:
+        entry = self._cache.get(version)
+        if entry is None or (offset is not None and entry[1] != offset):
+            return None
+        self._cache.move_to_end(version)
+        return entry[0]
+
+    def _fallback(self, version: int, offset: int | None, timeout: float) -> ModelVersion:
+        mv, at = find_version(self.url, self.names, version, offset, timeout)
+        self._keep(mv, at)
+        return mv
 
 
 # --------------------------------------------------------------------------- reading events safely

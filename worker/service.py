@@ -39,7 +39,7 @@ from shared.errors import (
     PrivacyBudgetError,
     TrainingFailedError,
 )
-from shared.jobstate import emit_site, find_version
+from shared.jobstate import ModelFeed, emit_site, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
 from shared.signing import load_private_key, sign_update
@@ -104,6 +104,8 @@ class Worker:
         self.finished = False
         self.stats = WorkerStats()
         self._models: OrderedDict[int, ModelVersion] = OrderedDict()
+        #: follows the models stream, so a task's version is usually read before the task arrives
+        self._feed = ModelFeed(url, self.names, cache=self.options.model_cache)
         #: updates whose confirm (or event) never came: republished after a reconnect, not retrained
         self._outbox: dict[str, _Outgoing] = {}
         self._failures = 0  # consecutive tasks whose training raised
@@ -118,6 +120,7 @@ class Worker:
                         on_reconnect=self._count_reconnect)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._feed.close()
         return self.stats
 
     def _count_reconnect(self, _attempt: int) -> None:
@@ -308,7 +311,7 @@ class Worker:
     def _model(self, task: Task) -> ModelVersion:
         mv = self._models.get(task.version)
         if mv is None:
-            mv, _ = find_version(self.url, self.names, task.version, task.model_offset)
+            mv = self._feed.get(task.version, task.model_offset)
             if not self._models:
                 # the job's model is known only now: data that does not fit it stops the site (exit 2)
                 # before it trains garbage, e.g. the wrong feature count or labels past num_classes
