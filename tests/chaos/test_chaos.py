@@ -89,7 +89,7 @@ VARIANTS = [
     # x 3 updates per version: >= 300 with room for the ones a crash dead-letters
     Variant("fedbuff", {"name": "fedbuff", "buffer_size": 3, "flush_timeout": 1.0, "max_staleness": 50},
             max_versions=110, min_updates=300, schedule=SCHEDULE, target_accuracy=0.9,
-            min_aggregator_kills=5, min_worker_kills=5, min_connection_drops=1),
+            min_aggregator_kills=5, min_worker_kills=5, min_connection_drops=1, max_seconds=480),
     Variant("fedasync", {"name": "fedasync", "alpha": 0.6, "flush_timeout": 1.0, "max_staleness": 50},
             max_versions=165, min_updates=150, schedule=SHORT_SCHEDULE, target_accuracy=0.85,
             min_aggregator_kills=3, min_worker_kills=3),
@@ -329,7 +329,7 @@ def _encryption(tmp_path: Path, job: str) -> tuple[dict[str, dict[str, Any]], Pa
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(720)  # v0 (<= 180 s on a loaded machine) + the job (<= max_seconds + 60)
+@pytest.mark.timeout(780)  # v0 (<= 180 s on a loaded machine) + the job (<= max_seconds + 60)
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
 def test_a_job_survives_kills_broker_restart_and_dropped_connections(
         private_broker: PrivateBroker, tmp_path: Path, variant: Variant) -> None:
