@@ -71,7 +71,7 @@ def test_every_password_of_a_node_list_is_masked() -> None:
     (" , ", "broker URL is empty"),
 ])
 def test_a_malformed_node_list_exits_2_with_one_line(urls: str, words: str) -> None:
-    for how in ("flag", "env"):
+    for how in ("flag", "env") if "empty entry" in words else ("flag",):  # each CLI start costs seconds
         args = ["aggregator", "--job", "j", "--broker-wait", "0"]
         proc = (run_fedmq(*args, "--broker", urls, timeout=60) if how == "flag"
                 else run_fedmq(*args, timeout=60, FEDMQ_BROKER_URL=urls))
