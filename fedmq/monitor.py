@@ -56,6 +56,7 @@ from shared.jobstate import (
     read_event_delivery,
 )
 from shared.messages import Event, EventKind, update_id_for
+from shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ class SiteRow:
 MAX_EPSILON = 1e6
 MAX_STALENESS = 2**31
 DEAD_REASON_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+#: sites a roster takes from the registry: more would be no roster anyone can read
+MAX_ROSTER = 100_000
 
 
 def _epsilon(data: dict[str, Any]) -> float | None:
@@ -170,6 +173,8 @@ class JobView:
     takeovers: int = 0
     events: int = 0
     poison: dict[str, int] = field(default_factory=dict)                      # reason -> entries skipped
+    #: the sites expected to take part: the job's signing registry (v0's meta) and --expect-sites
+    roster: set[str] = field(default_factory=set)
 
     def _site(self, name: str) -> SiteRow:
         return self.sites.setdefault(name, SiteRow(name))
@@ -361,12 +366,15 @@ class Alert:
 class Thresholds:
     stall_seconds: float = 60.0   # no new version for this long while running: "job stalled"
     window: float = 60.0          # versions/min and "dead letters growing" look this far back
+    silent_seconds: float = 120.0  # a roster or known site unheard of for this long: "site silent"
 
     def __post_init__(self) -> None:
         if self.stall_seconds <= 0:
             raise ConfigError(f"--stall-seconds must be > 0, got {self.stall_seconds}")
         if self.window <= 0:
             raise ConfigError(f"--window must be > 0, got {self.window}")
+        if not self.silent_seconds > 0:
+            raise ConfigError(f"--silent-seconds must be > 0, got {self.silent_seconds}")
 
 
 def alerts(view: JobView, queues: dict[str, QueueState], now: float, limits: Thresholds,
@@ -407,10 +415,27 @@ def alerts(view: JobView, queues: dict[str, QueueState], now: float, limits: Thr
         more = f" and {len(failing) - 5} more" if len(failing) > 5 else ""
         out.append(Alert(Level.WARNING, "training_failing",
                          f"training failed in the last {limits.window:g} s at {len(failing)} site(s): {shown}{more}"))
+    silent = silent_sites(view, now, limits.silent_seconds) if running else []
+    if silent:
+        shown = ", ".join(silent[:10]) + (f" and {len(silent) - 10} more" if len(silent) > 10 else "")
+        out.append(Alert(Level.WARNING, "site_silent",
+                         f"{len(silent)} site(s) sent nothing for over {limits.silent_seconds:g} s: {shown}"))
     last = view.last_progress()
     if running and last is not None and now - last > limits.stall_seconds:
         out.append(Alert(Level.WARNING, "job_stalled",
                          f"no new version for {now - last:.0f} s (limit {limits.stall_seconds:g} s)"))
+    return out
+
+
+def silent_sites(view: JobView, now: float, seconds: float) -> list[str]:
+    """Roster and known sites not heard of for `seconds`: since their last event, or since the job
+    started for a roster site never seen."""
+    out = []
+    for name in sorted(view.roster | set(view.sites)):
+        row = view.sites.get(name)
+        ref = row.last_seen if row is not None and row.last_seen is not None else view.started_at
+        if ref is not None and now - ref > seconds:
+            out.append(name)
     return out
 
 
@@ -445,6 +470,7 @@ class Snapshot:
             "queues": {name: q.to_dict() for name, q in self.queues.items()},
             "latest_version": v.latest_version,
             "sites": {name: row.to_dict(self.ts) for name, row in sorted(v.sites.items())},
+            "roster": sorted(v.roster),
             "ts": self.ts,
             "status": v.status.value,
             "stop_reason": v.stop_reason,
@@ -508,11 +534,11 @@ class Monitor:
     QUEUES = ("tasks", "updates", "dead")
 
     def __init__(self, url: str, job: str, *, limits: Thresholds | None = None,
-                 management_url: str | None = None) -> None:
+                 management_url: str | None = None, expect_sites: Sequence[str] = ()) -> None:
         self.url = url
         self.names = JobNames(job)
         self.limits = limits or Thresholds()
-        self.view = JobView(job)
+        self.view = JobView(job, roster=set(expect_sites))
         self.api = ManagementAPI(management_url, url) if management_url else None
         self._conn: Connection | None = None
         self._events: StreamReader | None = None
@@ -564,11 +590,16 @@ class Monitor:
             return
         self._models_offset = last.stream_offset
         try:
-            version = as_int(unpack(last.body).get("version"))
+            head = unpack(last.body)
         except MalformedMessageError:
             return
+        version = as_int(head.get("version"))
         if version is not None:
             self.view.latest_version = max(version, self.view.latest_version or 0)
+        meta = head.get("meta")
+        registry = meta.get(META_REGISTRY) if isinstance(meta, dict) else None
+        if isinstance(registry, dict):  # the sites with a signing key are the ones expected
+            self.view.roster.update(s for s in map(as_site, list(registry)[:MAX_ROSTER]) if s is not None)
 
     def _drain_events(self, reader: StreamReader, idle: float, budget: float) -> None:
         """Apply new events until the stream is quiet for `idle` s (or `budget` s have passed)."""
@@ -744,10 +775,15 @@ def render_text(snap: Snapshot, width: int = 120) -> str:
 def run(args: argparse.Namespace) -> int:
     from fedmq.cli import print_json, stop_on_signals
 
-    limits = Thresholds(stall_seconds=args.stall_seconds, window=args.window)
+    limits = Thresholds(stall_seconds=args.stall_seconds, window=args.window, silent_seconds=args.silent_seconds)
     if args.interval <= 0:
         raise ConfigError(f"--interval must be > 0, got {args.interval}")
-    with Monitor(args.broker, args.job, limits=limits, management_url=args.management_url) as mon:
+    expect = [s.strip() for s in (args.expect_sites or "").split(",") if s.strip()]
+    bad = [s for s in expect if as_site(s) is None]
+    if bad:
+        raise ConfigError(f"--expect-sites: {bad[0]!r} is not a site name (letters, digits, '.', '_', '-')")
+    with Monitor(args.broker, args.job, limits=limits, management_url=args.management_url,
+                 expect_sites=expect) as mon:
         if args.once:
             snap = mon.snapshot()
             if args.json:
@@ -801,6 +837,11 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
                    help="alert 'job stalled' when no version appeared for this long")
     p.add_argument("--window", type=float, default=60.0,
                    help="seconds looked back for versions/min and 'dead letters growing'")
+    p.add_argument("--silent-seconds", type=float, default=120.0,
+                   help="alert 'site silent' for a site (of the roster, or seen before) that sent nothing this long")
+    p.add_argument("--expect-sites", default=os.environ.get("FEDMQ_EXPECT_SITES"),
+                   help="comma-separated roster of the sites that should take part, besides the job's signing "
+                   "registry (env FEDMQ_EXPECT_SITES)")
     p.add_argument("--management-url", default=os.environ.get("FEDMQ_MANAGEMENT_URL"),
                    help="RabbitMQ management API, e.g. http://host:15672 (credentials from the URL or "
                    "--broker), adds unacked counts; off by default (env FEDMQ_MANAGEMENT_URL)")

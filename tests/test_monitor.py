@@ -19,12 +19,15 @@ from fedmq.monitor import (
     Thresholds,
     alerts,
     render_text,
+    silent_sites,
     sparkline,
 )
 from shared.broker import Connection, JobNames
 from shared.config import StrategyConfig
+from shared.errors import ConfigError
 from shared.jobstate import emit
 from shared.messages import Event, EventKind, Task
+from shared.signing import META_REGISTRY
 from tests.chaos.harness import wait_until
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, running_aggregator, wait_for_version
@@ -135,6 +138,23 @@ def test_job_without_a_new_version_for_longer_than_the_limit_is_stalled() -> Non
     view = running_view(now)  # started 30 s ago, no version since
     assert codes(alerts(view, queues(), now, Thresholds(stall_seconds=20))) == {"job_stalled"}
     assert alerts(view, queues(), now, Thresholds(stall_seconds=40)) == []
+
+
+def test_a_roster_site_never_heard_of_and_a_site_gone_quiet_are_silent() -> None:
+    now = time.time()
+    view = running_view(now)  # started 30 s ago
+    view.roster = {"site-a", "site-b"}
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 25, source="site-c", update_id="u-t0", site="site-c",
+                  task_id="t0"))
+    limits = Thresholds(stall_seconds=1e6, silent_seconds=20)
+    found = [a for a in alerts(view, queues(), now, limits) if a.code == "site_silent"]
+    assert len(found) == 1 and "3 site(s)" in found[0].message and "site-a, site-b, site-c" in found[0].message
+    view.apply(ev(EventKind.UPDATE_PUBLISHED, now - 1, source="site-a", update_id="u-t1", site="site-a",
+                  task_id="t1"))
+    assert silent_sites(view, now, 20) == ["site-b", "site-c"]
+    assert silent_sites(view, now, 60) == []  # the job is younger than that: nobody is late yet
+    with pytest.raises(ConfigError, match="--silent-seconds"):
+        Thresholds(silent_seconds=0)
 
 
 def test_finished_job_with_deleted_queues_is_reported_not_alarmed() -> None:
@@ -268,6 +288,18 @@ def test_once_json_prints_one_snapshot_with_the_design_fields(broker_url: str, j
     assert snap["job"] == job
     assert snap["queues"]["tasks"]["messages"] == 4
     assert snap["queues"]["updates"]["consumers"] == 0
+
+
+@pytest.mark.broker
+def test_the_roster_comes_from_the_signing_registry_and_expect_sites(broker_url: str, job: str) -> None:
+    declare_job_with_v0(broker_url, job, StrategyConfig(), meta={META_REGISTRY: {"site-a": "k", "site-b": "k"}})
+    out = run_fedmq("monitor", "--broker", broker_url, "--job", job, "--once", "--json", "--expect-sites",
+                    "site-z, site-a")
+    assert out.returncode == 0, out.stderr
+    snap = json.loads(out.stdout.strip().splitlines()[-1])
+    assert snap["roster"] == ["site-a", "site-b", "site-z"]
+    bad = run_fedmq("monitor", "--broker", broker_url, "--job", job, "--once", "--expect-sites", "a b")
+    assert bad.returncode == 2 and "--expect-sites" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_unknown_job_exits_4_with_one_line(broker_url: str) -> None:
