@@ -74,6 +74,8 @@ TEST_ACCURACY = Gauge("fedmq_test_accuracy", "Held-out accuracy of the newest ev
                       ["job"], registry=REGISTRY)
 OUTSTANDING_TASKS = Gauge("fedmq_outstanding_tasks", "Tasks issued and not yet answered",
                           ["job"], registry=REGISTRY)
+TASK_FAILURES = Counter("fedmq_task_failures", "Tasks whose local training raised at a site (task_failed)",
+                        ["job", "site"], registry=REGISTRY)
 RECONNECTS = Counter("fedmq_reconnects", "Reconnects after a lost broker connection",
                      ["job", "role"], registry=REGISTRY)
 
@@ -103,6 +105,10 @@ def version_published(job: str, version: int, applied: int, seconds: float) -> N
 
 def aggregator_active(job: str, active: bool) -> None:
     AGGREGATOR_ACTIVE.labels(job).set(1 if active else 0)
+
+
+def task_failed(job: str, site: str) -> None:
+    TASK_FAILURES.labels(job, site).inc()
 
 
 def task_trained(job: str, site: str, seconds: float) -> None:

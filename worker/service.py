@@ -238,6 +238,7 @@ class Worker:
         error = f"{type(exc).__name__}: {exc}"[:ERROR_TEXT]
         self._failures += 1
         self.stats.failures += 1
+        metrics.task_failed(task.job, self.site)
         log.error("training failed", exc_info=exc, extra={
             "job": task.job, "site": self.site, "task": task.task_id, "failures_in_a_row": self._failures})
         emit_site(conn, self.names, self.site, EventKind.TASK_FAILED, task_id=task.task_id,
