@@ -289,8 +289,27 @@ def plot_staleness(data: ReportData, ax: Any) -> Plot:
                 len(values), {"staleness": list(values)})
 
 
-def plot_sites(data: ReportData, ax: Any) -> Plot:
+#: sites a per-site plot draws by name; past this it draws the most and the least active halves
+#: (a plot with 1,000 labelled bars or rows is no plot anyone can read); the series keep all sites
+MAX_SITES_DRAWN = 40
+
+
+def drawn_sites(data: ReportData) -> tuple[list[str], str]:
+    """The sites a per-site plot draws, and a caption note when some were left out."""
     sites = data.sites()
+    if len(sites) <= MAX_SITES_DRAWN:
+        return sites, ""
+    published = Counter(u.site for u in data.updates.values())
+    ranked = sorted(sites, key=lambda s: (-published[s], s))
+    half = MAX_SITES_DRAWN // 2
+    shown = ranked[:half] + ranked[-half:]
+    return shown, (f" Of {len(sites)} sites, the {half} that published most and the {half} that published "
+                   f"least are drawn (report.json has them all).")
+
+
+def plot_sites(data: ReportData, ax: Any) -> Plot:
+    everyone = data.sites()
+    sites, note = drawn_sites(data)
     published = Counter(u.site for u in data.updates.values())
     xs = range(len(sites))
     ax.bar([x - 0.2 for x in xs], [published[s] for s in sites], width=0.4, label="published", color="#90caf9")
@@ -304,18 +323,18 @@ def plot_sites(data: ReportData, ax: Any) -> Plot:
     else:
         _empty(ax, "site updates")
     return Plot("sites", "Contribution per site",
-                "Updates each site published, and how many of them were folded into a version.",
-                len(sites), {"site": sites, "published": [published[s] for s in sites],
-                             "applied": [data.applied_by_site[s] for s in sites]})
+                "Updates each site published, and how many of them were folded into a version." + note,
+                len(everyone), {"site": everyone, "published": [published[s] for s in everyone],
+                                "applied": [data.applied_by_site[s] for s in everyone]})
 
 
 def plot_timeline(data: ReportData, ax: Any) -> Plot:
-    sites = data.sites()
+    sites, note = drawn_sites(data)
     row = {s: i for i, s in enumerate(sites)}
     ups = sorted(data.updates.values(), key=lambda u: u.ts)
     t0 = data.origin
     for applied, color, label in ((True, APPLIED_COLOR, "applied"), (False, PENDING_COLOR, "not applied")):
-        sel = [u for u in ups if (u.update_id in data.applied) is applied]
+        sel = [u for u in ups if (u.update_id in data.applied) is applied and u.site in row]
         if not sel:
             continue
         ends = [u.ts - t0 for u in sel]
@@ -331,7 +350,7 @@ def plot_timeline(data: ReportData, ax: Any) -> Plot:
         _empty(ax, "published updates")
     return Plot("timeline", "Update timeline",
                 "Every update by site: when its task ran and when it was published; grey ones were "
-                "never folded (dead-lettered or still in flight when the job ended).",
+                "never folded (dead-lettered or still in flight when the job ended)." + note,
                 len(ups), {"site": [u.site for u in ups], "published_t": [u.ts - t0 for u in ups],
                            "task_seconds": [u.seconds for u in ups],
                            "applied": [u.update_id in data.applied for u in ups]})

@@ -109,3 +109,32 @@ def test_fold_counts_a_redelivered_update_once_and_keeps_the_first_publish() -> 
                     data={"update_id": "u1", "site": "s", "task_seconds": 1.0 + i}) for i in range(3)]
     data = fold("j", events)
     assert len(data.updates) == 1 and data.updates["u1"].ts == t and data.updates["u1"].seconds == 1.0
+
+
+def test_a_report_of_1000_sites_and_1000_versions_draws_40_sites_and_keeps_all_in_json(tmp_path: Path) -> None:
+    from fedmq.report import MAX_SITES_DRAWN
+
+    t = time.time()
+    events = [Event(job="j", event=EventKind.JOB_STARTED, source="coordinator", ts=t, data={"strategy": "fedbuff"})]
+    for i in range(3000):  # 3 updates per site, more from low site numbers
+        site = f"site-{(i * i) % 1000}"
+        events.append(Event(job="j", event=EventKind.UPDATE_PUBLISHED, source=site, ts=t + i * 0.01,
+                            data={"update_id": f"u{i}", "site": site, "task_seconds": 0.5, "base_version": i // 3}))
+        if i % 3 == 2:
+            v = i // 3 + 1
+            events.append(Event(job="j", event=EventKind.VERSION_PUBLISHED, source="aggregator", ts=t + i * 0.01,
+                                data={"version": v, "included": [f"u{i - 2}", f"u{i - 1}", f"u{i}"],
+                                      "sites": [f"site-{((i - k) ** 2) % 1000}" for k in (2, 1, 0)],
+                                      "staleness": [0, 1, 2]}))
+            events.append(Event(job="j", event=EventKind.VERSION_EVALUATED, source="coordinator", ts=t + i * 0.01,
+                                data={"version": v, "t": i * 0.01, "accuracy": min(0.99, v / 1000)}))
+    data = fold("j", events)
+    assert len(data.sites()) > MAX_SITES_DRAWN and data.versions == 1000
+    started = time.perf_counter()
+    result = write_report(data, tmp_path / "out")
+    assert time.perf_counter() - started < 120
+    sites = result.plots["sites"]
+    assert f"the {MAX_SITES_DRAWN // 2} that published most" in sites.caption
+    assert len(sites.series["site"]) == len(data.sites())  # report.json keeps every site
+    assert "report.json has them all" in result.plots["timeline"].caption
+    assert all((tmp_path / "out" / f"{name}.png").stat().st_size > 0 for name in result.plots)
