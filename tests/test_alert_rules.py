@@ -5,6 +5,7 @@ promtool nor apt-get is available)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -70,3 +71,34 @@ def test_promtool_checks_and_unit_tests_the_rules() -> None:
     test = subprocess.run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent, capture_output=True,
                           text=True, timeout=60)
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "fedmq.json"
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_the_grafana_dashboard_charts_only_exported_metrics() -> None:
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 10
+    exported = _exported()
+    for expr in exprs:
+        used = {m.removesuffix("_bucket") for m in re.findall(r"\bfedmq_[a-z_]+", expr)}
+        assert used and used <= exported, (expr, used - exported)
+        assert '{job=~"$job"}' in expr  # every panel follows the job picker
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path: Path) -> None:
+    promtool = _promtool()
+    if promtool is None:
+        pytest.skip("promtool is not installed and could not be unpacked from Debian's prometheus package")
+    records = [{"record": f"fedmq:dashboard_{i}", "expr": e.replace("$job", ".*")}
+               for i, e in enumerate(_dashboard_exprs())]
+    rules = {"groups": [{"name": "dashboard", "rules": records}]}
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
