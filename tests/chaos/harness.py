@@ -100,10 +100,13 @@ class Fleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.args: dict[str, tuple[str, tuple[str, ...], str]] = {}
         self.killed: set[int] = set()  # pids this test SIGKILLed on purpose
+        self.log_offset: dict[str, int] = {}  # where the current process's lines start in its log
 
     def start(self, name: str, role: str, *args: str, faults: str = "") -> subprocess.Popen[bytes]:
         self.args[name] = (role, args, faults)
-        log = (self.logdir / f"{name}.log").open("ab")
+        path = self.logdir / f"{name}.log"
+        self.log_offset[name] = path.stat().st_size if path.exists() else 0
+        log = path.open("ab")
         env = child_env(FEDMQ_FAULTS=faults) if faults else child_env()
         proc = subprocess.Popen(
             fedmq_cmd(role, "--broker", self.url, "--job", self.job, "--log-level", "info", *args),
@@ -156,6 +159,15 @@ class Fleet:
     def log(self, name: str) -> str:
         path = self.logdir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def own_log(self, name: str) -> str:
+        """The lines of the process now called `name` (a restart appends to the same file)."""
+        path = self.logdir / f"{name}.log"
+        if not path.exists():
+            return ""
+        with path.open("rb") as f:
+            f.seek(self.log_offset.get(name, 0))
+            return f.read().decode(errors="replace")
 
     def tail(self, name: str, lines: int = 15) -> str:
         return "\n".join(self.log(name).splitlines()[-lines:])
