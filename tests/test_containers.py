@@ -50,7 +50,7 @@ COMPOSE_BIN = CACHE / "podman-compose" / "bin" / "podman-compose"
 PYTHON_BASE = "localhost/fedmq-base/python:bookworm"
 RABBITMQ_BASE = "localhost/fedmq-base/rabbitmq:bookworm"
 DEPS_CACHE = "localhost/fedmq-cache/deps"
-TARGET = 0.9
+TARGET = 0.85
 SITES = 3
 
 
@@ -115,6 +115,7 @@ class Stack:
     env: dict[str, str]
     images: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    last: dict[str, Any] = field(default_factory=dict)  # the newest snapshot, for failure messages
 
     @property
     def amqp_url(self) -> str:
@@ -129,12 +130,15 @@ class Stack:
 
     def snapshot(self) -> dict[str, Any] | None:
         """What `monitor --once --json` prints, read in this process through the remapped port: a
-        poll takes a fraction of a second (a container or a fresh process takes seconds)."""
+        poll takes a second (a container or a fresh process takes several). Events are read until
+        the stream is quiet for 0.3 s (monitor's own --once default) or for at most 5 s."""
         try:
             with Monitor(self.amqp_url, self.env["FEDMQ_JOB"]) as mon:
-                return mon.snapshot(idle=0.1, budget=10).to_dict()
-        except FedmqError:
-            return None  # the broker still booting, or the job not created yet
+                self.last = mon.snapshot(idle=0.3, budget=5).to_dict()
+        except FedmqError as exc:
+            self.last = {"error": str(exc)}  # the broker still booting, or the job not created yet
+            return None
+        return self.last
 
     def leftovers(self) -> list[str]:
         label = f"label=io.podman.compose.project={self.project}"
@@ -232,13 +236,16 @@ def stack() -> Iterator[Stack]:
         assert not left, f"left behind: {left}"
 
 
-def _wait(what: str, timeout: float, probe: Any) -> Any:
+def _wait(what: str, timeout: float, probe: Any, stack: Stack) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         got = probe()
         if got:
             return got
-        assert time.monotonic() < deadline, f"{what}: not within {timeout}s"
+        if time.monotonic() > deadline:
+            brief = {k: stack.last.get(k) for k in ("error", "status", "stop_reason", "latest_version",
+                                                     "active_aggregator", "queues")}
+            raise AssertionError(f"{what}: not within {timeout}s; last snapshot {brief}")
         time.sleep(1)
 
 
@@ -255,14 +262,14 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     assert sizes[site] < sizes[full]
 
     # the image's user and its volumes: 10001:10001 with a real group entry, /out and /state its own
+    # (and the site image really has no plotting stack)
     ids = _run(["podman", "run", "--rm", "--entrypoint", "sh", site, "-c",
-                "id; stat -c '%n %u:%g' /out /state; touch /out/x /state/x"]).stdout
+                "id; stat -c '%n %u:%g' /out /state; touch /out/x /state/x; "
+                "python -c 'import matplotlib' 2>/dev/null && echo plotting || echo no-plotting"]).stdout
     assert "uid=10001(fedmq) gid=10001(fedmq)" in ids and "/out 10001:10001" in ids and "/state 10001:10001" in ids
+    assert "no-plotting" in ids, ids
     health = _run(["podman", "image", "inspect", "--format", "{{json .Config.Healthcheck}}", site]).stdout
     assert "shared.metrics" in health, health
-    report_in_site = _run(["podman", "run", "--rm", "--entrypoint", "python", site, "-c", "import matplotlib"],
-                          check=False)
-    assert report_in_site.returncode != 0, "the site image still carries the plotting stack"
 
     # up: broker and roles at once (podman-compose ignores `condition: service_healthy`: the
     # roles wait for the broker themselves)
@@ -270,7 +277,7 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     stack.compose("up", "-d", "--no-build", "--scale", f"worker={SITES}", timeout=300)
     snap = _wait("every role at work", 180, lambda: (
         (s := stack.snapshot()) and s["status"] == "running" and (s["latest_version"] or 0) >= 1
-        and s["queues"]["tasks"]["consumers"] == SITES and s["active_aggregator"] and s))
+        and s["queues"]["tasks"]["consumers"] == SITES and s["active_aggregator"] and s), stack)
     stack.timings["up_to_first_version"] = time.monotonic() - started
     # the images' HEALTHCHECK, run by hand (periodic checks need systemd): a role's /metrics, the broker
     for container in (stack.container("worker"), stack.container("rabbitmq")):
@@ -283,8 +290,9 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     _run(["podman", "kill", stack.container(service)])
     after = _wait("the standby's takeover", 120, lambda: (
         (s := stack.snapshot()) and s["active_aggregator"] not in (None, active)
-        and (s["latest_version"] or 0) > killed_at and s))
-    assert after["aggregator_takeovers"] >= 1
+        and (s["latest_version"] or 0) > killed_at and s), stack)
+    state = _run(["podman", "inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", stack.container(service)])
+    assert state.stdout.split() == ["exited", "137"], state.stdout  # killed, and not restarted
     assert after["status"] == "running" or after["stop_reason"] == "target_accuracy", after
 
     # the compose file's own monitor service, as its header documents
