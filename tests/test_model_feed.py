@@ -4,8 +4,6 @@ and a direct read (`find_version`) for what it passed, a fork and a lost connect
 from __future__ import annotations
 
 import dataclasses
-import uuid
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,17 +14,6 @@ from shared.messages import ModelVersion, make_version
 from tests.jobkit import declare_job_with_v0
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
-
-
-@pytest.fixture()
-def job(broker_url: str) -> Iterator[str]:
-    name = f"t-feed-{uuid.uuid4().hex[:8]}"
-    yield name
-    try:
-        with Connection(broker_url, name="fedmq-test-cleanup").open() as conn:
-            conn.delete_job(JobNames(name))
-    except Exception:
-        pass
 
 
 def _publish(url: str, job: str, parent: ModelVersion, version: int, scale: float = 1.0) -> ModelVersion:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from coordinator.service import Coordinator
 from fedmq.history import read_history
 from fedmq.monitor import JobView, Thresholds, alerts
 from fedmq.report import collect
-from shared.broker import Connection, JobNames, read_stream
+from shared.broker import JobNames, read_stream
 from shared.config import load_job_config
 from shared.datasets import write_partition
 from shared.errors import TrainingFailedError
@@ -39,17 +37,6 @@ class BrokenTrainer(Worker):
 
     def _train(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("CUDA out of memory (simulated)")
-
-
-@pytest.fixture()
-def job(broker_url: str) -> Iterator[str]:
-    name = f"t-fail-{uuid.uuid4().hex[:8]}"
-    yield name
-    try:
-        with Connection(broker_url, name="fedmq-test-cleanup").open() as conn:
-            conn.delete_job(JobNames(name))
-    except Exception:
-        pass
 
 
 def test_a_failing_site_is_reported_everywhere_and_the_job_reaches_its_target(
