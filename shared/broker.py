@@ -133,7 +133,13 @@ def amqp_errors(url: str) -> Iterator[None]:
     """Translate pika's exceptions into fedmq's, so callers never import pika."""
     try:
         yield
-    except (pex.ProbableAuthenticationError, pex.AuthenticationError) as exc:
+    except pex.ProbableAuthenticationError as exc:
+        if "ACCESS_REFUSED" not in str(exc):
+            # the socket closed during the handshake without a refusal: a broker going down or
+            # restarting (seen mid-chaos), not bad credentials, which RabbitMQ answers with 403
+            raise ConnectionLostError(f"lost the broker at {mask_url(url)} during the handshake: {exc!r}") from exc
+        raise BrokerAccessError(f"broker {mask_url(url)} refused the credentials: {exc}") from exc
+    except pex.AuthenticationError as exc:
         raise BrokerAccessError(f"broker {mask_url(url)} refused the credentials: {exc}") from exc
     except pex.ProbableAccessDeniedError as exc:
         raise BrokerAccessError(f"broker {mask_url(url)} refused access to the vhost: {exc}") from exc

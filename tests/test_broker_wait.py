@@ -119,3 +119,19 @@ def test_roles_started_before_their_broker_run_the_job_once_it_is_up(tmp_path: P
         out.close()
         coord_out.close()
         node.cleanup()
+
+
+def test_a_handshake_cut_by_a_restarting_broker_is_transient_but_a_refusal_is_not(broker_url: str) -> None:
+    """pika calls both a refused login and a socket closed mid-handshake (a broker restarting)
+    ProbableAuthenticationError; only the first may stop a role for good."""
+    import pika.exceptions as pex
+
+    from shared.broker import Connection, ConnectionLostError, amqp_errors
+    from shared.errors import BrokerAccessError
+
+    with pytest.raises(ConnectionLostError, match="during the handshake"):
+        with amqp_errors(broker_url):
+            raise pex.ProbableAuthenticationError("StreamLostError: ('Transport indicated EOF',)")
+    refused = broker_url.replace("guest:guest@", "guest:wrong@")
+    with pytest.raises(BrokerAccessError, match="refused the credentials"):
+        Connection(refused, name="fedmq-test-refused").open()
