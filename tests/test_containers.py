@@ -116,6 +116,9 @@ class Stack:
     images: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     last: dict[str, Any] = field(default_factory=dict)  # the newest snapshot, for failure messages
+    #: image ids before the test, and the ones kept afterwards as the cache (the deps image's chain)
+    images_before: set[str] = field(default_factory=lambda: _image_ids())
+    keep: set[str] = field(default_factory=set)
 
     @property
     def amqp_url(self) -> str:
@@ -150,6 +153,7 @@ class Stack:
         for image in self.images:
             if _run(["podman", "image", "exists", image], check=False, timeout=60).returncode == 0:
                 out.append(f"image:{image}")
+        out += [f"intermediate image:{i[:12]}" for i in _image_ids() - self.images_before - self.keep]
         return out
 
     def teardown(self) -> None:
@@ -162,6 +166,36 @@ class Stack:
                 _run(["podman", *rm, *ids], check=False, timeout=120)
         if self.images:
             _run(["podman", "rmi", "-f", *self.images], check=False, timeout=300)
+        # the builds' intermediate images (podman keeps one per step): all but the cache's chain,
+        # children before parents (a parent with children cannot be removed)
+        for _ in range(50):
+            extra = _image_ids() - self.images_before - self.keep
+            if not extra:
+                break
+            parents = {_parent(i) for i in extra}
+            _run(["podman", "rmi", *(extra - parents or extra)], check=False, timeout=300)
+
+
+def _image_ids() -> set[str]:
+    """Full image ids, written as `{{.Id}}` and `{{.Parent}}` write them (no "sha256:")."""
+    out = _run(["podman", "images", "-a", "--format", "{{.ID}}", "--no-trunc"], check=False, timeout=60).stdout
+    return {i.removeprefix("sha256:") for i in out.split()}
+
+
+def _parent(image: str) -> str:
+    res = _run(["podman", "image", "inspect", "--format", "{{.Parent}}", image], check=False, timeout=60)
+    return res.stdout.strip()
+
+
+def _chain(image: str) -> set[str]:
+    """An image and its parents up the build: the entries podman's layer cache looks up."""
+    out: set[str] = set()
+    res = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image], check=False, timeout=60)
+    current = res.stdout.strip() if res.returncode == 0 else ""
+    while current and current not in out:
+        out.add(current)
+        current = _parent(current)
+    return out
 
 
 def _build(stack: Stack) -> None:
@@ -174,6 +208,8 @@ def _build(stack: Stack) -> None:
     started = time.monotonic()
     _run([*args, "--target", "tools-deps", "-t", deps, str(ROOT)], timeout=1200)
     stack.timings["build_deps"] = time.monotonic() - started
+    if os.environ.get("FEDMQ_CONTAINER_CACHE") != "0":
+        stack.keep = _chain(deps) | _chain(PYTHON_BASE) | _chain(RABBITMQ_BASE)
     for old in _run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", DEPS_CACHE],
                     check=False).stdout.split():
         if old != deps:  # an older key: its layers are no use any more
