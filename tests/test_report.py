@@ -138,3 +138,14 @@ def test_a_report_of_1000_sites_and_1000_versions_draws_40_sites_and_keeps_all_i
     assert len(sites.series["site"]) == len(data.sites())  # report.json keeps every site
     assert "report.json has them all" in result.plots["timeline"].caption
     assert all((tmp_path / "out" / f"{name}.png").stat().st_size > 0 for name in result.plots)
+
+
+def test_without_matplotlib_the_report_is_a_one_line_config_error(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    import sys
+
+    from shared.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as in the site image: import fails
+    with pytest.raises(ConfigError, match="needs matplotlib"):
+        write_report(fold("j", []), tmp_path / "out")
