@@ -245,7 +245,10 @@ class _Session:
         #: recorded norms of the last clip_window versions (running-median clip), rebuilt by
         #: _reload from the stream before the first fold, then extended by each flush
         self.norm_window = NormWindow(self.cfg.clip_window, complete=False)
+        #: the current version's clip bound and outlier limit, from norm_window: they change only
+        #: when the version does, so they are computed once per version, not once per update
         self.clip_bound: float | None = None
+        self.outlier_limit: float | None = None
 
     @property
     def prefetch(self) -> int:
@@ -255,6 +258,10 @@ class _Session:
         if self.fence is not None:
             self.fence.close()
             self.fence = None
+
+    def _bounds_from_window(self) -> None:
+        self.clip_bound = self.norm_window.bound(self.cfg)
+        self.outlier_limit = self.norm_window.limit(self.cfg)
 
     def _reload(self) -> None:
         """Read the newest version and the dedup set again, and follow the stream from there."""
@@ -271,7 +278,7 @@ class _Session:
         chain = chain_window(state.recent_contributions, state.latest.version, self.cfg.clip_window,
                              clip_measure(self.cfg))
         self.norm_window = dataclasses.replace(chain, step=self._step_of(state.latest, state.parent))
-        self.clip_bound = self.norm_window.bound(self.cfg)
+        self._bounds_from_window()
         if self.cfg.clip_median_factor > 0 and not self.norm_window.known:
             log.warning("clip history incomplete (models stream truncated?): bound from what is left",
                         extra={"job": self.names.job, "version": state.latest.version,
@@ -368,7 +375,7 @@ class _Session:
         self.acc.fold(update_id=uid, site=update.site, delta=delta, tau=tau,
                       num_samples=update.num_samples, base_version=update.base_version,
                       median_bound=self.clip_bound, center=self.norm_window.step,
-                      outlier_limit=self.norm_window.limit(self.cfg))
+                      outlier_limit=self.outlier_limit)
         return tau
 
     def _ready(self) -> bool:
@@ -405,7 +412,7 @@ class _Session:
         # the next version's clip bound: from the norms as published (the same floats replay reads)
         self.norm_window = self.norm_window.push(recorded_norms(mv.contributions, clip_measure(self.cfg)),
                                                  self._step_of(mv, cur))
-        self.clip_bound = self.norm_window.bound(self.cfg)
+        self._bounds_from_window()
         self.agg.stats.versions += 1
         self.agg.stats.applied += len(mv.included)
         log.info("version published", extra={"job": self.names.job, "version": mv.version,

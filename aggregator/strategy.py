@@ -182,6 +182,13 @@ class NormWindow:
         versions = (*self.versions, tuple(norms))[-self.window:]
         return NormWindow(self.window, versions, self.complete or len(versions) >= self.window, step)
 
+    def folded(self, contributions: Sequence[Contribution], weights: Weights, parent: Weights,
+               cfg: StrategyConfig) -> NormWindow:
+        """The window after a flush took `parent` to `weights` with `contributions`, for readers that
+        fold in memory (what-if, simulate); the live aggregator pushes the norms as published."""
+        step = last_step(weights, parent, cfg) if cfg.clip_center is ClipCenter.LAST_STEP else None
+        return self.push(recorded_norms([c.to_dict() for c in contributions], clip_measure(cfg)), step)
+
     def bound(self, cfg: StrategyConfig) -> float | None:
         """The running-median clip bound for a version built on top of this window's newest one."""
         return median_clip_bound(self.norms(), cfg.clip_median_factor)

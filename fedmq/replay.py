@@ -608,9 +608,7 @@ class WhatIf:
             return
         before = self.weights
         self.weights, contributions = self.acc.flush(self.weights)
-        centred = self.cfg.clip_center is ClipCenter.LAST_STEP
-        self.norms = self.norms.push(recorded_norms([c.to_dict() for c in contributions], clip_measure(self.cfg)),
-                                     last_step(self.weights, before, self.cfg) if centred else None)
+        self.norms = self.norms.folded(contributions, self.weights, before, self.cfg)
         self.first_created = None
         self.flush_positions.append(self.position)
         self.curve.append(CurvePoint(self.version, self.position, self.evaluate(self.weights)))

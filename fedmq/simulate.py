@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Accumulator, NormWindow, clip_measure, last_step, recorded_norms
+from aggregator.strategy import Accumulator, NormWindow
 from shared.codec import Weights
-from shared.config import ClipCenter, EncryptionScheme, JobConfig, PrivacyMechanism, StrategyName
+from shared.config import EncryptionScheme, JobConfig, PrivacyMechanism, StrategyName
 from shared.datasets import fit_to_model, load_site
 from shared.errors import ConfigError, OutlierError
 from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
@@ -236,9 +236,7 @@ class Simulation:
         before = self.weights
         self.weights, contributions = self.acc.flush(self.weights)
         self.updates += len(contributions)
-        centred = self.strategy.clip_center is ClipCenter.LAST_STEP
-        self.norms = self.norms.push(recorded_norms([c.to_dict() for c in contributions], clip_measure(self.strategy)),
-                                     last_step(self.weights, before, self.strategy) if centred else None)
+        self.norms = self.norms.folded(contributions, self.weights, before, self.strategy)
         self.kept[self.version] = before
         self.version += 1
         self.generation += 1
