@@ -55,6 +55,7 @@ import numpy as np
 from shared.codec import Weights
 from shared.config import ClipCenter, Robust, StalenessFn, StrategyConfig, StrategyName
 from shared.errors import OutlierError
+from shared.privacy import clip, l2_norm
 
 
 def staleness_factor(tau: int, fn: StalenessFn = StalenessFn.POLYNOMIAL, a: float = 0.5, b: int = 4) -> float:
@@ -74,23 +75,6 @@ def _decimal_power(base: int, exponent: float) -> float:
     with localcontext() as ctx:
         ctx.prec = 40
         return float(Decimal(base) ** Decimal(exponent))
-
-
-def l2_norm(delta: Weights) -> float:
-    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())))
-
-
-def clip(delta: Weights, max_norm: float, norm: float | None = None) -> Weights:
-    """Scale `delta` to L2 norm <= max_norm (no-op when max_norm <= 0 or already inside).
-
-    `norm` is `l2_norm(delta)` when the caller has it already (the same float, computed once)."""
-    if max_norm <= 0:
-        return delta
-    norm = l2_norm(delta) if norm is None else norm
-    if norm <= max_norm:
-        return delta
-    scale = max_norm / norm
-    return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,27 @@ HistoryEntry = tuple[float, float, int]
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 
+# ---------------------------------------------------------------------------- clipping
+# DP-FedAvg's at the site, and the aggregator's robust clipping
+
+
+def l2_norm(delta: Weights) -> float:
+    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values())))
+
+
+def clip(delta: Weights, max_norm: float, norm: float | None = None) -> Weights:
+    """Scale `delta` to L2 norm <= max_norm (no-op when max_norm <= 0 or already inside).
+
+    `norm` is `l2_norm(delta)` when the caller has it already (the same float, computed once)."""
+    if max_norm <= 0:
+        return delta
+    norm = l2_norm(delta) if norm is None else norm
+    if norm <= max_norm:
+        return delta
+    scale = max_norm / norm
+    return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}
+
+
 # ---------------------------------------------------------------------------- accountants
 
 

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from aggregator.strategy import clip
 from shared.codec import Weights
 from shared.config import NoisePlacement, PrivacyConfig, PrivacyMechanism
 from shared.messages import Task
@@ -32,6 +31,7 @@ from shared.privacy import (
     HistoryEntry,
     PrivacyLedger,
     check_budget,
+    clip,
     dp_sgd_noise_multiplier,
     fresh_rng,
     gaussian_noise,
