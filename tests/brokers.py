@@ -10,6 +10,7 @@ that a test may stop and restart freely; the shared broker is never stopped or r
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -35,10 +36,31 @@ def broker_answers(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port that is free now and stays free until a node binds it.
+
+    A port the kernel hands out for `bind(0)` lies in the ephemeral range, where any outgoing
+    connection (pika's, Erlang distribution's) may take it as its local port before the node
+    starts listening: CI lost a cluster node that way (could_not_start_listener). Ports below the
+    ephemeral range are only ever taken by explicit binds.
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range (< {low}) after 200 tries")
 
 
 class PrivateBroker:
