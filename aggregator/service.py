@@ -1,6 +1,6 @@
 """The aggregator: consume -> validate -> fold -> publish version (confirmed) -> ack.
 
-Stateless by construction (DESIGN.md, "the aggregator's exactly-once rule"): everything it knows
+Stateless by construction (docs/guarantees.md, "What is exactly-once"): everything it knows
 comes from the models stream at (re)start, so any replica can take over at any moment.
 
 * A crash before the version's confirm: the buffered updates were never acked, the broker

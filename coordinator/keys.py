@@ -1,6 +1,6 @@
 """What the coordinator publishes about a job's keys, and the key holder it may host.
 
-v0's meta is the job's genesis record, read by every role (DESIGN.md: no process memory):
+v0's meta is the job's genesis record, read by every role (no role keeps job state in process memory):
 
 * ``site_keys`` — the site registry {site: Ed25519 public key hex} from ``[signing] registry``;
   the aggregator then refuses unsigned or badly signed updates ("bad_signature");

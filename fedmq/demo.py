@@ -313,7 +313,7 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
         "versions": fin["versions"], "updates_applied": fin["updates_applied"],
         "updates_dead_lettered": dead_letters, "wall_seconds": round(fin["wall_seconds"], 3),
         "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),
-        # beyond the DESIGN.md fields: which version was handed over, and how the newest one scored
+        # beyond the documented fields: which version was handed over, and how the newest one scored
         "final_version": fin["final_version"], "last_accuracy": fin.get("last_accuracy"),
         **_clocks(st, fin, launched_at, total_seconds),
         **privacy_summary(url, job, args),

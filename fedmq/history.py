@@ -3,7 +3,7 @@
 Which site's update went into which version (with its base version, staleness, weight and
 samples), each version's sha256 and test accuracy, every dead letter with its reason, and totals
 per site. Nothing here needs a process of the job to be alive: the models, updates-log, dead-log
-and events streams are the whole record (DESIGN.md, "Messages": every message is self-describing).
+and events streams are the whole record (docs/architecture.md, "Messages": every message is self-describing).
 
 This module also holds `StreamCursor`, the reader `replay` and `export` share: it reads a stream
 from its first entry up to the tail it had when the cursor opened, so a live job still yields one
@@ -271,7 +271,7 @@ class History:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """The DESIGN.md contract (job, versions, dead_letters, updates_logged) plus detail."""
+        """The documented --json contract (job, versions, dead_letters, updates_logged) plus detail."""
         return {
             "job": self.job,
             "versions": [v.to_dict() for v in self.versions],

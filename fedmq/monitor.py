@@ -1,6 +1,6 @@
 """`fedmq monitor --job ID`: a live dashboard of one job, or one JSON snapshot for scripts.
 
-Everything comes from the broker, read the way RABBITMQ.md measured to be cheap and side-effect
+Everything comes from the broker, read the ways measured on RabbitMQ 3.10 to be cheap and side-effect
 free, so the monitor needs no plugin and no permission beyond reading the job's streams:
 
 * queue depth and consumer count of the tasks, updates and dead-letter queues by *passive*
@@ -448,7 +448,7 @@ def _count(items: Sequence[str]) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """One look at a job. `to_dict` is the `--once --json` contract (DESIGN.md field names first)."""
+    """One look at a job. `to_dict` is the `--once --json` contract (the documented field names first)."""
 
     job: str
     ts: float

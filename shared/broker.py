@@ -1,6 +1,6 @@
 """The only module that imports pika: connection, topology, confirms, reconnect, consume loop.
 
-Facts this module is built on (see shared/RABBITMQ.md of the design repo):
+Facts this module is built on (each measured on RabbitMQ 3.10):
 
 * every publish goes out with ``mandatory=True`` on a confirm channel, so a message is either
   routed to its queue(s) and persisted, or the publisher gets an exception and retries;

@@ -1,4 +1,4 @@
-"""The command-line contract (DESIGN.md): bad arguments or config exit 2 with one stderr line; an
+"""The command-line contract (README, `fedmq --help`): bad arguments or config exit 2 with one stderr line; an
 unreachable broker exits 3 naming the URL with its password masked. Runs the real entry point."""
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def _result(stdout: str) -> dict[str, Any]:
     last = stdout.strip().splitlines()[-1]
     obj = json.loads(last)
     assert isinstance(obj, dict)
-    assert DEMO_FIELDS <= set(obj)  # the DESIGN.md fields; features may add their own
+    assert DEMO_FIELDS <= set(obj)  # the README's demo fields; features may add their own
     return obj
 
 

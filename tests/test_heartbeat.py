@@ -1,5 +1,5 @@
 """A worker whose local training outlasts several heartbeat intervals keeps its connection:
-training runs off the I/O thread, which keeps answering heartbeats (RABBITMQ.md: a silent
+training runs off the I/O thread, which keeps answering heartbeats (measured on RabbitMQ 3.10: a silent
 connection is closed after 2-3 x the interval)."""
 
 from __future__ import annotations
