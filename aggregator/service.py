@@ -389,8 +389,8 @@ class _Session:
         """Publish the next version with a confirm, then ack what it includes (never the reverse)."""
         flush_started = time.perf_counter()
         self._check_fence()
-        new_weights, contributions = self.acc.flush(self.current.weights)
         cur = self.current
+        new_weights, contributions, server_state = self.acc.step(cur.weights, cur.server_state)
         meta = dict(cur.meta)
         if self.dp is not None:  # central noise goes on after the flush (aggregator/dp.py)
             new_weights, meta["dp"] = self.dp.finish(cur.version + 1, new_weights, contributions,
@@ -399,6 +399,7 @@ class _Session:
             job=self.names.job, version=cur.version + 1, parent=cur.version, weights=new_weights,
             included=[c.update_id for c in contributions], strategy=cur.strategy, params=cur.params,
             model=cur.model, contributions=[c.to_dict() for c in contributions], meta=meta,
+            server_state=server_state,
         )
         self.conn.publish(self.names.models_exchange, "", mv.encode(), message_id=f"v{mv.version}")
         metrics.version_published(self.names.job, mv.version, len(mv.included),

@@ -53,8 +53,8 @@ from typing import Any
 import numpy as np
 
 from shared.codec import Weights
-from shared.config import ClipCenter, Robust, StalenessFn, StrategyConfig, StrategyName
-from shared.errors import OutlierError
+from shared.config import ClipCenter, Robust, ServerOptimizer, StalenessFn, StrategyConfig, StrategyName
+from shared.errors import OutlierError, ServerStateError
 from shared.privacy import clip, l2_norm
 
 
@@ -343,20 +343,71 @@ class Accumulator:
         return out
 
     def flush(self, current: Weights) -> tuple[Weights, list[Contribution]]:
-        """New weights from `current` and the folded updates; empties the accumulator."""
+        """New weights from `current` and the folded updates; empties the accumulator. Without a
+        server optimizer only: one needs the parent's state (`step`)."""
+        if self.cfg.server_optimizer is not ServerOptimizer.NONE:
+            raise ValueError("a server optimizer continues from the parent's state: call step()")
+        new, contributions, _ = self.step(current, None)
+        return new, contributions
+
+    def step(self, current: Weights, state: Weights | None
+             ) -> tuple[Weights, list[Contribution], Weights | None]:
+        """New weights and server-optimizer state from the parent's (`current`, `state`) and the
+        folded updates; empties the accumulator."""
         if not self.contributions:
             raise ValueError("flush of an empty accumulator")
-        lr = learning_rate(self.cfg)
-        mean = self.mean_delta()
-        new: Weights = {}
-        for k, w in current.items():
-            step = mean.get(k)
-            base = np.asarray(w, dtype=np.float64)
-            new[k] = (base + lr * step if step is not None else base).astype(np.asarray(w).dtype)
+        new, new_state = server_step(self.cfg, current, self.mean_delta(), state)
         contributions = self.contributions
         self._sum, self._denominator, self._buffer, self.contributions = None, 0.0, [], []
         self._pending = []
-        return new, contributions
+        return new, contributions, new_state
+
+
+def _moments(state: Weights | None, name: str, shape: tuple[int, ...], tau: float
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """The parent's (m, v) of one parameter in float64; v0's (no state): m = 0, v = tau^2."""
+    if not state:
+        return np.zeros(shape, np.float64), np.full(shape, tau * tau, np.float64)
+    m, v = state.get(f"m:{name}"), state.get(f"v:{name}")
+    if m is None or v is None or np.shape(m) != shape or np.shape(v) != shape:
+        raise ServerStateError(f"the parent's server-optimizer state has no {shape} moments for {name!r}; "
+                               "the version was not written by this job's aggregator")
+    return np.asarray(m, np.float64), np.asarray(v, np.float64)
+
+
+def server_step(cfg: StrategyConfig, current: Weights, mean: Mapping[str, np.ndarray],
+                state: Weights | None) -> tuple[Weights, Weights | None]:
+    """The server's step on the mean delta; returns the weights and the optimizer's state, both
+    cast to the model's dtypes (what is published is what the next step starts from).
+
+    Without an optimizer: ``w + lr * mean``. With one (Reddi et al., ICLR 2021, Algorithm 2; the
+    mean delta is the negative pseudo-gradient g): ``m = b1 m + (1 - b1) g``; v = ``v + g^2``
+    (adagrad), ``b2 v + (1 - b2) g^2`` (adam) or ``v - (1 - b2) g^2 sign(v - g^2)`` (yogi);
+    ``w + lr * m / (sqrt(v) + tau)``. Only +, -, *, /, sqrt and sign: bit for bit on any machine.
+    Integer buffers (e.g. BatchNorm's counter) take the plain step and keep no state."""
+    lr, opt = learning_rate(cfg), cfg.server_optimizer
+    new: Weights = {}
+    out: Weights = {}
+    for k, w in current.items():
+        dtype = np.asarray(w).dtype
+        base = np.asarray(w, dtype=np.float64)
+        g = mean.get(k)
+        if opt is ServerOptimizer.NONE or not np.issubdtype(dtype, np.floating):
+            new[k] = (base + lr * g if g is not None else base).astype(dtype)
+            continue
+        g = np.zeros(base.shape, np.float64) if g is None else np.asarray(g, np.float64)
+        m0, v0 = _moments(state, k, base.shape, cfg.server_tau)
+        m = cfg.server_beta1 * m0 + (1.0 - cfg.server_beta1) * g
+        g2 = g * g
+        if opt is ServerOptimizer.ADAGRAD:
+            v = v0 + g2
+        elif opt is ServerOptimizer.ADAM:
+            v = cfg.server_beta2 * v0 + (1.0 - cfg.server_beta2) * g2
+        else:
+            v = v0 - (1.0 - cfg.server_beta2) * g2 * np.sign(v0 - g2)
+        new[k] = (base + lr * m / (np.sqrt(v) + cfg.server_tau)).astype(dtype)
+        out[f"m:{k}"], out[f"v:{k}"] = m.astype(dtype), v.astype(dtype)
+    return new, (out if opt is not ServerOptimizer.NONE else None)
 
 
 def aggregate(current: Weights, cfg: StrategyConfig, updates: list[tuple[str, str, Weights, int, int, int]]) -> Weights:

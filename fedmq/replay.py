@@ -50,7 +50,7 @@ from fedmq.history import StreamCursor, decode_or_none
 from shared.broker import JobNames, read_stream
 from shared.codec import Weights, weights_sha256
 from shared.config import ClipCenter, StrategyConfig, StrategyName
-from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError, OutlierError
+from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError, OutlierError, ServerStateError
 from shared.messages import ModelVersion, Update
 from shared.plugins import import_callable
 from shared.signing import JobTrust
@@ -199,7 +199,9 @@ def fold_version(parent: ModelVersion, version: ModelVersion, updates: Sequence[
         acc.fold(update_id=u.update_id, site=u.site, delta=u.delta, tau=parent.version - u.base_version,
                  num_samples=u.num_samples, base_version=u.base_version, median_bound=bound, center=center,
                  outlier_limit=limit)
-    weights, contributions = acc.flush(parent.weights)
+    weights, contributions, state = acc.step(parent.weights, parent.server_state)
+    if weights_sha256(state or {}) != weights_sha256(version.server_state or {}):
+        raise ValueError("the recomputed server-optimizer state differs from the one the version records")
     if version.contributions and not any("norm" in c for c in version.contributions):
         # written before norms were recorded: compare what was recorded (the math is unchanged)
         contributions = [dataclasses.replace(c, norm=None) for c in contributions]
@@ -356,7 +358,7 @@ def check_version(parent: ModelVersion | None, version: ModelVersion,
             return _verdict(version, Status.UNVERIFIABLE, str(exc), used=attempt)
         except InvalidUpdateError as exc:  # an included outlier: the aggregator should have refused it
             return _verdict(version, Status.MISMATCH, f"included update refused ({exc.reason}): {exc}", used=attempt)
-        except (ConfigError, ValueError, KeyError) as exc:
+        except (ConfigError, ServerStateError, ValueError, KeyError) as exc:
             return _verdict(version, Status.MISMATCH, f"cannot recompute: {exc}", used=attempt)
         try:
             weights = apply_post_flush(weights, version, cfg, contributions)
@@ -549,6 +551,7 @@ class WhatIf:
         self.acc = Accumulator(cfg)
         self.start = start.version
         self.weights: Weights = {k: np.asarray(v) for k, v in start.weights.items()}
+        self.server_state: Weights | None = None  # a server optimizer starts afresh, as a new job would
         self.evaluate = evaluate
         self.position = 0
         self.flush_positions: list[int] = []
@@ -607,7 +610,7 @@ class WhatIf:
             self.first_created = None
             return
         before = self.weights
-        self.weights, contributions = self.acc.flush(self.weights)
+        self.weights, contributions, self.server_state = self.acc.step(self.weights, self.server_state)
         self.norms = self.norms.folded(contributions, self.weights, before, self.cfg)
         self.first_created = None
         self.flush_positions.append(self.position)

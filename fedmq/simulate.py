@@ -117,6 +117,7 @@ class Simulation:
             x, y = load_site(s.data)
             self.data.append((fit_to_model(x, y, self.spec, source=f"site {s.name} data {s.data}"), y))
         self.weights: Weights = get_weights(self.model)
+        self.server_state: Weights | None = None
         self.version = 0
         self.strategy = cfg.strategy
         self.acc = Accumulator(self.strategy)
@@ -234,7 +235,7 @@ class Simulation:
 
     def _flush(self) -> None:
         before = self.weights
-        self.weights, contributions = self.acc.flush(self.weights)
+        self.weights, contributions, self.server_state = self.acc.step(self.weights, self.server_state)
         self.updates += len(contributions)
         self.norms = self.norms.folded(contributions, self.weights, before, self.strategy)
         self.kept[self.version] = before

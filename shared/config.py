@@ -65,6 +65,15 @@ class ClipCenter(StrEnum):
     LAST_STEP = "last_step"  # its deviation from the previous version's step (centred clipping)
 
 
+class ServerOptimizer(StrEnum):
+    """The server's step on the buffered mean delta (Reddi et al., "Adaptive Federated Optimization")."""
+
+    NONE = "none"        # w + server_lr * mean delta (FedBuff / FedAvg as published)
+    ADAM = "adam"        # FedAdam
+    YOGI = "yogi"        # FedYogi
+    ADAGRAD = "adagrad"  # FedAdagrad
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -218,6 +227,10 @@ class StrategyConfig(Section):
     clip_window: Annotated[int, In("[1, 1000]")] = 10  # versions whose recorded norms form that median
     clip_center: ClipCenter = ClipCenter.ZERO  # last_step: clip each delta's deviation from the last step
     outlier_factor: Annotated[float, In("[0, 1000]")] = 0.0  # > 0: dead-letter beyond factor x that median ("outlier")
+    server_optimizer: ServerOptimizer = ServerOptimizer.NONE  # adam / yogi / adagrad: server_lr is its step size
+    server_beta1: Annotated[float, In("[0, 1)")] = 0.9   # momentum of the pseudo-gradient
+    server_beta2: Annotated[float, In("[0, 1)")] = 0.99  # second-moment decay (adam, yogi)
+    server_tau: Annotated[float, In("(0, 1]")] = 1e-3    # adaptivity: sqrt(v) + tau in the denominator
 
     def check(self) -> None:
         if self.name is StrategyName.FEDAVG:
@@ -232,6 +245,14 @@ class StrategyConfig(Section):
                                               and self.outlier_factor >= self.clip_median_factor),
                  "strategy.outlier_factor", f"must be 0 (off) or >= clip_median_factor (> 0), which it refines, "
                  f"got {self.outlier_factor!r} with clip_median_factor {self.clip_median_factor!r}")
+
+        if self.server_optimizer is not ServerOptimizer.NONE:
+            _require(self.name is not StrategyName.FEDASYNC, "strategy.server_optimizer",
+                     "fedasync mixes each update in with alpha; a server optimizer needs a buffered mean "
+                     "(use fedbuff or fedavg)")
+            _require(self.clip_center is ClipCenter.ZERO, "strategy.server_optimizer",
+                     "clip_center = last_step reads the previous step as a mean delta, which an adaptive "
+                     "step is not: use clip_center = zero with a server optimizer")
 
     @property
     def effective_buffer(self) -> int:

@@ -59,6 +59,12 @@ class CodecError(MalformedMessageError):
     pass
 
 
+class ServerStateError(MalformedMessageError):
+    """A version's server-optimizer state does not fit its model (a corrupt or foreign version)."""
+
+    reason = "server_state"
+
+
 class InvalidUpdateError(FedmqError):
     """An update the aggregator refuses; `reason` becomes the dead-letter header."""
 

@@ -36,7 +36,7 @@ import numpy as np
 import tenseal as ts
 
 from shared.codec import Weights
-from shared.config import Robust, StrategyConfig
+from shared.config import Robust, ServerOptimizer, StrategyConfig
 from shared.errors import ConfigError, MalformedMessageError, NonFiniteError
 from shared.messages import Update
 
@@ -300,6 +300,9 @@ def check_strategy(cfg: StrategyConfig) -> None:
     if cfg.robust is not Robust.NONE:
         raise ConfigError(f"strategy.robust = {cfg.robust.value} needs plaintext deltas; encrypted "
                           "jobs support mean-type strategies only (robust = \"none\")")
+    if cfg.server_optimizer is not ServerOptimizer.NONE:
+        raise ConfigError(f"strategy.server_optimizer = {cfg.server_optimizer.value} is not supported on "
+                          "encrypted jobs (the key holder applies the decrypted mean as is); set it to \"none\"")
     if cfg.clip_norm > 0:
         raise ConfigError("strategy.clip_norm needs plaintext deltas; with encryption clip at the "
                           "site (privacy.mechanism = \"dp_fedavg\", noise_at = \"site\")")

@@ -22,7 +22,11 @@ import numpy as np
 from shared.codec import Weights, decode_tensors, encode_tensors, pack, unpack, weights_sha256
 from shared.errors import MalformedMessageError
 
-SCHEMA = 1
+#: the newest schema this fedmq reads. A message is written with the oldest schema that holds it,
+#: so a reader one release behind still reads every message that uses nothing new: 1 is the base,
+#: 2 a ModelVersion with a server optimizer's state (`server_state`, absent from the body otherwise)
+SCHEMA = 2
+BASE_SCHEMA = 1
 
 T = TypeVar("T", bound="_Message")
 
@@ -196,6 +200,8 @@ class _Message:
 
     _fields: ClassVar[dict[str, Check]]
     _tensor_fields: ClassVar[tuple[str, ...]] = ()
+    #: fields schema 1 did not have: left out of the body when unset
+    _since_schema_2: ClassVar[tuple[str, ...]] = ()
     #: largest body of this kind that is decoded at all
     max_body: ClassVar[int] = 128 * MB
     kind: ClassVar[str]
@@ -204,6 +210,8 @@ class _Message:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if value is None and f.name in self._since_schema_2:
+                continue  # absent, so a schema-1 reader reads the message
             if f.name in self._tensor_fields and value is not None:
                 value = encode_tensors(value)
             elif isinstance(value, tuple):
@@ -264,15 +272,19 @@ class ModelVersion(_Message):
     contributions: tuple[dict[str, Any], ...] = ()
     created_at: float = field(default_factory=time.time)
     meta: dict[str, Any] = field(default_factory=dict)
-    schema: int = SCHEMA
+    #: a server optimizer's moments after this version's step (`m:<param>`, `v:<param>`), so a
+    #: replica taking over and replay continue from the published state; None without one
+    server_state: Weights | None = None
+    schema: int = BASE_SCHEMA
 
     kind: ClassVar[str] = "model_version"
-    _tensor_fields: ClassVar[tuple[str, ...]] = ("weights",)
+    _tensor_fields: ClassVar[tuple[str, ...]] = ("weights", "server_state")
+    _since_schema_2: ClassVar[tuple[str, ...]] = ("server_state",)
     _fields: ClassVar[dict[str, Check]] = {
         "job": text(NAME_RE), "version": integer(0), "parent": integer(-1), "weights": tensors,
         "included": id_list(), "strategy": text(max_len=200), "params": plain(), "model": plain(),
         "sha256": text(SHA_RE), "contributions": plain_list(), "created_at": _ANY_TIME, "meta": plain(),
-        "schema": integer(0, SCHEMA),
+        "server_state": optional(tensors), "schema": integer(0, SCHEMA),
     }
 
     def __post_init__(self) -> None:
@@ -302,7 +314,7 @@ class Task(_Message):
     #: the coordinator's Ed25519 signature over `proof_bytes()`; the update carries it back as
     #: `Update.task_proof`, so an aggregator can tell an issued task from an invented one
     signature: bytes = b""
-    schema: int = SCHEMA
+    schema: int = BASE_SCHEMA
 
     kind: ClassVar[str] = "task"
     max_body: ClassVar[int] = 1 * MB
@@ -350,7 +362,7 @@ class Update(_Message):
     signature: bytes = b""
     #: the task's signature from the coordinator (Task.signature), proof this answers an issued task
     task_proof: bytes = b""
-    schema: int = SCHEMA
+    schema: int = BASE_SCHEMA
 
     kind: ClassVar[str] = "update"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("delta",)
@@ -401,7 +413,7 @@ class EncryptedAggregate(_Message):
     chunks: tuple[bytes, ...]
     ciphertext_sha256: str
     created_at: float = field(default_factory=time.time)
-    schema: int = SCHEMA
+    schema: int = BASE_SCHEMA
 
     kind: ClassVar[str] = "encrypted_aggregate"
     _fields: ClassVar[dict[str, Check]] = {
@@ -447,7 +459,7 @@ class Event(_Message):
     source: str
     data: dict[str, Any] = field(default_factory=dict)
     ts: float = field(default_factory=time.time)
-    schema: int = SCHEMA
+    schema: int = BASE_SCHEMA
 
     kind: ClassVar[str] = "event"
     max_body: ClassVar[int] = 8 * MB
@@ -469,11 +481,13 @@ def make_version(
     model: dict[str, Any],
     contributions: list[dict[str, Any]] | tuple[dict[str, Any], ...] = (),
     meta: dict[str, Any] | None = None,
+    server_state: Weights | None = None,
 ) -> ModelVersion:
     """Build a ModelVersion with its sha256 computed from the weights."""
     weights = {k: np.asarray(v) for k, v in weights.items()}
     return ModelVersion(
         job=job, version=version, parent=parent, weights=weights, included=tuple(included),
         strategy=strategy, params=dict(params), model=dict(model), sha256=weights_sha256(weights),
-        contributions=tuple(contributions), meta=dict(meta or {}),
+        contributions=tuple(contributions), meta=dict(meta or {}), server_state=server_state or None,
+        schema=2 if server_state else BASE_SCHEMA,
     )

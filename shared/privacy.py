@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from shared.codec import Weights
-from shared.config import AccountantName, JobConfig, PrivacyConfig, PrivacyMechanism, Robust
+from shared.config import AccountantName, JobConfig, PrivacyConfig, PrivacyMechanism, Robust, ServerOptimizer
 from shared.errors import ConfigError, PrivacyBudgetError, SealedSeedError
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,9 @@ def check_privacy(cfg: JobConfig) -> None:
         if cfg.strategy.robust is not Robust.NONE:
             raise ConfigError("strategy.robust: central DP-FedAvg noises a weighted sum; "
                               "set strategy.robust = none")
+        if cfg.strategy.server_optimizer is not ServerOptimizer.NONE:
+            raise ConfigError("strategy.server_optimizer: central DP-FedAvg noises the version it publishes, "
+                              "after the server step; set strategy.server_optimizer = none")
 
 
 def privacy_strategy(cfg: JobConfig) -> JobConfig:
