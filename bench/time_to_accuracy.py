@@ -96,6 +96,8 @@ def run(url: str, quick: bool = False, repeats: int = 2) -> str:
     repeats = 1 if quick else repeats
     plan = [("FedBuff", "fedbuff", STRAGGLERS), ("FedAsync", "fedasync", STRAGGLERS),
             ("FedAvg (synchronous)", "fedavg", STRAGGLERS), ("default `fedmq demo`", "fedbuff", [])]
+    if quick:  # the test suite's check that the benchmark still runs: one async and the sync baseline
+        plan = [plan[0], plan[2]]
     bounds: dict[str, SimResult] = {}
     for label, strategy, extra in plan:
         print(f"bench: time to accuracy, {label}, zero-overhead simulation", file=sys.stderr, flush=True)
@@ -118,19 +120,22 @@ def run(url: str, quick: bool = False, repeats: int = 2) -> str:
         ratio = f"{m / b.seconds_to_target:.2f}x" if m is not None and b.seconds_to_target else "—"
         bound_rows.append([label, _s(b.seconds_to_target), str(b.updates_to_target or "—"), _s(m), ratio])
     ratios = []
-    for label in ("FedBuff", "FedAsync"):
+    for label in ("FedBuff", "FedAsync")[:1 if quick else 2]:
         m = med[label]
         if fedavg is not None and m is not None:
             ratios.append(f"{label} reaches {TARGET:.2f} in {m:.1f} s vs FedAvg {fedavg:.1f} s: "
                           f"**{fedavg / m:.1f}x faster**")
         else:
             ratios.append(f"{label}: {_s(m)} vs FedAvg {_s(fedavg)} (no ratio: a target was missed)")
-    default = med["default `fedmq demo`"]
-    default_totals = [r.total_seconds for r in runs if r.label == "default `fedmq demo`"]
-    default_line = (f"Default `fedmq demo` (digits, 8 sites Dirichlet 0.5, 2 sites 5x slower, FedBuff K=3, "
-                    f"tasks padded to 0.2 s): **{_s(default)} of training wall time to {TARGET:.2f}** "
-                    f"(median of {len(default_totals)}; the issue asks for <= 60 s), "
-                    f"{statistics.median(default_totals):.1f} s for the whole command incl. start-up.")
+    if quick:
+        default_line = "Quick mode: FedBuff and FedAvg only, one run each; `make bench` runs all four twice."
+    else:
+        default = med["default `fedmq demo`"]
+        default_totals = [r.total_seconds for r in runs if r.label == "default `fedmq demo`"]
+        default_line = (f"Default `fedmq demo` (digits, 8 sites Dirichlet 0.5, 2 sites 5x slower, FedBuff K=3, "
+                        f"tasks padded to 0.2 s): **{_s(default)} of training wall time to {TARGET:.2f}** "
+                        f"(median of {len(default_totals)}; the issue asks for <= 60 s), "
+                        f"{statistics.median(default_totals):.1f} s for the whole command incl. start-up.")
     dipped = sum(1 for r in runs if r.seconds_to_target is not None and r.last_accuracy < TARGET)
     dip_line = (f"In {dipped} of {len(runs)} runs the newest version ended below {TARGET:.2f} after the target was "
                 "reached: the coordinator stops at the first version at the target, still folds the updates in "

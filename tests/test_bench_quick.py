@@ -23,7 +23,7 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "he": (False, True, ["decrypt + apply (key holder, per version)", "| 1,000,000 | encrypt (site)"]),
     "he_tta": (True, True, ["| none |", "| he |", "ratio he / none"]),
     "dp": (True, True, ["| no DP |", "| DP-SGD, epsilon 4 |"]),
-    "tta": (True, True, ["| FedBuff |", "| FedAsync |", "| FedAvg (synchronous) |"]),
+    "tta": (True, True, ["| FedBuff |", "| FedAvg (synchronous) |", "fedmq / bound"]),
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
 }
 OWN_TEST = {"byzantine": "tests/test_byzantine_bench.py"}

@@ -128,6 +128,21 @@ class Stack:
         return _run([str(COMPOSE_BIN), "-p", self.project, "-f", str(self.workdir / "docker-compose.yml"), *args],
                     timeout=timeout, check=check, cwd=self.workdir, env={**os.environ, **self.env})
 
+    def run_tool(self, service: str, *args: str, tries: int = 3, timeout: float = 180
+                 ) -> subprocess.CompletedProcess[str]:
+        """`compose run --rm` of a tools-profile service. A fresh container's first DNS lookup can
+        fail with EAI_AGAIN while podman's resolver attaches it to the network (CI saw
+        `gaierror(-3, 'Temporary failure in name resolution')` once): that, and only that, is
+        tried again."""
+        for attempt in range(tries):
+            res = self.compose("--profile", "tools", "run", "--rm", service, *args, timeout=timeout, check=False)
+            if res.returncode == 0 or "Temporary failure in name resolution" not in res.stdout + res.stderr \
+                    or attempt == tries - 1:
+                break
+        assert res.returncode == 0, f"{service} {' '.join(args)} -> {res.returncode}\n{res.stdout[-3000:]}\n" \
+                                    f"{res.stderr[-3000:]}"
+        return res
+
     def container(self, service: str, index: int = 1) -> str:
         return f"{self.project}_{service}_{index}"
 
@@ -333,7 +348,7 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
 
     # the compose file's own monitor service, as its header documents
     # (podman-compose 1.6 needs the profile named; docker compose enables it for a named service)
-    mon = stack.compose("--profile", "tools", "run", "--rm", "monitor", "monitor", "--once", "--json", timeout=180)
+    mon = stack.run_tool("monitor", "monitor", "--once", "--json")
     doc = json.loads(mon.stdout.strip().splitlines()[-1])
     assert doc["job"] == stack.env["FEDMQ_JOB"] and {"queues", "latest_version", "sites"} <= set(doc)
     assert doc["latest_version"] >= after["latest_version"] and doc["active_aggregator"] == after["active_aggregator"]
@@ -350,7 +365,7 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     stack.timings["job"] = time.monotonic() - started
 
     # report as a tool service, then the results out of the named volume (docs/deploy.md)
-    stack.compose("--profile", "tools", "run", "--rm", "report", timeout=300)
+    stack.run_tool("report", timeout=300)
     results = stack.workdir / "results"
     results.mkdir()
     stack.compose("--profile", "tools", "run", "--rm", "--no-deps", "--user", f"{os.getuid()}:{os.getgid()}",
