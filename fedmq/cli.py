@@ -155,8 +155,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
         opts = dataclasses.replace(opts, key=args.key.replace("{site}", site))
     if args.ledger:
         opts = dataclasses.replace(opts, ledger=args.ledger.replace("{site}", site))
+    trainer = None
+    if args.trainer:
+        from worker.train import load_trainer
+
+        trainer = load_trainer(args.trainer)  # a missing module or a non-callable: exit 2 before joining
     stop = stop_on_signals()
-    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop)
+    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop, trainer=trainer)
     if not await_broker(args, stop):
         return 0
     start_metrics(args)
@@ -258,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-pool", default=os.environ.get("FEDMQ_SITE_POOL"),
                    help="instead of --site/--data: a glob of data files; this worker claims the first "
                    "one no other worker holds and takes its file stem as site name (env FEDMQ_SITE_POOL)")
+    p.add_argument("--trainer", default=os.environ.get("FEDMQ_TRAINER", ""),
+                   help="local training of your own, package.module:callable taking a fedmq.site.TrainContext and "
+                   "returning a TrainResult (docs/tutorial.md); default the bundled SGD loop (env FEDMQ_TRAINER)")
     p.add_argument("--slowdown", type=number(float, SLOWDOWN), default=1.0, help="make this site F times slower")
     p.add_argument("--min-task-seconds", type=number(float, SECONDS), default=0.0, help="pad each task to >= S seconds")
     p.add_argument("--device", default=os.environ.get("FEDMQ_DEVICE", "auto"),

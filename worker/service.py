@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared import faults, he, metrics
 from shared.broker import (
     UPDATE_ID_HEADER,
@@ -29,7 +31,8 @@ from shared.broker import (
     run_forever,
     validate_site,
 )
-from shared.datasets import fit_to_model, load_site
+from shared.config import NoisePlacement, PrivacyMechanism
+from shared.datasets import check_site_data, fit_to_model, load_site
 from shared.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -42,9 +45,19 @@ from shared.errors import (
 from shared.jobstate import ModelFeed, emit_site, find_version
 from shared.messages import EventKind, ModelVersion, Task, Update
 from shared.models import pick_device
+from shared.privacy import fresh_rng, new_spend
 from shared.signing import load_private_key, sign_update
-from worker.privacy import DpPlan, SitePrivacy
-from worker.train import LocalResult, task_seed, train_local
+from worker.privacy import DpPlan, SitePrivacy, clip_and_noise
+from worker.train import (
+    LocalResult,
+    TrainContext,
+    Trainer,
+    base_model,
+    run_trainer,
+    sgd_trainer,
+    task_seed,
+    train_local,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,17 +99,30 @@ class WorkerStats:
     train_seconds: list[float] = field(default_factory=list)
 
 
+#: a site's data: a file (NPZ or CSV) or the (x, y) arrays themselves (the Python API, fedmq.site)
+SiteData = str | Path | tuple[np.ndarray, np.ndarray]
+
+
 class Worker:
-    def __init__(self, url: str, job: str, site: str, data: str | Path, *,
-                 options: WorkerOptions | None = None, stop: threading.Event | None = None) -> None:
+    def __init__(self, url: str, job: str, site: str, data: SiteData, *,
+                 options: WorkerOptions | None = None, stop: threading.Event | None = None,
+                 trainer: Trainer | None = None) -> None:
         self.url = url
         self.names = JobNames(job)
         self.site = validate_site(site)
         self.options = options or WorkerOptions()
-        self.x, self.y = load_site(data)
-        self._data_source = f"data file {data}"
-        self.privacy = SitePrivacy(self.site, self.options.ledger or default_ledger_path(data, self.site),
-                                   site_budget=self.options.epsilon_budget)
+        if isinstance(data, tuple):
+            self._data_source = f"site {self.site}'s data"
+            self.x, self.y = check_site_data(*data, source=self._data_source)
+            ledger = Path(f"{self.site}.dp-ledger.json")  # arrays have no file to keep it beside
+        else:
+            self.x, self.y = load_site(data)
+            self._data_source = f"data file {data}"
+            ledger = default_ledger_path(data, self.site)
+        self.privacy = SitePrivacy(self.site, self.options.ledger or ledger, site_budget=self.options.epsilon_budget)
+        #: the local training: the bundled SGD loop unless the site operator installed their own
+        self.trainer: Trainer = trainer or sgd_trainer
+        self.custom_trainer = trainer is not None
         self.device = pick_device(self.options.device)
         self.key = load_private_key(self.options.key) if self.options.key else None
         self._he_context: tuple[str, Any] | None = None  # (context sha256, public TenSEAL context)
@@ -193,6 +219,12 @@ class Worker:
         except ConfigError as exc:
             self._park(conn, d, "bad_options", str(exc))
             return
+        if plan is not None and plan.cfg.mechanism is PrivacyMechanism.DP_SGD and self.custom_trainer:
+            # Opacus must own the optimizer, the sampler and the step count the ledger is charged
+            # for; a loop of the user's own could spend more than accounted. Nothing was charged
+            # yet; the task is not acked, so it goes back to the other sites when we leave.
+            raise ConfigError(f"site {self.site}: job {task.job} uses DP-SGD, which needs the bundled trainer: "
+                              "start this worker without --trainer (DP-FedAvg works with a trainer of your own)")
         started = time.monotonic()
         base = self._model(task)
         try:
@@ -218,7 +250,7 @@ class Worker:
             return
         if not self._send(conn, _Outgoing(task.task_id, update.update_id, update.encode(), dict(
             task_id=task.task_id, update_id=update.update_id, site=self.site, base_version=base.version,
-            num_samples=result.num_samples, loss=result.metrics["loss"],
+            num_samples=result.num_samples, loss=result.metrics.get("loss"),
             task_seconds=update.metrics["task_seconds"], epsilon=update.privacy.get("epsilon")))):
             return  # the job was closed while we trained
         faults.point("worker.before_ack")
@@ -333,18 +365,38 @@ class Worker:
     def _train(self, task: Task, base: ModelVersion, started: float, plan: DpPlan | None = None) -> LocalResult:
         """Runs on the training thread: compute, then simulate a slower site if asked to."""
         t0 = time.monotonic()
-        weights = base.weights
-        if plan is not None:
-            result = self.privacy.train(plan, task, base.model, weights, self.x, self.y, device=self.device)
+        if plan is None:
+            result = run_trainer(self.trainer, self._context(task, base))
+        elif not self.custom_trainer:
+            result = self.privacy.train(plan, task, base.model, base.weights, self.x, self.y, device=self.device)
         else:
-            result = train_local(base.model, weights, self.x, self.y, epochs=task.epochs,
-                                 batch_size=task.batch_size, lr=task.lr, mu=task.mu,
-                                 seed=task_seed(task.task_id), device=self.device)
+            result = self._train_dp_fedavg(plan, task, base)
         compute = time.monotonic() - t0
         pad = max(0.0, (self.options.slowdown - 1.0) * compute)
         pad = max(pad, self.options.min_task_seconds * self.options.slowdown - (time.monotonic() - started))
         if pad > 0:
             self.stop.wait(pad)
+        return result
+
+
+    def _context(self, task: Task, base: ModelVersion) -> TrainContext:
+        """The trainer's view of one task: a fresh model holding the base version's weights."""
+        return TrainContext(
+            model=base_model(base.model, base.weights, self.device), x=self.x, y=self.y, epochs=task.epochs,
+            batch_size=task.batch_size, lr=task.lr, mu=task.mu, seed=task_seed(task.task_id), device=self.device,
+            task_id=task.task_id, version=base.version, job=task.job, site=self.site, base=base.weights,
+            model_spec=base.model, options=task.options)
+
+    def _train_dp_fedavg(self, plan: DpPlan, task: Task, base: ModelVersion) -> LocalResult:
+        """DP-FedAvg around a trainer of the user's own, in `SitePrivacy.train`'s order: charge the
+        ledger first (write-ahead), train, then clip and noise the checked delta (noise at the
+        site); central noise is the aggregator's, so the raw delta goes out."""
+        if plan.entry is not None:
+            self.privacy.ledger.charge(new_spend(task.job, task.task_id, plan.cfg.mechanism, plan.entry))
+        result = run_trainer(self.trainer, self._context(task, base))
+        if plan.cfg.noise_at is NoisePlacement.SITE:
+            delta = clip_and_noise(result.delta, plan.cfg.clip_norm, plan.noise_multiplier, fresh_rng())
+            return LocalResult(delta, result.num_samples, result.metrics)
         return result
 
 
