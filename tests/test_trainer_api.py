@@ -347,3 +347,33 @@ def test_dp_fedavg_at_the_site_charges_the_ledger_for_every_update_of_a_user_tra
         published = {u.task_id for u in updates if u.site == site}
         assert len(spends) >= st.tasks == len(published) > 0  # write-ahead: charged for every one
         assert published <= {sp.task_id for sp in spends}
+
+
+@pytest.mark.broker
+def test_an_encrypted_signed_job_with_user_trainers_reaches_the_target(
+        broker_url: str, job: str, tmp_path: Path) -> None:
+    """CKKS and signatures act on the update after training: a user trainer changes nothing there."""
+    from shared import he
+
+    part = write_partition(tmp_path / "data", "digits", 2, scheme="iid", seed=5)
+    files = he.write_keys(tmp_path / "keys", job)
+    keys = {s: generate_site_key(tmp_path / "keys", s)[0] for s in ("site-0", "site-1")}
+    cfg = _config(job, tmp_path, part.test_file, concurrency=2,
+                  encryption={"scheme": "ckks", "public_context": str(files.public),
+                              "secret_context": str(files.secret)},
+                  signing={"registry": str(tmp_path / "keys" / "registry.json")})
+    coord, agg = _job_roles(broker_url, cfg)
+    sites = [start_site(broker_url, job, s, part.site_files[i], trainer=user_trainer.adam_trainer, device="cpu",
+                        key=str(keys[s])) for i, s in enumerate(keys)]
+    try:
+        result = run_threaded_job(coord, agg, [])
+        stats = [h.join(60) for h in sites]
+    finally:
+        for h in sites:
+            h.stop()
+    assert result.stop_reason == "target_accuracy", result
+    assert all(s.tasks > 0 for s in stats), stats
+    logged = _logged_updates(broker_url, job)
+    assert logged and all(u.delta is None and u.ciphertext and len(u.signature) == 64 for u in logged)
+    assert all(u.metrics["trainer"] == "adam" for u in logged)
+    assert not dead_letters(broker_url, job)
