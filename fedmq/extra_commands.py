@@ -21,6 +21,7 @@ COMMAND_MODULES: list[str] = [
     "fedmq.keyholder",
     "fedmq.permissions",
     "fedmq.simulate",
+    "fedmq.jobs",
 ]
 
 
