@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "replay": ("bench.replay_bench", "Replay"),
     "flood": ("bench.flood", "Flood from one site"),
     "byzantine": ("bench.byzantine", "Byzantine robustness"),
+    "many_jobs": ("bench.many_jobs", "Many jobs on one broker"),
 }
 RUN_TITLE = "Last run"
 

@@ -26,7 +26,7 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "tta": (True, True, ["| FedBuff |", "| FedAvg (synchronous) |", "fedmq / bound"]),
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
 }
-OWN_TEST = {"byzantine": "tests/test_byzantine_bench.py"}
+OWN_TEST = {"byzantine": "tests/test_byzantine_bench.py", "many_jobs": "tests/test_many_jobs.py"}
 
 
 def _params() -> list[object]:
