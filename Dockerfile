@@ -81,7 +81,7 @@ EXPOSE 9100
 
 # Alive = the role's /metrics answers (FEDMQ_METRICS_PORT); with metrics off, the broker answers.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-m", "shared.metrics"]
+    CMD ["python", "-m", "fedmq.shared.metrics"]
 
 ENTRYPOINT ["fedmq"]
 CMD ["--help"]

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Contribution
-from shared.codec import Weights
-from shared.config import PrivacyConfig, PrivacyMechanism, StrategyConfig
-from shared.errors import ConfigError, PrivacyBudgetError
-from shared.messages import ModelVersion, Update
-from shared.privacy import gaussian_epsilon, gaussian_noise, load_noise_key, open_seed, seal_seed
+from fedmq.aggregator.strategy import Contribution
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import PrivacyConfig, PrivacyMechanism, StrategyConfig
+from fedmq.shared.errors import ConfigError, PrivacyBudgetError
+from fedmq.shared.messages import ModelVersion, Update
+from fedmq.shared.privacy import gaussian_epsilon, gaussian_noise, load_noise_key, open_seed, seal_seed
 
 META_PRIVACY = "privacy"
 META_DP = "dp"

@@ -31,17 +31,17 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from aggregator.strategy import Contribution, learning_rate, staleness_factor
-from shared import he
-from shared.codec import Weights
-from shared.config import StrategyConfig
-from shared.errors import (
+from fedmq.aggregator.strategy import Contribution, learning_rate, staleness_factor
+from fedmq.shared import he
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import (
     EncryptionMismatchError,
     MalformedMessageError,
     ShapeMismatchError,
 )
-from shared.he import check_strategy
-from shared.messages import Update
+from fedmq.shared.he import check_strategy
+from fedmq.shared.messages import Update
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def plaintext_equivalent(secret: ts.Context, parent: Mapping[str, np.ndarray],
                          cfg: StrategyConfig) -> Weights:
     """What the plaintext Accumulator would have made of the same updates (each decrypted alone):
     the "same job in plaintext" an HE version is compared with. Needs the secret key."""
-    from aggregator.strategy import Accumulator
+    from fedmq.aggregator.strategy import Accumulator
 
     layout = he.Layout.of(parent)
     acc = Accumulator(cfg)
@@ -256,7 +256,7 @@ def replay_encrypted_version(parent: Mapping[str, np.ndarray], version_sha256: s
     the staleness x sample weights the strategy prescribes (the sum is bit-reproducible). With the
     key holder's secret context it also re-decrypts and compares the weights bit for bit.
     """
-    from shared.codec import weights_sha256
+    from fedmq.shared.codec import weights_sha256
 
     cfg = StrategyConfig.from_params(dict(params))
     chunks = []

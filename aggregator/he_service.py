@@ -23,11 +23,11 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
-from aggregator.service import SessionAbortedError, _Session
-from aggregator.validate import check_header
-from shared import faults, he
-from shared.broker import (
+from fedmq.aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
+from fedmq.aggregator.service import SessionAbortedError, _Session
+from fedmq.aggregator.validate import check_header
+from fedmq.shared import faults, he
+from fedmq.shared.broker import (
     Connection,
     Delivery,
     JobNames,
@@ -35,12 +35,12 @@ from shared.broker import (
     read_last,
     read_stream,
 )
-from shared.errors import MalformedMessageError
-from shared.jobstate import emit, find_version, load_model_state
-from shared.messages import EncryptedAggregate, EventKind, ModelVersion, Update
+from fedmq.shared.errors import MalformedMessageError
+from fedmq.shared.jobstate import emit, find_version, load_model_state
+from fedmq.shared.messages import EncryptedAggregate, EventKind, ModelVersion, Update
 
 if TYPE_CHECKING:
-    from aggregator.service import Aggregator
+    from fedmq.aggregator.service import Aggregator
 
 log = logging.getLogger(__name__)
 

@@ -22,13 +22,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.he import decrypt_step
-from shared import faults, he
-from shared.broker import DETAIL_HEADER, REASON_HEADER, Connection, Delivery, JobNames, run_forever
-from shared.config import StrategyConfig
-from shared.errors import ConfigError, FedmqError, MalformedMessageError
-from shared.jobstate import as_int, as_site, emit, load_model_state
-from shared.messages import EncryptedAggregate, EventKind, ModelVersion, make_version
+from fedmq.aggregator.he import decrypt_step
+from fedmq.shared import faults, he
+from fedmq.shared.broker import DETAIL_HEADER, REASON_HEADER, Connection, Delivery, JobNames, run_forever
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import ConfigError, FedmqError, MalformedMessageError
+from fedmq.shared.jobstate import as_int, as_site, emit, load_model_state
+from fedmq.shared.messages import EncryptedAggregate, EventKind, ModelVersion, make_version
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregator.dp import DpAggregation
-from aggregator.strategy import (
+from fedmq.aggregator.dp import DpAggregation
+from fedmq.aggregator.strategy import (
     Accumulator,
     NormWindow,
     chain_window,
@@ -33,9 +33,9 @@ from aggregator.strategy import (
     learning_rate,
     recorded_norms,
 )
-from aggregator.validate import validate_update
-from shared import faults, metrics
-from shared.broker import (
+from fedmq.aggregator.validate import validate_update
+from fedmq.shared import faults, metrics
+from fedmq.shared.broker import (
     DETAIL_HEADER,
     REASON_HEADER,
     UPDATE_ID_HEADER,
@@ -47,12 +47,12 @@ from shared.broker import (
     header_update_id,
     run_forever,
 )
-from shared.config import ClipCenter, StrategyConfig
-from shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError, MalformedMessageError
-from shared.he import is_encrypted
-from shared.jobstate import emit, load_model_state
-from shared.messages import EventKind, ModelVersion, Update, make_version
-from shared.signing import JobTrust
+from fedmq.shared.config import ClipCenter, StrategyConfig
+from fedmq.shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.he import is_encrypted
+from fedmq.shared.jobstate import emit, load_model_state
+from fedmq.shared.messages import EventKind, ModelVersion, Update, make_version
+from fedmq.shared.signing import JobTrust
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class DeadLetterBudget:
 def _session_class(latest: ModelVersion) -> type[_Session]:
     """Encrypted jobs (CKKS context in v0) fold ciphertexts and hand sums to the key holder."""
     if is_encrypted(latest.meta):
-        from aggregator.he_service import HeSession
+        from fedmq.aggregator.he_service import HeSession
 
         return HeSession
     return _Session

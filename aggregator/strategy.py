@@ -52,10 +52,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.codec import Weights
-from shared.config import ClipCenter, Robust, ServerOptimizer, StalenessFn, StrategyConfig, StrategyName
-from shared.errors import OutlierError, ServerStateError
-from shared.privacy import clip, l2_norm
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import ClipCenter, Robust, ServerOptimizer, StalenessFn, StrategyConfig, StrategyName
+from fedmq.shared.errors import OutlierError, ServerStateError
+from fedmq.shared.privacy import clip, l2_norm
 
 
 def staleness_factor(tau: int, fn: StalenessFn = StalenessFn.POLYNOMIAL, a: float = 0.5, b: int = 4) -> float:

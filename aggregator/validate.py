@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregator.strategy import l2_norm
-from shared.codec import Weights
-from shared.config import StrategyConfig
-from shared.errors import (
+from fedmq.aggregator.strategy import l2_norm
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import (
     EncryptionMismatchError,
     FutureVersionError,
     NonFiniteError,
@@ -16,8 +16,8 @@ from shared.errors import (
     StaleUpdateError,
     WrongJobError,
 )
-from shared.messages import Update
-from shared.signing import JobTrust
+from fedmq.shared.messages import Update
+from fedmq.shared.signing import JobTrust
 
 
 def check_delta(delta: Weights, template: Weights, update_id: str) -> None:

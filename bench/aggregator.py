@@ -21,9 +21,9 @@ import time
 
 from bench.common import Machine, table
 from bench.jobs import MODELS, BenchJob, bench_job, publish_bodies, running_aggregator
-from shared.broker import Connection, Delivery, read_stream
-from shared.config import StrategyConfig
-from shared.messages import ModelVersion
+from fedmq.shared.broker import Connection, Delivery, read_stream
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import ModelVersion
 
 K = 10
 

@@ -46,16 +46,16 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.service import Aggregator
 from bench.common import Machine, table
-from coordinator.service import Coordinator
+from fedmq.aggregator.service import Aggregator
+from fedmq.coordinator.service import Coordinator
 from fedmq.replay import replay
-from shared.broker import Connection, JobNames, read_stream
-from shared.codec import Weights
-from shared.config import load_job_config
-from shared.datasets import write_partition
-from worker.service import Worker, WorkerOptions
-from worker.train import LocalResult, task_seed
+from fedmq.shared.broker import Connection, JobNames, read_stream
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import load_job_config
+from fedmq.shared.datasets import write_partition
+from fedmq.worker.service import Worker, WorkerOptions
+from fedmq.worker.train import LocalResult, task_seed
 
 SITES = 10
 ATTACKERS = (8, 9)            # 20 % of the sites

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bench.common import Machine, best_and_median, fmt_seconds, table
-from shared.codec import decode_tensors, encode_tensors, pack, unpack
+from fedmq.shared.codec import decode_tensors, encode_tensors, pack, unpack
 
 SIZES = (100_000, 1_000_000)
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.common import Machine, replace_section, run_group, table
-from shared.broker import DEFAULT_URL, Connection, JobNames, read_stream
-from shared.errors import MalformedMessageError
-from shared.messages import Event, EventKind, Update
+from fedmq.shared.broker import DEFAULT_URL, Connection, JobNames, read_stream
+from fedmq.shared.errors import MalformedMessageError
+from fedmq.shared.messages import Event, EventKind, Update
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9)
 

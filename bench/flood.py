@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from bench.common import ROOT, Machine, table
-from shared.broker import UPDATE_ID_HEADER, Connection, JobNames, read_last, read_stream
-from shared.codec import pack
-from shared.ledger import dead_reason
-from shared.messages import ModelVersion, Task, Update
+from fedmq.shared.broker import UPDATE_ID_HEADER, Connection, JobNames, read_last, read_stream
+from fedmq.shared.codec import pack
+from fedmq.shared.ledger import dead_reason
+from fedmq.shared.messages import ModelVersion, Task, Update
 
 #: the site whose credentials the attacker holds (the demo's first site)
 ATTACKER = "site-0"
@@ -314,6 +314,6 @@ def _row(label: str, r: FloodResult) -> list[str]:
 
 if __name__ == "__main__":
     from bench.common import replace_section
-    from shared.broker import DEFAULT_URL
+    from fedmq.shared.broker import DEFAULT_URL
 
     replace_section("Flood from one site", run(os.environ.get("FEDMQ_BROKER_URL", DEFAULT_URL), "--quick" in sys.argv))

@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.he import CiphertextAccumulator, JobKeys, apply_sum, check_ciphertext, decrypt_step
-from aggregator.strategy import Accumulator, learning_rate
 from bench.common import ROOT, Machine, best_and_median, fmt_seconds, replace_section, run_group, table
-from shared import he
-from shared.broker import DEFAULT_URL, Connection, JobNames
-from shared.config import StrategyConfig
-from shared.messages import EncryptedAggregate, Update
-from shared.signing import public_hex, sign_update, verify_update
+from fedmq.aggregator.he import CiphertextAccumulator, JobKeys, apply_sum, check_ciphertext, decrypt_step
+from fedmq.aggregator.strategy import Accumulator, learning_rate
+from fedmq.shared import he
+from fedmq.shared.broker import DEFAULT_URL, Connection, JobNames
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import EncryptedAggregate, Update
+from fedmq.shared.signing import public_hex, sign_update, verify_update
 
 TITLE = "Homomorphic aggregation"
 TITLE_DEMO = "Homomorphic aggregation: time to accuracy"

@@ -4,7 +4,7 @@ this module lets bench.run_all write it as a section of its own)."""
 from __future__ import annotations
 
 from bench.he_bench import run_time_to_accuracy
-from shared.broker import DEFAULT_URL
+from fedmq.shared.broker import DEFAULT_URL
 
 
 def run(url: str = DEFAULT_URL, quick: bool = False) -> str:

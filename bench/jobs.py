@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.service import Aggregator
-from shared.broker import UPDATE_ID_HEADER, Connection, JobNames, TopologyConfig
-from shared.codec import Weights
-from shared.config import StrategyConfig
-from shared.messages import ModelVersion, Update, make_version
-from shared.models import build_model, get_weights, model_spec
+from fedmq.aggregator.service import Aggregator
+from fedmq.shared.broker import UPDATE_ID_HEADER, Connection, JobNames, TopologyConfig
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import ModelVersion, Update, make_version
+from fedmq.shared.models import build_model, get_weights, model_spec
 
 #: model sizes the aggregator benchmarks run at: the demo's MLP on digits, and a ~1 MB MLP
 MODELS: dict[str, dict[str, Any]] = {

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from bench.common import fmt_seconds, load_average, run_group, table
 from fedmq.jobs import FINISHED, delete_job, job_info
-from shared.broker import DEFAULT_URL
+from fedmq.shared.broker import DEFAULT_URL
 
 TITLE = "Many jobs on one broker"
 VERSIONS = 5

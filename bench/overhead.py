@@ -15,9 +15,9 @@ import time
 
 from bench.common import Machine, fmt_seconds, table
 from bench.jobs import MODELS, bench_job, publish_bodies, running_aggregator
-from shared.broker import Connection, StreamReader
-from shared.config import StrategyConfig
-from shared.messages import ModelVersion
+from fedmq.shared.broker import Connection, StreamReader
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import ModelVersion
 
 K = 4
 SETTLE = 0.3  # seconds for the aggregator to fold the first K-1 updates before the K-th

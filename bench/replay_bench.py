@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Accumulator
 from bench.common import run_group
+from fedmq.aggregator.strategy import Accumulator
 from fedmq.replay import check_version, replay
-from shared.broker import DEFAULT_URL, Connection, JobNames, TopologyConfig
-from shared.config import StrategyConfig
-from shared.messages import Event, EventKind, ModelVersion, Update, make_version
+from fedmq.shared.broker import DEFAULT_URL, Connection, JobNames, TopologyConfig
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import Event, EventKind, ModelVersion, Update, make_version
 
 
 def _median_replay(url: str, job: str, repeats: int) -> dict[str, Any]:

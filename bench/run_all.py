@@ -23,9 +23,9 @@ from pathlib import Path
 
 from bench.common import BENCHMARKS as OUT
 from bench.common import git_commit, load_average, replace_section, table
-from shared.broker import DEFAULT_URL, Connection
-from shared.errors import FedmqError
-from shared.logs import configure_logging
+from fedmq.shared.broker import DEFAULT_URL, Connection
+from fedmq.shared.errors import FedmqError
+from fedmq.shared.logs import configure_logging
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, Machine, run_group, table
+from fedmq.shared.broker import Connection, JobNames, read_stream
+from fedmq.shared.messages import Event, EventKind
 from fedmq.simulate import SimResult, simulate_demo
-from shared.broker import Connection, JobNames, read_stream
-from shared.messages import Event, EventKind
 
 TARGET = 0.9
 STRAGGLERS = ["--sites", "8", "--slow", "2", "--slowdown", "10", "--min-task-seconds", "0.5"]

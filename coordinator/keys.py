@@ -16,10 +16,10 @@ import logging
 import threading
 from typing import Any
 
-from shared import he
-from shared.config import JobConfig
-from shared.errors import ConfigError, FedmqError
-from shared.signing import META_REGISTRY, load_registry
+from fedmq.shared import he
+from fedmq.shared.config import JobConfig
+from fedmq.shared.errors import ConfigError, FedmqError
+from fedmq.shared.signing import META_REGISTRY, load_registry
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class HostedKeyHolder:
     process fewer, at the price of the coordinator also being able to decrypt sums."""
 
     def __init__(self, url: str, job: str, secret_path: str) -> None:
-        from aggregator.keyholder import KeyHolder
+        from fedmq.aggregator.keyholder import KeyHolder
 
         self.stop_event = threading.Event()
         self.holder = KeyHolder(url, job, he.read_file(secret_path, "encryption.secret_context"),

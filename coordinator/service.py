@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from coordinator.keys import HostedKeyHolder, genesis_meta
-from shared import faults, metrics
-from shared.broker import (
+from fedmq.coordinator.keys import HostedKeyHolder, genesis_meta
+from fedmq.shared import faults, metrics
+from fedmq.shared.broker import (
     Connection,
     Delivery,
     JobNames,
@@ -43,16 +43,16 @@ from shared.broker import (
     TopologyConfig,
     run_forever,
 )
-from shared.config import ExportPolicy, JobConfig, PrivacyMechanism, StrategyName
-from shared.datasets import fit_to_model, load_site
-from shared.errors import (
+from fedmq.shared.config import ExportPolicy, JobConfig, PrivacyMechanism, StrategyName
+from fedmq.shared.datasets import fit_to_model, load_site
+from fedmq.shared.errors import (
     BrokerUnavailableError,
     ConfigError,
     JobNotFoundError,
     MalformedMessageError,
     PrivacyBudgetError,
 )
-from shared.jobstate import (
+from fedmq.shared.jobstate import (
     PoisonCounter,
     SourcedEvent,
     emit,
@@ -64,11 +64,11 @@ from shared.jobstate import (
     find_version,
     read_event_delivery,
 )
-from shared.ledger import credible_update, read_dead_letter
-from shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
-from shared.models import build_model, check_forward, evaluate, get_weights, model_spec, set_weights
-from shared.privacy import check_privacy, privacy_strategy, resolve_options
-from shared.signing import META_TASK_KEY, JobTrust, load_or_create_task_key, public_hex, sign_task
+from fedmq.shared.ledger import credible_update, read_dead_letter
+from fedmq.shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
+from fedmq.shared.models import build_model, check_forward, evaluate, get_weights, model_spec, set_weights
+from fedmq.shared.privacy import check_privacy, privacy_strategy, resolve_options
+from fedmq.shared.signing import META_TASK_KEY, JobTrust, load_or_create_task_key, public_hex, sign_task
 
 log = logging.getLogger(__name__)
 

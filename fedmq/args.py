@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from shared.config import In, parse_number, range_of
-from shared.errors import ConfigError
+from fedmq.shared.config import In, parse_number, range_of
+from fedmq.shared.errors import ConfigError
 
 Number = int | float
 

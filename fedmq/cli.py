@@ -19,10 +19,10 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from fedmq.args import HEARTBEAT, PORT, SECONDS, SLOWDOWN, config_number, number
-from shared.broker import DEFAULT_BROKER_WAIT, DEFAULT_URL, Connection, mask_url, validate_job_id, wait_for_broker
-from shared.config import ClusterConfig, JobConfig, PrivacyConfig
-from shared.errors import ConfigError, FedmqError
-from shared.logs import configure_logging
+from fedmq.shared.broker import DEFAULT_BROKER_WAIT, DEFAULT_URL, Connection, mask_url, validate_job_id, wait_for_broker
+from fedmq.shared.config import ClusterConfig, JobConfig, PrivacyConfig
+from fedmq.shared.errors import ConfigError, FedmqError
+from fedmq.shared.logs import configure_logging
 
 log = logging.getLogger("fedmq.cli")
 
@@ -88,7 +88,7 @@ def add_metrics_port(p: argparse.ArgumentParser) -> None:
 def start_metrics(args: argparse.Namespace) -> None:
     """Start the /metrics endpoint before the role runs, so a scrape sees it from the start."""
     if args.metrics_port:
-        from shared.metrics import serve
+        from fedmq.shared.metrics import serve
 
         serve(args.metrics_port)
 
@@ -121,7 +121,7 @@ def print_json(obj: dict[str, Any]) -> None:
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from aggregator.service import Aggregator
+    from fedmq.aggregator.service import Aggregator
 
     stop = stop_on_signals()
     if not await_broker(args, stop):
@@ -136,7 +136,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.service import Worker, WorkerOptions
+    from fedmq.worker.service import Worker, WorkerOptions
 
     opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
                          device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
@@ -157,7 +157,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         opts = dataclasses.replace(opts, ledger=args.ledger.replace("{site}", site))
     trainer = None
     if args.trainer:
-        from worker.train import load_trainer
+        from fedmq.worker.train import load_trainer
 
         trainer = load_trainer(args.trainer)  # a missing module or a non-callable: exit 2 before joining
     stop = stop_on_signals()
@@ -171,8 +171,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.service import Coordinator
-    from shared.config import load_job_config
+    from fedmq.coordinator.service import Coordinator
+    from fedmq.shared.config import load_job_config
 
     overrides: dict[str, Any] = {"job": args.job}
     if args.test:
@@ -194,7 +194,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def cmd_partition(args: argparse.Namespace) -> int:
-    from shared.datasets import write_partition
+    from fedmq.shared.datasets import write_partition
 
     res = write_partition(args.out, args.dataset, args.sites, scheme=args.scheme, alpha=args.alpha,
                           test_fraction=args.test_fraction, seed=args.seed, fmt=args.format)

@@ -28,11 +28,11 @@ from rich.text import Text
 from fedmq.args import SECONDS, SLOWDOWN, config_number, number
 from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
-from shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
-from shared.config import CoordinatorConfig, JobConfig, TrainingConfig
-from shared.datasets import PartitionResult, write_partition
-from shared.errors import ConfigError, FedmqError
-from shared.messages import Event, EventKind
+from fedmq.shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
+from fedmq.shared.config import CoordinatorConfig, JobConfig, TrainingConfig
+from fedmq.shared.datasets import PartitionResult, write_partition
+from fedmq.shared.errors import ConfigError, FedmqError
+from fedmq.shared.messages import Event, EventKind
 
 DEMO_STRATEGIES = {
     # name -> [strategy] and [coordinator] settings tuned for the bundled datasets

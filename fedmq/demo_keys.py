@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared import he
-from shared.signing import REGISTRY_FILE, generate_site_key
+from fedmq.shared import he
+from fedmq.shared.signing import REGISTRY_FILE, generate_site_key
 
 
 def add_key_arguments(p: argparse.ArgumentParser) -> None:

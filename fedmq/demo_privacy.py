@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmq.args import config_number
-from shared.broker import JobNames, read_stream
-from shared.config import PrivacyConfig
-from shared.errors import ConfigError, MalformedMessageError
-from shared.messages import Event, EventKind
-from shared.privacy import NOISE_KEY_ENV
+from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.config import PrivacyConfig
+from fedmq.shared.errors import ConfigError, MalformedMessageError
+from fedmq.shared.messages import Event, EventKind
+from fedmq.shared.privacy import NOISE_KEY_ENV
 
 #: --dp choice -> [privacy] keys
 DP_MECHANISMS: dict[str, dict[str, Any]] = {

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from fedmq.history import StreamCursor, decode_or_none
-from shared.broker import JobNames
-from shared.errors import ConfigError, FedmqError, JobNotFoundError
-from shared.jobstate import PoisonCounter
-from shared.messages import ModelVersion
+from fedmq.shared.broker import JobNames
+from fedmq.shared.errors import ConfigError, FedmqError, JobNotFoundError
+from fedmq.shared.jobstate import PoisonCounter
+from fedmq.shared.messages import ModelVersion
 
 
 class CorruptVersionError(FedmqError):

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import Delivery, JobNames, StreamReader
-from shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
-from shared.jobstate import (
+from fedmq.shared.broker import Delivery, JobNames, StreamReader
+from fedmq.shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.jobstate import (
     PoisonCounter,
     as_int,
     as_site,
@@ -32,8 +32,8 @@ from shared.jobstate import (
     field_text,
     read_event_delivery,
 )
-from shared.ledger import dead_reason, header_detail, header_id
-from shared.messages import EventKind, ModelVersion, Task, Update
+from fedmq.shared.ledger import dead_reason, header_detail, header_id
+from fedmq.shared.messages import EventKind, ModelVersion, Task, Update
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from shared.config import SECTIONS, JobConfig, StrategyName, load_job_config
-from shared.errors import ConfigError
+from fedmq.shared.config import SECTIONS, JobConfig, StrategyName, load_job_config
+from fedmq.shared.errors import ConfigError
 
 #: comments for fields the schema's source leaves uncommented
 EXTRA_HELP: dict[str, str] = {
@@ -175,8 +175,8 @@ def check_job(path: str, site_files: list[str]) -> str:
     one forward pass), each `site_files` file fits the same model, and the key and registry files
     exist. Each failure is the ConfigError the coordinator or a worker would raise: one line, exit 2.
     """
-    from shared.datasets import fit_to_model, load_site  # torch: only when checking, not when writing
-    from shared.models import check_forward, model_for_data
+    from fedmq.shared.datasets import fit_to_model, load_site  # torch: only when checking, not when writing
+    from fedmq.shared.models import check_forward, model_for_data
 
     cfg = load_job_config(path)  # ConfigError names the key
     if not cfg.data.test:
@@ -201,7 +201,7 @@ def _check_named_files(cfg: JobConfig) -> None:
         if value and not Path(value).is_file():
             raise ConfigError(f"{key}: {value} does not exist (fedmq keys --job ID --out DIR writes it)")
     if cfg.signing.registry:
-        from shared.signing import load_registry
+        from fedmq.shared.signing import load_registry
 
         load_registry(cfg.signing.registry)
 

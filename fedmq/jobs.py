@@ -32,10 +32,10 @@ from typing import Any
 from fedmq.cli import print_json
 from fedmq.history import stream_tail
 from fedmq.monitor import ManagementAPI
-from shared.broker import Connection, JobNames, StreamReader, mask_url, read_last, validate_job_id
-from shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
-from shared.jobstate import PoisonCounter, field_text, read_event_delivery
-from shared.messages import EventKind, ModelVersion
+from fedmq.shared.broker import Connection, JobNames, StreamReader, mask_url, read_last, validate_job_id
+from fedmq.shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.jobstate import PoisonCounter, field_text, read_event_delivery
+from fedmq.shared.messages import EventKind, ModelVersion
 
 #: a job is discovered by its events stream: the one queue every job keeps until it is deleted
 EVENTS_RE = re.compile(r"^fedmq\.([A-Za-z0-9_-]{1,64})\.events$")

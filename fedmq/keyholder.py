@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def cmd_keyholder(args: argparse.Namespace) -> int:
-    from aggregator.keyholder import KeyHolder
+    from fedmq.aggregator.keyholder import KeyHolder
     from fedmq.cli import await_broker, stop_on_signals
-    from shared import he
+    from fedmq.shared import he
 
     stop = stop_on_signals()
     holder = KeyHolder(args.broker, args.job, he.read_file(args.secret, "--secret"), stop=stop,

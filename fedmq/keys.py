@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +29,9 @@ def _bits(value: str) -> tuple[int, ...]:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from fedmq.cli import print_json
-    from shared import he
-    from shared.broker import validate_job_id
-    from shared.signing import REGISTRY_FILE, generate_site_key
+    from fedmq.shared import he
+    from fedmq.shared.broker import validate_job_id
+    from fedmq.shared.signing import REGISTRY_FILE, generate_site_key
 
     if not args.job and not args.site:
         raise ConfigError("fedmq keys needs --job (CKKS key pair) and/or --site (signing key)")

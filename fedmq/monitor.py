@@ -40,10 +40,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from shared.broker import Connection, JobNames, StreamReader, broker_urls, read_last
-from shared.codec import unpack
-from shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
-from shared.jobstate import (
+from fedmq.shared.broker import Connection, JobNames, StreamReader, broker_urls, read_last
+from fedmq.shared.codec import unpack
+from fedmq.shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.jobstate import (
     as_id,
     as_int,
     as_site,
@@ -55,8 +55,8 @@ from shared.jobstate import (
     field_text,
     read_event_delivery,
 )
-from shared.messages import Event, EventKind, update_id_for
-from shared.signing import META_REGISTRY
+from fedmq.shared.messages import Event, EventKind, update_id_for
+from fedmq.shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedmq.cli import print_json
-from shared.broker import site_permissions
+from fedmq.shared.broker import site_permissions
 
 
 def cmd_permissions(args: argparse.Namespace) -> int:

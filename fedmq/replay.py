@@ -44,16 +44,31 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Accumulator, Contribution, NormWindow, clip_measure, l2_norm, last_step, recorded_norms
-from aggregator.validate import check_header, validate_update
+from fedmq.aggregator.strategy import (
+    Accumulator,
+    Contribution,
+    NormWindow,
+    clip_measure,
+    l2_norm,
+    last_step,
+    recorded_norms,
+)
+from fedmq.aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none
-from shared.broker import JobNames, read_stream
-from shared.codec import Weights, weights_sha256
-from shared.config import ClipCenter, StrategyConfig, StrategyName
-from shared.errors import ConfigError, FedmqError, InvalidUpdateError, JobNotFoundError, OutlierError, ServerStateError
-from shared.messages import ModelVersion, Update
-from shared.plugins import import_callable
-from shared.signing import JobTrust
+from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.codec import Weights, weights_sha256
+from fedmq.shared.config import ClipCenter, StrategyConfig, StrategyName
+from fedmq.shared.errors import (
+    ConfigError,
+    FedmqError,
+    InvalidUpdateError,
+    JobNotFoundError,
+    OutlierError,
+    ServerStateError,
+)
+from fedmq.shared.messages import ModelVersion, Update
+from fedmq.shared.plugins import import_callable
+from fedmq.shared.signing import JobTrust
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +93,11 @@ RECENT_VERSIONS = 4
 #:
 #: Central DP noise (shared/privacy.py, ``noise_at = "aggregator"``) plugs in here: put the noising
 #: in one such function, call it from the aggregator right after its flush (with the meta of the
-#: version it is building, holding the sealed seed), and add ``"<meta key>": "shared.privacy:<fn>"``
+#: version it is building, holding the sealed seed), and add ``"<meta key>": "fedmq.shared.privacy:<fn>"``
 #: below. Replay then re-applies the very same function to the recomputed sum. Without the noise
 #: key the function should raise a FedmqError (ConfigError / SealedSeedError): the version is then
 #: reported ``unverifiable`` with that message -- never ``ok``, never a false ``mismatch``.
-POST_FLUSH_STEPS: dict[str, str] = {"dp": "aggregator.dp:replay_central_noise"}
+POST_FLUSH_STEPS: dict[str, str] = {"dp": "fedmq.aggregator.dp:replay_central_noise"}
 
 PostFlushStep = Callable[..., Weights]
 
@@ -305,7 +320,7 @@ def check_encrypted(parent: ModelVersion, version: ModelVersion, used: Sequence[
                else "the version records no encrypted sum (meta['he'])")
         return _verdict(version, Status.CHAIN_ONLY, f"CKKS version: {chain}; {why}, so the encrypted sum is "
                         "not recomputed and the decryption is not re-done", used=used)
-    from aggregator.he import replay_encrypted_version
+    from fedmq.aggregator.he import replay_encrypted_version
 
     taus = [parent.version - u.base_version for u in used]
     try:
@@ -508,14 +523,14 @@ class Evaluator:
     """Test accuracy of a weight set, with the job's model spec (shared.models) and test file."""
 
     def __init__(self, spec: dict[str, Any], test_path: str) -> None:
-        from shared.datasets import load_site
-        from shared.models import build_model
+        from fedmq.shared.datasets import load_site
+        from fedmq.shared.models import build_model
 
         self.x, self.y = load_site(test_path)
         self.model = build_model(spec)
 
     def __call__(self, weights: Weights) -> float:
-        from shared.models import evaluate, set_weights
+        from fedmq.shared.models import evaluate, set_weights
 
         try:
             set_weights(self.model, {k: np.asarray(v) for k, v in weights.items()})
@@ -825,7 +840,7 @@ class Replayer:
         enc = mv.meta.get("encryption")
         if self.he_keys is not None or self.he_public is None or not isinstance(enc, Mapping):
             return self.he_keys
-        from shared import he
+        from fedmq.shared import he
 
         expected = str(enc.get("context_sha256"))
         public = he.public_context_from_meta({he.META_PUBLIC_CONTEXT: self.he_public}, expected)

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.broker import Delivery, JobNames, read_stream
-from shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
-from shared.jobstate import (
+from fedmq.shared.broker import Delivery, JobNames, read_stream
+from fedmq.shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.jobstate import (
     as_id,
     as_int,
     as_site,
@@ -38,8 +38,8 @@ from shared.jobstate import (
     field_text,
     read_event_delivery,
 )
-from shared.ledger import dead_reason
-from shared.messages import Event, EventKind
+from fedmq.shared.ledger import dead_reason
+from fedmq.shared.messages import Event, EventKind
 
 log = logging.getLogger(__name__)
 

@@ -31,13 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategy import Accumulator, NormWindow
-from shared.codec import Weights
-from shared.config import EncryptionScheme, JobConfig, PrivacyMechanism, StrategyName
-from shared.datasets import fit_to_model, load_site
-from shared.errors import ConfigError, OutlierError
-from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
-from worker.train import task_seed, train_local
+from fedmq.aggregator.strategy import Accumulator, NormWindow
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import EncryptionScheme, JobConfig, PrivacyMechanism, StrategyName
+from fedmq.shared.datasets import fit_to_model, load_site
+from fedmq.shared.errors import ConfigError, OutlierError
+from fedmq.shared.models import build_model, evaluate, get_weights, model_spec, set_weights
+from fedmq.worker.train import task_seed, train_local
 
 
 @dataclass(frozen=True)
@@ -267,8 +267,8 @@ def simulate_demo(argv: Sequence[str], work: Path) -> SimResult:
     """The zero-overhead run of `fedmq demo <argv>`: the same partition (written under `work`),
     job sections and per-site slowdowns as the demo would start processes with."""
     from fedmq.demo import add_demo_arguments, demo_sections, site_slowdown
-    from shared.config import load_job_config
-    from shared.datasets import write_partition
+    from fedmq.shared.config import load_job_config
+    from fedmq.shared.datasets import write_partition
 
     parser = argparse.ArgumentParser(prog="fedmq demo")
     add_demo_arguments(parser)
@@ -306,7 +306,7 @@ def sites_from_args(args: argparse.Namespace) -> list[SimSite]:
 
 def run(args: argparse.Namespace) -> int:
     from fedmq.cli import print_json
-    from shared.config import load_job_config
+    from fedmq.shared.config import load_job_config
 
     overrides: dict[str, Any] = {}
     if args.target is not None:

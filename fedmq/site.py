@@ -38,10 +38,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import validate_job_id
-from shared.errors import ConfigError
-from worker.service import SiteData, Worker, WorkerOptions, WorkerStats
-from worker.train import (
+from fedmq.shared.broker import validate_job_id
+from fedmq.shared.errors import ConfigError
+from fedmq.worker.service import SiteData, Worker, WorkerOptions, WorkerStats
+from fedmq.worker.train import (
     TrainContext,
     Trainer,
     TrainResult,

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from shared.broker import validate_site
-from shared.errors import ConfigError
+from fedmq.shared.broker import validate_site
+from fedmq.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

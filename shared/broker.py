@@ -38,14 +38,14 @@ import pika
 import pika.exceptions as pex
 from pika.adapters.blocking_connection import BlockingChannel
 
-from shared.errors import (
+from fedmq.shared.errors import (
     BrokerAccessError,
     BrokerUnavailableError,
     ConfigError,
     FedmqError,
     JobNotFoundError,
 )
-from shared.messages import ID_RE, EventKind
+from fedmq.shared.messages import ID_RE, EventKind
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from shared.errors import CodecError, MalformedMessageError
+from fedmq.shared.errors import CodecError, MalformedMessageError
 
 Weights = dict[str, np.ndarray]
 

@@ -28,7 +28,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 C = TypeVar("C")
 

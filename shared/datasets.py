@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

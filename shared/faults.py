@@ -26,7 +26,7 @@ import signal
 from dataclasses import dataclass
 from functools import cache
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

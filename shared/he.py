@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from shared.codec import Weights
-from shared.config import Robust, ServerOptimizer, StrategyConfig
-from shared.errors import ConfigError, MalformedMessageError, NonFiniteError
-from shared.messages import Update
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import Robust, ServerOptimizer, StrategyConfig
+from fedmq.shared.errors import ConfigError, MalformedMessageError, NonFiniteError
+from fedmq.shared.messages import Update
 
 SCHEME = "ckks"
 #: ModelVersion.meta keys. "encryption" travels in every version; the public context only in v0.

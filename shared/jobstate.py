@@ -10,9 +10,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import SITE_EVENTS, Connection, Delivery, JobNames, StreamReader, read_last
-from shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
-from shared.messages import ID_RE, MAX_INT, MAX_LIST, NAME_RE, Event, EventKind, ModelVersion, integer, number, text
+from fedmq.shared.broker import SITE_EVENTS, Connection, Delivery, JobNames, StreamReader, read_last
+from fedmq.shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.messages import (
+    ID_RE,
+    MAX_INT,
+    MAX_LIST,
+    NAME_RE,
+    Event,
+    EventKind,
+    ModelVersion,
+    integer,
+    number,
+    text,
+)
 
 log = logging.getLogger(__name__)
 

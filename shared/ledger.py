@@ -19,10 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.broker import DETAIL_HEADER, REASON_HEADER, UPDATE_ID_HEADER, Delivery, JobNames, read_stream
-from shared.errors import InvalidUpdateError, MalformedMessageError
-from shared.messages import ID_RE, ModelVersion, Task, Update, update_id_for
-from shared.signing import JobTrust
+from fedmq.shared.broker import DETAIL_HEADER, REASON_HEADER, UPDATE_ID_HEADER, Delivery, JobNames, read_stream
+from fedmq.shared.errors import InvalidUpdateError, MalformedMessageError
+from fedmq.shared.messages import ID_RE, ModelVersion, Task, Update, update_id_for
+from fedmq.shared.signing import JobTrust
 
 log = logging.getLogger(__name__)
 

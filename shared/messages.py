@@ -19,8 +19,8 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from shared.codec import Weights, decode_tensors, encode_tensors, pack, unpack, weights_sha256
-from shared.errors import MalformedMessageError
+from fedmq.shared.codec import Weights, decode_tensors, encode_tensors, pack, unpack, weights_sha256
+from fedmq.shared.errors import MalformedMessageError
 
 #: the newest schema this fedmq reads. A message is written with the oldest schema that holds it,
 #: so a reader one release behind still reads every message that uses nothing new: 1 is the base,

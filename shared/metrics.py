@@ -30,7 +30,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,8 @@ def healthcheck(environ: dict[str, str] | None = None) -> int:
             print(f"unhealthy: /metrics on port {port} does not answer: {exc}", file=sys.stderr)
             return 1
         return 0 if "process_start_time_seconds" in text else 1
-    from shared.broker import DEFAULT_URL, Connection
-    from shared.errors import FedmqError
+    from fedmq.shared.broker import DEFAULT_URL, Connection
+    from fedmq.shared.errors import FedmqError
 
     try:
         Connection(env.get("FEDMQ_BROKER_URL", DEFAULT_URL), name="fedmq-healthcheck").open().close()

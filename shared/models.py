@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.codec import Weights
-from shared.datasets import fit_to_model
-from shared.errors import ConfigError
-from shared.plugins import import_callable
+from fedmq.shared.codec import Weights
+from fedmq.shared.datasets import fit_to_model
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.plugins import import_callable
 
 
 def logreg(input_dim: int, num_classes: int, **_: Any) -> nn.Module:

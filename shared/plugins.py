@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 
 def import_callable(target: str, what: str) -> Callable[..., Any]:

@@ -37,9 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.codec import Weights
-from shared.config import AccountantName, JobConfig, PrivacyConfig, PrivacyMechanism, Robust, ServerOptimizer
-from shared.errors import ConfigError, PrivacyBudgetError, SealedSeedError
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import AccountantName, JobConfig, PrivacyConfig, PrivacyMechanism, Robust, ServerOptimizer
+from fedmq.shared.errors import ConfigError, PrivacyBudgetError, SealedSeedError
 
 log = logging.getLogger(__name__)
 

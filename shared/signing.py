@@ -25,9 +25,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.broker import validate_site
-from shared.errors import ConfigError, SignatureError, SiteMismatchError, UnknownTaskError
-from shared.messages import Task, Update, task_proof_bytes, update_id_for
+from fedmq.shared.broker import validate_site
+from fedmq.shared.errors import ConfigError, SignatureError, SiteMismatchError, UnknownTaskError
+from fedmq.shared.messages import Task, Update, task_proof_bytes, update_id_for
 
 META_REGISTRY = "site_keys"
 #: v0's meta: the coordinator's task-signing public key (hex); every update must carry a proof

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.broker import Connection, JobNames
+from fedmq.shared.broker import Connection, JobNames
 from tests.brokers import LOCAL_URL, PrivateBroker, broker_answers, docker_available
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.service import Aggregator
-from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames, TopologyConfig, read_stream
-from shared.codec import Weights
-from shared.config import StrategyConfig
-from shared.messages import ModelVersion, Update, make_version, task_proof_bytes, update_id_for
-from shared.models import build_model, get_weights, model_spec
+from fedmq.aggregator.service import Aggregator
+from fedmq.shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames, TopologyConfig, read_stream
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import ModelVersion, Update, make_version, task_proof_bytes, update_id_for
+from fedmq.shared.models import build_model, get_weights, model_spec
 
 
 def declare_job_with_v0(url: str, job: str, strategy: StrategyConfig, *, model: str = "logreg",
@@ -41,7 +41,7 @@ def declare_job_with_v0(url: str, job: str, strategy: StrategyConfig, *, model: 
 def declare_encrypted_job(url: str, job: str, strategy: StrategyConfig, public: bytes) -> ModelVersion:
     """What the coordinator does for a CKKS job: topology, aggregates queue + log, v0 carrying the
     public context (never the secret). The digits-sized MLP: 2,410 parameters, one ciphertext."""
-    from shared import he
+    from fedmq.shared import he
 
     names = JobNames(job)
     spec = model_spec("mlp", (64,), 10, hidden=32)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared import metrics
+from fedmq.shared import metrics
 from tests.conftest import ROOT
 
 RULES = ROOT / "deploy" / "prometheus" / "fedmq-rules.yml"

@@ -126,8 +126,8 @@ def test_a_handshake_cut_by_a_restarting_broker_is_transient_but_a_refusal_is_no
     ProbableAuthenticationError; only the first may stop a role for good."""
     import pika.exceptions as pex
 
-    from shared.broker import Connection, ConnectionLostError, amqp_errors
-    from shared.errors import BrokerAccessError
+    from fedmq.shared.broker import Connection, ConnectionLostError, amqp_errors
+    from fedmq.shared.errors import BrokerAccessError
 
     with pytest.raises(ConnectionLostError, match="during the handshake"):
         with amqp_errors(broker_url):

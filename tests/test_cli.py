@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.datasets import save_site
+from fedmq.shared.datasets import save_site
 from tests.brokers import free_port
 from tests.conftest import run_fedmq
 

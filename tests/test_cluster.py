@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from shared import broker
-from shared.broker import Connection, ConnectionLostError, JobNames, TopologyConfig, broker_urls, mask_url
-from shared.config import env_names, load_job_config
-from shared.ledger import read_ledger
-from shared.messages import Event, EventKind
+from fedmq.shared import broker
+from fedmq.shared.broker import Connection, ConnectionLostError, JobNames, TopologyConfig, broker_urls, mask_url
+from fedmq.shared.config import env_names, load_job_config
+from fedmq.shared.ledger import read_ledger
+from fedmq.shared.messages import Event, EventKind
 from tests.brokers import PrivateBroker, free_port
 from tests.chaos.harness import Fleet, Follower, recompute, wait_until, write_job
 from tests.cluster_nodes import Cluster, ClusterError

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shared.codec import DTYPES, decode_tensors, encode_tensors, pack, unpack, weights_sha256
-from shared.errors import CodecError, MalformedMessageError
+from fedmq.shared.codec import DTYPES, decode_tensors, encode_tensors, pack, unpack, weights_sha256
+from fedmq.shared.errors import CodecError, MalformedMessageError
 
 WIRE_DTYPES = sorted(DTYPES)
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=6)

@@ -27,8 +27,8 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from fedmq.cli import build_parser
-from shared import metrics
-from shared.config import env_names
+from fedmq.shared import metrics
+from fedmq.shared.config import env_names
 from tests.brokers import free_port
 from tests.conftest import ROOT, child_env, run_fedmq
 

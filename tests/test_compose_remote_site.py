@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from shared.broker import Connection, JobNames, TopologyConfig, site_permissions
-from shared.config import StrategyConfig
-from shared.errors import BrokerAccessError
+from fedmq.shared.broker import Connection, JobNames, TopologyConfig, site_permissions
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import BrokerAccessError
 from tests.brokers import PrivateBroker, broker_answers, free_port
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedmq.shared.errors import ConfigError
 from fedmq.site_pool import claim_site
-from shared.errors import ConfigError
 
 
 def _pool(tmp_path: Path, n: int) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import (
+from fedmq.shared.config import (
     JobConfig,
     Robust,
     StalenessFn,
@@ -16,7 +16,7 @@ from shared.config import (
     env_overrides,
     load_job_config,
 )
-from shared.errors import ConfigError
+from fedmq.shared.errors import ConfigError
 
 TOML = """
 job = "j-toml"

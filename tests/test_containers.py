@@ -38,7 +38,7 @@ from typing import Any
 import pytest
 
 from fedmq.monitor import Monitor
-from shared.errors import FedmqError
+from fedmq.shared.errors import FedmqError
 from tests.brokers import free_port
 from tests.conftest import ROOT, run_fedmq
 
@@ -320,7 +320,7 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     assert "uid=10001(fedmq) gid=10001(fedmq)" in ids and "/out 10001:10001" in ids and "/state 10001:10001" in ids
     assert "no-plotting" in ids, ids
     health = _run(["podman", "image", "inspect", "--format", "{{json .Config.Healthcheck}}", site]).stdout
-    assert "shared.metrics" in health, health
+    assert "fedmq.shared.metrics" in health, health
 
     # up: broker and roles at once (podman-compose ignores `condition: service_healthy`: the
     # roles wait for the broker themselves)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.datasets import load_dataset, load_site, partition, save_site, synthetic, write_partition
-from shared.errors import ConfigError
+from fedmq.shared.datasets import load_dataset, load_site, partition, save_site, synthetic, write_partition
+from fedmq.shared.errors import ConfigError
 
 LABELS = np.repeat(np.arange(10), 100)  # 1000 samples, 10 balanced classes
 

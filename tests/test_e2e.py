@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.broker import Connection, JobNames, read_last, read_stream
-from shared.codec import pack
-from shared.messages import Event, EventKind, ModelVersion, Update
-from shared.signing import load_private_key, sign_update
+from fedmq.shared.broker import Connection, JobNames, read_last, read_stream
+from fedmq.shared.codec import pack
+from fedmq.shared.messages import Event, EventKind, ModelVersion, Update
+from fedmq.shared.signing import load_private_key, sign_update
 from tests.conftest import ROOT, child_env, fedmq_cmd, run_fedmq
 from tests.jobkit import dead_letters, make_update, publish_raw, publish_updates, versions, with_task_proof
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from torch import nn
 
-from shared.broker import Connection, mask_url
-from shared.config import SECTIONS, In, JobConfig, StrategyConfig, TrainingConfig, load_job_config, range_of
-from shared.datasets import check_site_data, fit_to_model, load_site, save_site
-from shared.errors import ConfigError
-from shared.models import model_spec
+from fedmq.shared.broker import Connection, mask_url
+from fedmq.shared.config import SECTIONS, In, JobConfig, StrategyConfig, TrainingConfig, load_job_config, range_of
+from fedmq.shared.datasets import check_site_data, fit_to_model, load_site, save_site
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.models import model_spec
 from tests.brokers import free_port
 from tests.conftest import run_fedmq
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.strategy import aggregate
-from shared.broker import Connection, JobNames
-from shared.codec import Weights, pack
-from shared.config import StrategyConfig
-from shared.messages import Update, make_version
+from fedmq.aggregator.strategy import aggregate
+from fedmq.shared.broker import Connection, JobNames
+from fedmq.shared.codec import Weights, pack
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import Update, make_version
 from tests.jobkit import (
     dead_letters,
     declare_job_with_v0,

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.service import FairQueue
 from bench.flood import ATTACKER, _classes, run_flooded_demo
+from fedmq.aggregator.service import FairQueue
 from fedmq.replay import replay
-from shared.broker import Connection, Delivery, JobNames
-from shared.errors import InvalidUpdateError, MalformedMessageError
-from shared.messages import Update, make_version
-from shared.signing import JobTrust
+from fedmq.shared.broker import Connection, Delivery, JobNames
+from fedmq.shared.errors import InvalidUpdateError, MalformedMessageError
+from fedmq.shared.messages import Update, make_version
+from fedmq.shared.signing import JobTrust
 
 
 def _delivery(site: str, tag: int) -> Delivery:

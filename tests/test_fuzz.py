@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared.codec import pack
-from shared.errors import MalformedMessageError
-from shared.messages import EncryptedAggregate, Event, ModelVersion, Task, Update, make_version
+from fedmq.shared.codec import pack
+from fedmq.shared.errors import MalformedMessageError
+from fedmq.shared.messages import EncryptedAggregate, Event, ModelVersion, Task, Update, make_version
 
 SHA = "ab" * 32
 

@@ -22,21 +22,21 @@ import pytest
 import tenseal as ts
 import torch
 
-from aggregator.he import (
+from fedmq.aggregator.he import (
     CiphertextAccumulator,
     JobKeys,
     check_ciphertext,
     decrypt_step,
     recompute_sum,
 )
-from aggregator.keyholder import KeyHolder
-from aggregator.strategy import Accumulator
-from shared import he
-from shared.broker import Connection, JobNames, read_stream
-from shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
-from shared.errors import ConfigError, EncryptionMismatchError, MalformedMessageError, ShapeMismatchError
-from shared.messages import EncryptedAggregate, Update
-from shared.models import build_model, evaluate, get_weights, model_spec, set_weights
+from fedmq.aggregator.keyholder import KeyHolder
+from fedmq.aggregator.strategy import Accumulator
+from fedmq.shared import he
+from fedmq.shared.broker import Connection, JobNames, read_stream
+from fedmq.shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
+from fedmq.shared.errors import ConfigError, EncryptionMismatchError, MalformedMessageError, ShapeMismatchError
+from fedmq.shared.messages import EncryptedAggregate, Update
+from fedmq.shared.models import build_model, evaluate, get_weights, model_spec, set_weights
 from tests.chaos.harness import wait_until
 from tests.jobkit import (
     declare_encrypted_job,
@@ -192,7 +192,7 @@ def _simulate(parts: list[tuple[np.ndarray, np.ndarray]], spec: dict[str, object
     take 3x longer, each finished update is folded and the site starts again from the newest
     version. The schedule and the training seeds are fixed, so the only difference between a run
     with `pair` (encrypt -> sum ciphertexts -> decrypt) and one without is the encryption."""
-    from worker.train import train_local
+    from fedmq.worker.train import train_local
 
     weights = get_weights(build_model(spec, seed=0))
     secret = he.load_secret(pair.secret)[0] if pair else None
@@ -232,7 +232,7 @@ def _simulate(parts: list[tuple[np.ndarray, np.ndarray]], spec: dict[str, object
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_encrypted_job_on_digits_ends_within_0_3_points_of_plaintext(keys: he.KeyPair, tmp_path: Path) -> None:
-    from shared.datasets import load_site, write_partition
+    from fedmq.shared.datasets import load_site, write_partition
 
     part = write_partition(tmp_path, "digits", 6, scheme="dirichlet", alpha=0.5, seed=0)
     parts = [load_site(f) for f in part.site_files]
@@ -340,8 +340,8 @@ def test_a_replica_never_publishes_a_second_aggregate_for_one_version(
                                  contributions=(), strategy="fedbuff", params=cfg.to_params(), denominator=1.0,
                                  sample_ref=1.0, context_sha256=keys.sha256, size=0, chunks=(),
                                  ciphertext_sha256="0" * 64)
-    caplog.set_level(logging.INFO, logger="aggregator")
-    caplog.set_level(logging.INFO, logger="shared.broker")
+    caplog.set_level(logging.INFO, logger="fedmq.aggregator")
+    caplog.set_level(logging.INFO, logger="fedmq.shared.broker")
     with running_aggregator(broker_url, job, name="agg-a"):
         publish_updates(broker_url, job, ups[:1])
         # active, with its state read (models stream, aggregates log, v0) and its fence attached
@@ -363,14 +363,14 @@ def test_a_replica_never_publishes_a_second_aggregate_for_one_version(
 @pytest.mark.timeout(420)
 def test_encrypted_signed_job_end_to_end(broker_url: str, job: str, tmp_path: Path) -> None:
     """Coordinator (hosting the key holder), one aggregator and three signing workers on threads."""
-    from aggregator.he import plaintext_equivalent, replay_encrypted_version
-    from aggregator.he_service import load_public_context
-    from aggregator.service import Aggregator
-    from coordinator.service import Coordinator
-    from shared.config import load_job_config
-    from shared.datasets import load_site, write_partition
-    from shared.signing import generate_site_key
-    from worker.service import Worker, WorkerOptions
+    from fedmq.aggregator.he import plaintext_equivalent, replay_encrypted_version
+    from fedmq.aggregator.he_service import load_public_context
+    from fedmq.aggregator.service import Aggregator
+    from fedmq.coordinator.service import Coordinator
+    from fedmq.shared.config import load_job_config
+    from fedmq.shared.datasets import load_site, write_partition
+    from fedmq.shared.signing import generate_site_key
+    from fedmq.worker.service import Worker, WorkerOptions
 
     part = write_partition(tmp_path / "data", "digits", 3, scheme="iid", seed=0)
     files = he.write_keys(tmp_path / "keys", job)
@@ -433,7 +433,7 @@ def test_encrypted_signed_job_end_to_end(broker_url: str, job: str, tmp_path: Pa
 
 
 def test_a_non_finite_delta_is_never_encrypted(keys: he.KeyPair) -> None:
-    from shared.errors import NonFiniteError
+    from fedmq.shared.errors import NonFiniteError
 
     u = make_update("j", "u1", _template())
     assert u.delta is not None
@@ -488,8 +488,8 @@ def test_demo_with_homomorphic_aggregation(broker_url: str, tmp_path: Path) -> N
 
 
 def test_the_coordinator_refuses_encrypted_jobs_it_cannot_run(tmp_path: Path) -> None:
-    from coordinator.keys import genesis_meta
-    from shared.config import load_job_config
+    from fedmq.coordinator.keys import genesis_meta
+    from fedmq.shared.config import load_job_config
 
     a, b = he.write_keys(tmp_path, "a"), he.write_keys(tmp_path, "b")
 

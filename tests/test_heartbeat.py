@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from sklearn.datasets import load_digits
 
-from shared.broker import Connection, ConnectionLostError, Delivery, JobNames
-from shared.config import StrategyConfig
-from shared.datasets import save_site
-from shared.messages import Task, Update
+from fedmq.shared.broker import Connection, ConnectionLostError, Delivery, JobNames
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.datasets import save_site
+from fedmq.shared.messages import Task, Update
 from tests.conftest import ROOT, child_env, fedmq_cmd
 from tests.jobkit import declare_job_with_v0
 

@@ -13,7 +13,7 @@ import pytest
 
 from fedmq.cli import build_parser
 from fedmq.init_cmd import starter_config
-from shared.config import SECTIONS, JobConfig, load_job_config
+from fedmq.shared.config import SECTIONS, JobConfig, load_job_config
 from tests.conftest import ROOT, run_fedmq
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,11 +12,11 @@ import pytest
 
 from fedmq.jobs import FINISHED, IDLE, RUNNING, delete_job, job_info, list_job_ids
 from fedmq.monitor import ManagementAPI
-from shared.broker import Connection, JobNames
-from shared.config import StrategyConfig
-from shared.errors import JobNotFoundError
-from shared.jobstate import emit
-from shared.messages import EventKind
+from fedmq.shared.broker import Connection, JobNames
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import JobNotFoundError
+from fedmq.shared.jobstate import emit
+from fedmq.shared.messages import EventKind
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0
 

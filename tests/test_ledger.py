@@ -4,7 +4,7 @@ accept the one benign overlap (an included update whose stale copy hit the deliv
 
 from __future__ import annotations
 
-from shared.ledger import DELIVERY_LIMIT, DeadLetter, Ledger, VersionEntry
+from fedmq.shared.ledger import DELIVERY_LIMIT, DeadLetter, Ledger, VersionEntry
 
 
 def _chain(*included: tuple[str, ...]) -> list[VersionEntry]:
@@ -89,7 +89,7 @@ def test_lost_doubled_and_dead_at_once_are_each_reported() -> None:
 
 
 def test_a_reason_the_sender_preset_does_not_override_the_brokers() -> None:
-    from shared.ledger import dead_reason
+    from fedmq.shared.ledger import dead_reason
 
     preset = {"x-fedmq-reason": "stale", "x-first-death-reason": "expired"}
     broker = {"x-death": [{"reason": "delivery_limit", "queue": "q"}, {"reason": "forged"}]}
@@ -99,7 +99,7 @@ def test_a_reason_the_sender_preset_does_not_override_the_brokers() -> None:
 
 
 def test_broker_headers_a_publisher_can_preset_never_raise() -> None:
-    from shared.broker import Delivery
+    from fedmq.shared.broker import Delivery
 
     d = Delivery(body=b"", headers={"x-delivery-count": "zz", "x-stream-offset": 1.5}, delivery_tag=1,
                  redelivered=False, routing_key="s", user_id=None, _channel=None, _url="")  # type: ignore[arg-type]
@@ -108,7 +108,7 @@ def test_broker_headers_a_publisher_can_preset_never_raise() -> None:
 
 def test_offsets_read_from_a_real_stream_are_ints(broker_url: str, job: str) -> None:
     """pika hands AMQP longs over as an int subclass: the header must still read as the offset."""
-    from shared.broker import Connection, JobNames, TopologyConfig, read_stream
+    from fedmq.shared.broker import Connection, JobNames, TopologyConfig, read_stream
 
     names = JobNames(job)
     with Connection(broker_url, name="fedmq-test-offsets").open() as conn:

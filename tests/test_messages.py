@@ -9,9 +9,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from shared.codec import encode_tensors, pack
-from shared.errors import CodecError, MalformedMessageError
-from shared.messages import SCHEMA, Event, ModelVersion, Task, Update, make_version
+from fedmq.shared.codec import encode_tensors, pack
+from fedmq.shared.errors import CodecError, MalformedMessageError
+from fedmq.shared.messages import SCHEMA, Event, ModelVersion, Task, Update, make_version
 
 
 def _update(**over: Any) -> Update:

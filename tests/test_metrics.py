@@ -11,9 +11,9 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import metrics
-from shared.config import StrategyConfig
-from shared.errors import ConfigError
+from fedmq.shared import metrics
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import ConfigError
 from tests.brokers import free_port
 from tests.conftest import ROOT, child_env, fedmq_cmd
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, wait_for_version

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from shared.broker import Connection, JobNames, read_stream
-from shared.config import StrategyConfig
-from shared.jobstate import ModelFeed
-from shared.messages import ModelVersion, make_version
+from fedmq.shared.broker import Connection, JobNames, read_stream
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.jobstate import ModelFeed
+from fedmq.shared.messages import ModelVersion, make_version
 from tests.jobkit import declare_job_with_v0
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]

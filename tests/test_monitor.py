@@ -22,12 +22,12 @@ from fedmq.monitor import (
     silent_sites,
     sparkline,
 )
-from shared.broker import Connection, JobNames
-from shared.config import StrategyConfig
-from shared.errors import ConfigError
-from shared.jobstate import emit
-from shared.messages import Event, EventKind, Task
-from shared.signing import META_REGISTRY
+from fedmq.shared.broker import Connection, JobNames
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.jobstate import emit
+from fedmq.shared.messages import Event, EventKind, Task
+from fedmq.shared.signing import META_REGISTRY
 from tests.chaos.harness import wait_until
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, running_aggregator, wait_for_version

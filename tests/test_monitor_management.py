@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 
 from fedmq.monitor import Monitor
-from shared.broker import Connection, JobNames
-from shared.config import StrategyConfig
-from shared.jobstate import emit
-from shared.messages import EventKind
+from fedmq.shared.broker import Connection, JobNames
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.jobstate import emit
+from fedmq.shared.messages import EventKind
 from tests.brokers import PrivateBroker, free_port
 from tests.jobkit import declare_job_with_v0
 from tests.test_monitor import _publish_tasks

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.broker import Connection, JobNames, TopologyConfig, amqp_errors, site_permissions
-from shared.errors import BrokerAccessError
-from shared.messages import Event
+from fedmq.shared.broker import Connection, JobNames, TopologyConfig, amqp_errors, site_permissions
+from fedmq.shared.errors import BrokerAccessError
+from fedmq.shared.messages import Event
 from tests.brokers import PrivateBroker
 from tests.conftest import ROOT, run_fedmq
 

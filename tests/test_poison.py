@@ -20,12 +20,12 @@ from fedmq.history import decode_or_none, read_history
 from fedmq.monitor import Monitor, render_text
 from fedmq.replay import Status, replay
 from fedmq.report import collect, write_report
-from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames, read_stream
-from shared.config import StrategyConfig, load_job_config
-from shared.errors import FedmqError, MalformedMessageError
-from shared.jobstate import ForgedEventError, emit, emit_site, read_event, site_event_key
-from shared.ledger import read_ledger
-from shared.messages import Event, EventKind, ModelVersion
+from fedmq.shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames, read_stream
+from fedmq.shared.config import StrategyConfig, load_job_config
+from fedmq.shared.errors import FedmqError, MalformedMessageError
+from fedmq.shared.jobstate import ForgedEventError, emit, emit_site, read_event, site_event_key
+from fedmq.shared.ledger import read_ledger
+from fedmq.shared.messages import Event, EventKind, ModelVersion
 from tests.jobkit import (
     declare_job_with_v0,
     make_update,
@@ -294,11 +294,11 @@ def _hostile_events(url: str, job: str, stop: threading.Event) -> int:
 
 def test_a_real_job_reaches_its_target_while_sites_publish_poison(broker_url: str, cleanup: list[str],
                                                                   tmp_path: Path) -> None:
-    from aggregator.service import Aggregator
-    from coordinator.service import Coordinator
-    from shared.datasets import write_partition
+    from fedmq.aggregator.service import Aggregator
+    from fedmq.coordinator.service import Coordinator
+    from fedmq.shared.datasets import write_partition
+    from fedmq.worker.service import Worker, WorkerOptions
     from tests.jobkit import run_threaded_job
-    from worker.service import Worker, WorkerOptions
 
     job = _new_job(cleanup)
     part = write_partition(tmp_path / "data", "digits", 2, scheme="iid", seed=0)

@@ -15,19 +15,19 @@ from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from aggregator.dp import (
+from fedmq.aggregator.dp import (
     DpAggregation,
     add_releases,
     central_noise_step,
     releases_epsilon,
     replay_central_noise,
 )
-from aggregator.strategy import Accumulator, Contribution, learning_rate
-from shared.config import JobConfig, PrivacyConfig, StrategyConfig, TrainingConfig, build
-from shared.errors import ConfigError, PrivacyBudgetError, SealedSeedError
-from shared.messages import Task, Update, make_version
-from shared.models import build_model, get_weights, model_spec
-from shared.privacy import (
+from fedmq.aggregator.strategy import Accumulator, Contribution, learning_rate
+from fedmq.shared.config import JobConfig, PrivacyConfig, StrategyConfig, TrainingConfig, build
+from fedmq.shared.errors import ConfigError, PrivacyBudgetError, SealedSeedError
+from fedmq.shared.messages import Task, Update, make_version
+from fedmq.shared.models import build_model, get_weights, model_spec
+from fedmq.shared.privacy import (
     NOISE_KEY_ENV,
     PrivacyLedger,
     check_privacy,
@@ -41,7 +41,7 @@ from shared.privacy import (
     resolve_options,
     seal_seed,
 )
-from worker.privacy import SitePrivacy, clip_and_noise, dp_sgd_shape, train_dp_sgd
+from fedmq.worker.privacy import SitePrivacy, clip_and_noise, dp_sgd_shape, train_dp_sgd
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's fractional-order warnings
 

@@ -9,17 +9,17 @@ from typing import Any
 
 import pytest
 
-from aggregator.dp import add_releases, releases_epsilon
-from coordinator.service import Coordinator, JobResult
+from fedmq.aggregator.dp import add_releases, releases_epsilon
+from fedmq.coordinator.service import Coordinator, JobResult
 from fedmq.history import read_history
 from fedmq.replay import replay
-from shared.broker import JobNames, read_stream
-from shared.config import JobConfig, PrivacyMechanism, load_job_config
-from shared.datasets import write_partition
-from shared.messages import Event, EventKind
-from shared.privacy import NOISE_KEY_ENV, PrivacyLedger, new_spend
+from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.config import JobConfig, PrivacyMechanism, load_job_config
+from fedmq.shared.datasets import write_partition
+from fedmq.shared.messages import Event, EventKind
+from fedmq.shared.privacy import NOISE_KEY_ENV, PrivacyLedger, new_spend
+from fedmq.worker.service import Worker, WorkerOptions
 from tests.jobkit import run_threaded_job, versions
-from worker.service import Worker, WorkerOptions
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -39,7 +39,7 @@ def _config(job: str, tmp_path: Path, test_file: Path, privacy: dict[str, Any],
 
 
 def _run_job(url: str, cfg: JobConfig, site_files: list[Path], ledgers: list[Path]) -> tuple[JobResult, list[Worker]]:
-    from aggregator.service import Aggregator
+    from fedmq.aggregator.service import Aggregator
 
     coord = Coordinator(url, cfg, stop=threading.Event())
     agg = Aggregator(url, cfg.job, stop=threading.Event(), name="agg-dp")

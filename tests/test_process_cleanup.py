@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import run_group
-from shared.broker import Connection, JobNames
+from fedmq.shared.broker import Connection, JobNames
 from tests.brokers import PrivateBroker, broker_answers
 from tests.chaos.harness import wait_until
 from tests.conftest import run_fedmq

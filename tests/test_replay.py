@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.strategy import Accumulator
+from fedmq.aggregator.strategy import Accumulator
 from fedmq.export import export_version
 from fedmq.history import read_history, stream_tail
 from fedmq.replay import Status, replay
-from shared.broker import Connection, JobNames, Retention, TopologyConfig
-from shared.codec import weights_sha256
-from shared.config import StrategyConfig
-from shared.errors import JobNotFoundError
-from shared.messages import ModelVersion, Update, make_version
-from shared.models import build_model, get_weights, model_spec
+from fedmq.shared.broker import Connection, JobNames, Retention, TopologyConfig
+from fedmq.shared.codec import weights_sha256
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import JobNotFoundError
+from fedmq.shared.messages import ModelVersion, Update, make_version
+from fedmq.shared.models import build_model, get_weights, model_spec
 from tests.conftest import run_fedmq
 from tests.jobkit import (
     declare_job_with_v0,

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
-from aggregator.keyholder import decrypt_aggregate
+from fedmq.aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
+from fedmq.aggregator.keyholder import decrypt_aggregate
 from fedmq.replay import HeKeys, Status, check_version
-from shared import he
-from shared.config import StrategyConfig
-from shared.messages import EncryptedAggregate, ModelVersion, Update, make_version
-from shared.models import build_model, get_weights, model_spec
+from fedmq.shared import he
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.messages import EncryptedAggregate, ModelVersion, Update, make_version
+from fedmq.shared.models import build_model, get_weights, model_spec
 
 JOB = "job-he"
 CFG = StrategyConfig(buffer_size=2)
@@ -112,8 +112,8 @@ def test_replay_of_an_encrypted_job_from_the_cli_with_and_without_the_secret(
         broker_url: str, job: str, pair: he.KeyPair, tmp_path: Path) -> None:
     import threading
 
-    from aggregator.keyholder import KeyHolder
-    from shared.broker import Connection, JobNames, TopologyConfig
+    from fedmq.aggregator.keyholder import KeyHolder
+    from fedmq.shared.broker import Connection, JobNames, TopologyConfig
     from tests.conftest import run_fedmq
     from tests.jobkit import make_update, publish_updates, running_aggregator, wait_for_version
 

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.strategy import Accumulator, Contribution, staleness_factor
 from fedmq import replay
+from fedmq.aggregator.strategy import Accumulator, Contribution, staleness_factor
 from fedmq.replay import Status, WhatIf, check_version
-from shared.codec import Weights
-from shared.config import StalenessFn, StrategyConfig, StrategyName
-from shared.errors import ConfigError
-from shared.messages import ModelVersion, Update, make_version
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import StalenessFn, StrategyConfig, StrategyName
+from fedmq.shared.errors import ConfigError
+from fedmq.shared.messages import ModelVersion, Update, make_version
 
 JOB = "job-math"
 SHAPES = {"w": (5, 3), "b": (3,)}
@@ -255,7 +255,7 @@ def test_what_if_under_the_recorded_strategy_reproduces_the_recorded_versions() 
             wi.feed(u)
         wi.original_version_done(mv.version)
         sha_of[mv.version] = mv.sha256
-    from shared.codec import weights_sha256
+    from fedmq.shared.codec import weights_sha256
 
     assert weights_sha256(wi.weights) == versions[-1].sha256
     assert [c.staleness for c in wi.contributions] == [c["staleness"] for v in versions[1:] for c in v.contributions]
@@ -304,7 +304,7 @@ def test_what_if_flushes_a_partial_buffer_after_the_flush_timeout() -> None:
 def test_an_included_update_whose_signature_fails_against_the_registry_is_a_mismatch() -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from shared.signing import META_REGISTRY, public_hex, sign_update
+    from fedmq.shared.signing import META_REGISTRY, public_hex, sign_update
 
     site_key, impostor = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     registry = {"site-0": public_hex(site_key)}
@@ -322,8 +322,8 @@ def test_an_included_update_whose_signature_fails_against_the_registry_is_a_mism
 def test_what_if_applies_centred_clipping_and_skips_outliers_with_its_own_history() -> None:
     import dataclasses
 
-    from aggregator.strategy import l2_norm
-    from shared.config import ClipCenter
+    from fedmq.aggregator.strategy import l2_norm
+    from fedmq.shared.config import ClipCenter
 
     cfg = StrategyConfig(buffer_size=1, clip_median_factor=1.0, outlier_factor=3.0, clip_center=ClipCenter.LAST_STEP)
     v0 = _root(cfg)

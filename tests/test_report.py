@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from fedmq.report import collect, fold, write_report
-from shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames
-from shared.config import StrategyConfig
-from shared.jobstate import emit, emit_site
-from shared.messages import Event, EventKind
+from fedmq.shared.broker import REASON_HEADER, UPDATE_ID_HEADER, Connection, JobNames
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.jobstate import emit, emit_site
+from fedmq.shared.messages import Event, EventKind
 from tests.conftest import run_fedmq
 from tests.jobkit import declare_job_with_v0
 
@@ -144,7 +144,7 @@ def test_without_matplotlib_the_report_is_a_one_line_config_error(monkeypatch: p
                                                                    tmp_path: Path) -> None:
     import sys
 
-    from shared.errors import ConfigError
+    from fedmq.shared.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as in the site image: import fails
     with pytest.raises(ConfigError, match="needs matplotlib"):

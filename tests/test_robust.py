@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from aggregator.strategy import (
+from fedmq.aggregator.strategy import (
     MIN_CLIP_NORMS,
     Accumulator,
     NormWindow,
@@ -27,12 +27,12 @@ from aggregator.strategy import (
     recorded_norms,
 )
 from fedmq.replay import ClipHistoryUnknownError, Status, fold_version, replay
-from shared import he
-from shared.broker import Connection, JobNames
-from shared.codec import Weights, weights_sha256
-from shared.config import ClipCenter, Robust, StrategyConfig
-from shared.errors import ConfigError, OutlierError
-from shared.messages import ModelVersion, make_version
+from fedmq.shared import he
+from fedmq.shared.broker import Connection, JobNames
+from fedmq.shared.codec import Weights, weights_sha256
+from fedmq.shared.config import ClipCenter, Robust, StrategyConfig
+from fedmq.shared.errors import ConfigError, OutlierError
+from fedmq.shared.messages import ModelVersion, make_version
 from tests.jobkit import (
     dead_letters,
     declare_job_with_v0,

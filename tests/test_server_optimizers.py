@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.strategy import Accumulator, server_step
+from fedmq.aggregator.strategy import Accumulator, server_step
 from fedmq.replay import Status, replay
-from shared.broker import Connection, JobNames
-from shared.codec import unpack, weights_sha256
-from shared.config import (
+from fedmq.shared.broker import Connection, JobNames
+from fedmq.shared.codec import unpack, weights_sha256
+from fedmq.shared.config import (
     ClipCenter,
     EncryptionConfig,
     JobConfig,
@@ -27,10 +27,10 @@ from shared.config import (
     StrategyName,
     load_job_config,
 )
-from shared.errors import ConfigError, ServerStateError
-from shared.he import check_strategy
-from shared.messages import ModelVersion, make_version
-from shared.privacy import check_privacy
+from fedmq.shared.errors import ConfigError, ServerStateError
+from fedmq.shared.he import check_strategy
+from fedmq.shared.messages import ModelVersion, make_version
+from fedmq.shared.privacy import check_privacy
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, running_aggregator, wait_for_version
 
 OPTIMIZERS = [ServerOptimizer.ADAM, ServerOptimizer.YOGI, ServerOptimizer.ADAGRAD]

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.validate import validate_update
-from shared.broker import Connection, JobNames, TopologyConfig
-from shared.config import StrategyConfig
-from shared.errors import ConfigError, SignatureError
-from shared.messages import Update, make_version
-from shared.models import build_model, get_weights, model_spec
-from shared.signing import (
+from fedmq.aggregator.validate import validate_update
+from fedmq.shared.broker import Connection, JobNames, TopologyConfig
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import ConfigError, SignatureError
+from fedmq.shared.messages import Update, make_version
+from fedmq.shared.models import build_model, get_weights, model_spec
+from fedmq.shared.signing import (
     META_REGISTRY,
     JobTrust,
     generate_site_key,

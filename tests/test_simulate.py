@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from fedmq.shared.config import JobConfig, load_job_config
+from fedmq.shared.datasets import write_partition
+from fedmq.shared.errors import ConfigError
 from fedmq.simulate import SimSite, simulate
-from shared.config import JobConfig, load_job_config
-from shared.datasets import write_partition
-from shared.errors import ConfigError
 from tests.conftest import ROOT, child_env, fedmq_cmd
 
 

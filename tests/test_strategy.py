@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.strategy import Accumulator, aggregate, clip, l2_norm, learning_rate, staleness_factor
-from shared.codec import Weights
-from shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
+from fedmq.aggregator.strategy import Accumulator, aggregate, clip, l2_norm, learning_rate, staleness_factor
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import Robust, StalenessFn, StrategyConfig, StrategyName
 
 SHAPES = {"w": (3, 4), "b": (4,)}
 

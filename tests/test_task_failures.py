@@ -14,20 +14,20 @@ from typing import Any
 
 import pytest
 
-from aggregator.service import Aggregator
-from coordinator.service import Coordinator
+from fedmq.aggregator.service import Aggregator
+from fedmq.coordinator.service import Coordinator
 from fedmq.history import read_history
 from fedmq.monitor import JobView, Thresholds, alerts
 from fedmq.report import collect
-from shared.broker import JobNames, read_stream
-from shared.config import load_job_config
-from shared.datasets import write_partition
-from shared.errors import TrainingFailedError
-from shared.jobstate import read_event_delivery
-from shared.messages import EventKind
+from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.config import load_job_config
+from fedmq.shared.datasets import write_partition
+from fedmq.shared.errors import TrainingFailedError
+from fedmq.shared.jobstate import read_event_delivery
+from fedmq.shared.messages import EventKind
+from fedmq.worker.service import Worker, WorkerOptions
 from tests.conftest import ROOT, child_env, fedmq_cmd
 from tests.jobkit import run_threaded_job
-from worker.service import Worker, WorkerOptions
 
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(300)]
 

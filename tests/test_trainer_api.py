@@ -17,23 +17,23 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.service import Aggregator
-from coordinator.service import Coordinator, JobResult
+from fedmq.aggregator.service import Aggregator
+from fedmq.coordinator.service import Coordinator, JobResult
+from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.config import JobConfig, load_job_config
+from fedmq.shared.datasets import load_site, save_site, write_partition
+from fedmq.shared.errors import ConfigError, NonFiniteError, ShapeMismatchError, TrainingFailedError
+from fedmq.shared.jobstate import read_event_delivery
+from fedmq.shared.messages import EventKind, Task, Update
+from fedmq.shared.models import build_model, get_weights, model_spec
+from fedmq.shared.privacy import PrivacyLedger
+from fedmq.shared.signing import generate_site_key
 from fedmq.site import SiteHandle, TrainContext, TrainResult, TrainResultError, make_site, sgd_trainer, start_site
-from shared.broker import JobNames, read_stream
-from shared.config import JobConfig, load_job_config
-from shared.datasets import load_site, save_site, write_partition
-from shared.errors import ConfigError, NonFiniteError, ShapeMismatchError, TrainingFailedError
-from shared.jobstate import read_event_delivery
-from shared.messages import EventKind, Task, Update
-from shared.models import build_model, get_weights, model_spec
-from shared.privacy import PrivacyLedger
-from shared.signing import generate_site_key
+from fedmq.worker.service import Worker, WorkerOptions
+from fedmq.worker.train import base_model, finish, run_trainer, task_seed, train_local
 from tests import user_trainer
 from tests.conftest import ROOT, child_env, fedmq_cmd
 from tests.jobkit import dead_letters, run_threaded_job, versions
-from worker.service import Worker, WorkerOptions
-from worker.train import base_model, finish, run_trainer, task_seed, train_local
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -353,7 +353,7 @@ def test_dp_fedavg_at_the_site_charges_the_ledger_for_every_update_of_a_user_tra
 def test_an_encrypted_signed_job_with_user_trainers_reaches_the_target(
         broker_url: str, job: str, tmp_path: Path) -> None:
     """CKKS and signatures act on the update after training: a user trainer changes nothing there."""
-    from shared import he
+    from fedmq.shared import he
 
     part = write_partition(tmp_path / "data", "digits", 2, scheme="iid", seed=5)
     files = he.write_keys(tmp_path / "keys", job)

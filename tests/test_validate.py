@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aggregator.validate import validate_update
-from shared.config import StrategyConfig
-from shared.errors import (
+from fedmq.aggregator.validate import validate_update
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import (
     EncryptionMismatchError,
     FutureVersionError,
     InvalidUpdateError,
@@ -19,7 +19,7 @@ from shared.errors import (
     StaleUpdateError,
     WrongJobError,
 )
-from shared.messages import Update
+from fedmq.shared.messages import Update
 
 TEMPLATE = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.codec import Weights
-from shared.config import NoisePlacement, PrivacyConfig, PrivacyMechanism
-from shared.messages import Task
-from shared.models import build_model, get_weights, set_weights
-from shared.privacy import (
+from fedmq.shared.codec import Weights
+from fedmq.shared.config import NoisePlacement, PrivacyConfig, PrivacyMechanism
+from fedmq.shared.messages import Task
+from fedmq.shared.models import build_model, get_weights, set_weights
+from fedmq.shared.privacy import (
     HistoryEntry,
     PrivacyLedger,
     check_budget,
@@ -37,7 +37,7 @@ from shared.privacy import (
     gaussian_noise,
     new_spend,
 )
-from worker.train import LocalResult, task_seed, train_local
+from fedmq.worker.train import LocalResult, task_seed, train_local
 
 # Opacus' per-sample hooks fire on every backward with inputs that need no gradient (always, here),
 # and it warns once per engine that secure RNG is off (said in the docstring above instead)

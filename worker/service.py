@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from shared import faults, he, metrics
-from shared.broker import (
+from fedmq.shared import faults, he, metrics
+from fedmq.shared.broker import (
     UPDATE_ID_HEADER,
     Connection,
     Delivery,
@@ -31,9 +31,9 @@ from shared.broker import (
     run_forever,
     validate_site,
 )
-from shared.config import NoisePlacement, PrivacyMechanism
-from shared.datasets import check_site_data, fit_to_model, load_site
-from shared.errors import (
+from fedmq.shared.config import NoisePlacement, PrivacyMechanism
+from fedmq.shared.datasets import check_site_data, fit_to_model, load_site
+from fedmq.shared.errors import (
     BrokerUnavailableError,
     ConfigError,
     JobNotFoundError,
@@ -42,13 +42,13 @@ from shared.errors import (
     PrivacyBudgetError,
     TrainingFailedError,
 )
-from shared.jobstate import ModelFeed, emit_site, find_version
-from shared.messages import EventKind, ModelVersion, Task, Update
-from shared.models import pick_device
-from shared.privacy import fresh_rng, new_spend
-from shared.signing import load_private_key, sign_update
-from worker.privacy import DpPlan, SitePrivacy, clip_and_noise
-from worker.train import (
+from fedmq.shared.jobstate import ModelFeed, emit_site, find_version
+from fedmq.shared.messages import EventKind, ModelVersion, Task, Update
+from fedmq.shared.models import pick_device
+from fedmq.shared.privacy import fresh_rng, new_spend
+from fedmq.shared.signing import load_private_key, sign_update
+from fedmq.worker.privacy import DpPlan, SitePrivacy, clip_and_noise
+from fedmq.worker.train import (
     LocalResult,
     TrainContext,
     Trainer,

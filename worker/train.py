@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.codec import Weights
-from shared.errors import ConfigError, FedmqError, NonFiniteError, ShapeMismatchError
-from shared.models import build_model, get_weights, set_weights
-from shared.plugins import import_callable
+from fedmq.shared.codec import Weights
+from fedmq.shared.errors import ConfigError, FedmqError, NonFiniteError, ShapeMismatchError
+from fedmq.shared.models import build_model, get_weights, set_weights
+from fedmq.shared.plugins import import_callable
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from aggregator.strategy import Accumulator
+from fedmq.aggregator.strategy import Accumulator
 from fedmq.demo import write_job_toml
-from shared.broker import Delivery, JobNames, StreamReader, read_stream
-from shared.codec import Weights, weights_sha256
-from shared.config import StrategyConfig
-from shared.datasets import write_partition
-from shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
-from shared.messages import ModelVersion, Update
+from fedmq.shared.broker import Delivery, JobNames, StreamReader, read_stream
+from fedmq.shared.codec import Weights, weights_sha256
+from fedmq.shared.config import StrategyConfig
+from fedmq.shared.datasets import write_partition
+from fedmq.shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.messages import ModelVersion, Update
 from tests.brokers import SERVER, PrivateBroker
 from tests.conftest import ROOT, child_env, fedmq_cmd
 

@@ -30,11 +30,11 @@ from typing import Any
 import pytest
 
 from fedmq.replay import replay
-from shared import he
-from shared.broker import JobNames, read_last, read_stream
-from shared.errors import JobNotFoundError
-from shared.ledger import read_ledger
-from shared.messages import EncryptedAggregate, Event, EventKind
+from fedmq.shared import he
+from fedmq.shared.broker import JobNames, read_last, read_stream
+from fedmq.shared.errors import JobNotFoundError
+from fedmq.shared.ledger import read_ledger
+from fedmq.shared.messages import EncryptedAggregate, Event, EventKind
 from tests.brokers import PrivateBroker
 from tests.chaos.harness import Fleet, Follower, close_connection, recompute, wait_until, write_job
 

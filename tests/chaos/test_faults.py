@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.broker import Connection, JobNames, TopologyConfig, read_stream
-from shared.config import StrategyConfig, StrategyName
-from shared.ledger import DELIVERY_LIMIT, logged_update_id, read_dead_letter, read_ledger
-from shared.messages import Event, EventKind, ModelVersion, Update, make_version
+from fedmq.shared.broker import Connection, JobNames, TopologyConfig, read_stream
+from fedmq.shared.config import StrategyConfig, StrategyName
+from fedmq.shared.ledger import DELIVERY_LIMIT, logged_update_id, read_dead_letter, read_ledger
+from fedmq.shared.messages import Event, EventKind, ModelVersion, Update, make_version
 from tests.brokers import PrivateBroker
 from tests.chaos.harness import Fleet, close_connection, count_stream, holds_for, wait_until, write_job
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, wait_for_version

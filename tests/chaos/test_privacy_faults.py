@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.dp import add_releases, releases_epsilon
-from aggregator.strategy import Accumulator
+from fedmq.aggregator.dp import add_releases, releases_epsilon
+from fedmq.aggregator.strategy import Accumulator
 from fedmq.replay import replay
-from shared import he
-from shared.broker import JobNames, read_stream
-from shared.config import PrivacyConfig, StrategyConfig, StrategyName
-from shared.ledger import read_dead_letter, read_ledger
-from shared.messages import EncryptedAggregate, ModelVersion, Update
-from shared.privacy import NOISE_KEY_ENV, resolve_options
+from fedmq.shared import he
+from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.config import PrivacyConfig, StrategyConfig, StrategyName
+from fedmq.shared.ledger import read_dead_letter, read_ledger
+from fedmq.shared.messages import EncryptedAggregate, ModelVersion, Update
+from fedmq.shared.privacy import NOISE_KEY_ENV, resolve_options
 from tests.chaos.harness import Fleet, wait_until
 from tests.jobkit import declare_encrypted_job, declare_job_with_v0, make_update, publish_updates, versions
 
