@@ -14,6 +14,7 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,10 @@ class SitePrivacy:
         return (sigma, q, steps)
 
     def train(self, plan: DpPlan, task: Task, model_spec: dict[str, Any], base: Weights, x: np.ndarray,
-              y: np.ndarray, device: torch.device | None = None) -> LocalResult:
-        """Charge the ledger, then train privately; `plan.entry` is what gets charged."""
+              y: np.ndarray, device: torch.device | None = None,
+              local: Callable[[], LocalResult] | None = None) -> LocalResult:
+        """Charge the ledger, then train privately; `plan.entry` is what gets charged. `local` is a
+        site's own trainer for DP-FedAvg (the bundled loop when None); DP-SGD always runs Opacus."""
         if plan.entry is not None:
             self.ledger.charge(new_spend(task.job, task.task_id, plan.cfg.mechanism, plan.entry))
         cfg = plan.cfg
@@ -134,8 +137,9 @@ class SitePrivacy:
             return train_dp_sgd(model_spec, base, x, y, epochs=task.epochs, batch_size=task.batch_size,
                                 lr=task.lr, noise_multiplier=plan.noise_multiplier,
                                 max_grad_norm=cfg.max_grad_norm, device=device)
-        result = train_local(model_spec, base, x, y, epochs=task.epochs, batch_size=task.batch_size,
-                             lr=task.lr, mu=task.mu, seed=task_seed(task.task_id), device=device)
+        result = local() if local is not None else train_local(
+            model_spec, base, x, y, epochs=task.epochs, batch_size=task.batch_size, lr=task.lr, mu=task.mu,
+            seed=task_seed(task.task_id), device=device)
         if cfg.noise_at is NoisePlacement.SITE:
             delta = clip_and_noise(result.delta, cfg.clip_norm, plan.noise_multiplier, fresh_rng())
             return LocalResult(delta, result.num_samples, result.metrics)

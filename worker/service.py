@@ -31,7 +31,7 @@ from fedmq.shared.broker import (
     run_forever,
     validate_site,
 )
-from fedmq.shared.config import NoisePlacement, PrivacyMechanism
+from fedmq.shared.config import PrivacyMechanism
 from fedmq.shared.datasets import check_site_data, fit_to_model, load_site
 from fedmq.shared.errors import (
     BrokerUnavailableError,
@@ -45,9 +45,8 @@ from fedmq.shared.errors import (
 from fedmq.shared.jobstate import ModelFeed, emit_site, find_version
 from fedmq.shared.messages import EventKind, ModelVersion, Task, Update
 from fedmq.shared.models import pick_device
-from fedmq.shared.privacy import fresh_rng, new_spend
 from fedmq.shared.signing import load_private_key, sign_update
-from fedmq.worker.privacy import DpPlan, SitePrivacy, clip_and_noise
+from fedmq.worker.privacy import DpPlan, SitePrivacy
 from fedmq.worker.train import (
     LocalResult,
     TrainContext,
@@ -367,10 +366,10 @@ class Worker:
         t0 = time.monotonic()
         if plan is None:
             result = run_trainer(self.trainer, self._context(task, base))
-        elif not self.custom_trainer:
-            result = self.privacy.train(plan, task, base.model, base.weights, self.x, self.y, device=self.device)
         else:
-            result = self._train_dp_fedavg(plan, task, base)
+            own = (lambda: run_trainer(self.trainer, self._context(task, base))) if self.custom_trainer else None
+            result = self.privacy.train(plan, task, base.model, base.weights, self.x, self.y, device=self.device,
+                                        local=own)
         compute = time.monotonic() - t0
         pad = max(0.0, (self.options.slowdown - 1.0) * compute)
         pad = max(pad, self.options.min_task_seconds * self.options.slowdown - (time.monotonic() - started))
@@ -386,18 +385,6 @@ class Worker:
             batch_size=task.batch_size, lr=task.lr, mu=task.mu, seed=task_seed(task.task_id), device=self.device,
             task_id=task.task_id, version=base.version, job=task.job, site=self.site, base=base.weights,
             model_spec=base.model, options=task.options)
-
-    def _train_dp_fedavg(self, plan: DpPlan, task: Task, base: ModelVersion) -> LocalResult:
-        """DP-FedAvg around a trainer of the user's own, in `SitePrivacy.train`'s order: charge the
-        ledger first (write-ahead), train, then clip and noise the checked delta (noise at the
-        site); central noise is the aggregator's, so the raw delta goes out."""
-        if plan.entry is not None:
-            self.privacy.ledger.charge(new_spend(task.job, task.task_id, plan.cfg.mechanism, plan.entry))
-        result = run_trainer(self.trainer, self._context(task, base))
-        if plan.cfg.noise_at is NoisePlacement.SITE:
-            delta = clip_and_noise(result.delta, plan.cfg.clip_norm, plan.noise_multiplier, fresh_rng())
-            return LocalResult(delta, result.num_samples, result.metrics)
-        return result
 
 
 def default_ledger_path(data: str | Path, site: str) -> Path:
