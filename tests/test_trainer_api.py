@@ -178,6 +178,16 @@ def _job_roles(url: str, cfg: JobConfig) -> tuple[Coordinator, Aggregator]:
                                                                      name="agg-trainer")
 
 
+def _run_with_sites(coord: Coordinator, agg: Aggregator, sites: list[SiteHandle]) -> tuple[Any, list[Any]]:
+    """The job to its end with the sites already running on threads; the sites stopped whatever happens."""
+    try:
+        result = run_threaded_job(coord, agg, [])
+        return result, [h.join(60) for h in sites]
+    finally:
+        for h in sites:
+            h.stop()
+
+
 def _logged_updates(url: str, job: str) -> list[Update]:
     return [Update.decode(d.body) for d in read_stream(url, JobNames(job).updates_log, "first")]
 
@@ -238,12 +248,7 @@ def test_the_python_api_runs_signed_sites_in_process(broker_url: str, job: str, 
         start_site(broker_url, job, "site-1", part.site_files[1], trainer=TRAINER, device="cpu",
                    key=str(keys["site-1"])),
     ]
-    try:
-        result = run_threaded_job(coord, agg, [])
-        stats = [h.join(60) for h in sites]
-    finally:
-        for h in sites:
-            h.stop()
+    result, stats = _run_with_sites(coord, agg, sites)
     assert result.stop_reason == "target_accuracy", result
     assert all(s.tasks > 0 and s.failures == 0 for s in stats), stats
     updates = _logged_updates(broker_url, job)
@@ -333,12 +338,7 @@ def test_dp_fedavg_at_the_site_charges_the_ledger_for_every_update_of_a_user_tra
     ledgers = {s: tmp_path / f"{s}.ledger.json" for s in ("site-0", "site-1")}
     sites = [start_site(broker_url, job, s, part.site_files[i], trainer=user_trainer.adam_trainer, device="cpu",
                         ledger=str(ledgers[s])) for i, s in enumerate(ledgers)]
-    try:
-        result = run_threaded_job(coord, agg, [])
-        stats = [h.join(60) for h in sites]
-    finally:
-        for h in sites:
-            h.stop()
+    result, stats = _run_with_sites(coord, agg, sites)
     assert result.stop_reason == "max_versions", result
     updates = _logged_updates(broker_url, job)
     assert updates and all(u.privacy["mechanism"] == "dp_fedavg" and u.privacy["epsilon"] > 0 for u in updates)
@@ -365,12 +365,7 @@ def test_an_encrypted_signed_job_with_user_trainers_reaches_the_target(
     coord, agg = _job_roles(broker_url, cfg)
     sites = [start_site(broker_url, job, s, part.site_files[i], trainer=user_trainer.adam_trainer, device="cpu",
                         key=str(keys[s])) for i, s in enumerate(keys)]
-    try:
-        result = run_threaded_job(coord, agg, [])
-        stats = [h.join(60) for h in sites]
-    finally:
-        for h in sites:
-            h.stop()
+    result, stats = _run_with_sites(coord, agg, sites)
     assert result.stop_reason == "target_accuracy", result
     assert all(s.tasks > 0 for s in stats), stats
     logged = _logged_updates(broker_url, job)
