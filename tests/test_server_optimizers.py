@@ -19,7 +19,6 @@ from fedmq.shared.broker import Connection, JobNames
 from fedmq.shared.codec import unpack, weights_sha256
 from fedmq.shared.config import (
     ClipCenter,
-    EncryptionConfig,
     JobConfig,
     PrivacyConfig,
     ServerOptimizer,
@@ -122,7 +121,6 @@ def test_combinations_that_would_misread_the_step_are_refused() -> None:
     with pytest.raises(ConfigError, match="server_optimizer"):
         check_privacy(JobConfig(privacy=central, strategy=StrategyConfig(
             sample_weighted=False, server_optimizer=ServerOptimizer.ADAM)))
-    assert EncryptionConfig().scheme.value == "none"  # plaintext jobs (the default) take any optimizer
 
 
 def test_a_job_file_names_the_optimizer(tmp_path: Path) -> None:
