@@ -52,14 +52,20 @@ from fedmq.shared.errors import (
     MalformedMessageError,
     PrivacyBudgetError,
 )
-from fedmq.shared.evaluation import EvalSource, FederatedEval, TaskKind, evaluate_model, reached, read_report
+from fedmq.shared.evaluation import (
+    EvalSource,
+    FederatedEval,
+    TaskKind,
+    evaluate_model,
+    reached,
+    read_evaluated,
+    read_report,
+)
 from fedmq.shared.jobstate import (
     PoisonCounter,
     SourcedEvent,
     emit,
-    field_float,
     field_id,
-    field_int,
     field_list,
     field_text,
     find_version,
@@ -321,19 +327,14 @@ class Coordinator:
         elif ev.event == EventKind.VERSION_EVALUATED:
             if not replaying:
                 return ""  # live ones are our own
-            version, t = field_int(data, "version"), field_float(data, "t", 0.0)
-            values = read_report({"version": version, "samples": 1, "metrics": data.get("metrics", {})})
-            if version is None or t is None or values is None:
+            ev_read = read_evaluated(data)
+            if ev_read is None:
                 return "bad_field"
-            acc = field_float(data, "accuracy", 0.0, 1.0)
-            if acc is not None:  # events of older releases carry accuracy only
-                values.metrics.setdefault("accuracy", acc)
-            source = field_text(data, "scope", 16) or EvalSource.CENTRAL.value
-            if source == EvalSource.FEDERATED.value:
-                self.federated.done.add(version)
+            if ev_read.scope == EvalSource.FEDERATED.value:
+                self.federated.done.add(ev_read.version)
             else:
-                self.evaluated.add(version)
-            self._record(version, t, source, values.metrics)
+                self.evaluated.add(ev_read.version)
+            self._record(ev_read.version, ev_read.t, ev_read.scope, ev_read.metrics)
         elif ev.event == EventKind.JOB_FINISHING:
             self.finishing = field_text(data, "reason", 64) or "interrupted"
         elif ev.event == EventKind.JOB_FINISHED:

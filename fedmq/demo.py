@@ -32,6 +32,7 @@ from fedmq.shared.broker import Connection, JobNames, StreamReader, mask_url, re
 from fedmq.shared.config import CoordinatorConfig, JobConfig, TrainingConfig
 from fedmq.shared.datasets import PartitionResult, write_partition
 from fedmq.shared.errors import ConfigError, FedmqError
+from fedmq.shared.evaluation import read_evaluated
 from fedmq.shared.messages import Event, EventKind
 
 DEMO_STRATEGIES = {
@@ -165,8 +166,10 @@ def _apply(ev: Event, st: Progress_) -> None:
         if st.first_version_at is None:
             st.first_version_at = ev.ts
     elif ev.event == EventKind.VERSION_EVALUATED:
-        st.version, st.accuracy = int(d["version"]), float(d["accuracy"])
-        st.best = max(st.best, st.accuracy)
+        read = read_evaluated(d)
+        if read is not None and read.accuracy is not None:
+            st.version, st.accuracy = read.version, read.accuracy
+            st.best = max(st.best, st.accuracy)
     elif ev.event == EventKind.DEAD_LETTERED:
         st.dead += 1
     elif ev.event == EventKind.JOB_FINISHED:
@@ -315,6 +318,8 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
         "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),
         # beyond the documented fields: which version was handed over, and how the newest one scored
         "final_version": fin["final_version"], "last_accuracy": fin.get("last_accuracy"),
+        # the handed-over version's metrics by name (central, else the sites' federated figures)
+        "metrics": fin.get("metrics", {}), "metrics_source": fin.get("metrics_source", ""),
         **_clocks(st, fin, launched_at, total_seconds),
         **privacy_summary(url, job, args),
         **(extra or {}),

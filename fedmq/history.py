@@ -22,13 +22,13 @@ from typing import Any
 
 from fedmq.shared.broker import Delivery, JobNames, StreamReader
 from fedmq.shared.errors import BrokerUnavailableError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.evaluation import EvalSource, SiteReport, read_evaluated, read_report
 from fedmq.shared.jobstate import (
     PoisonCounter,
     as_int,
     as_site,
     field_float,
     field_id,
-    field_int,
     field_text,
     read_event_delivery,
 )
@@ -174,12 +174,15 @@ class VersionEntry:
     accuracy: float | None
     offset: int | None
     epsilon: float | None = None  # the job's DP epsilon after this version (meta["dp"]), None = no DP
+    metrics: dict[str, float] = field(default_factory=dict)    # central: the coordinator's test data
+    federated: dict[str, float] = field(default_factory=dict)  # the sites' sample-weighted reports
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "parent": self.parent, "strategy": self.strategy,
                 "included": list(self.included), "contributions": [dict(c) for c in self.contributions],
                 "sha256": self.sha256, "accuracy": self.accuracy, "created_at": self.created_at,
-                "offset": self.offset, "epsilon": self.epsilon}
+                "offset": self.offset, "epsilon": self.epsilon, "metrics": dict(self.metrics),
+                "federated_metrics": dict(self.federated)}
 
 
 @dataclass(frozen=True)
@@ -209,13 +212,17 @@ class SiteTotals:
     dead_lettered: int = 0
     epsilon: float | None = None  # highest DP epsilon the site reported in its updates
     task_failures: int = 0        # tasks whose training raised at the site (task_failed events)
+    evaluation: SiteReport | None = None  # the site's newest federated evaluation report
 
     def to_dict(self) -> dict[str, Any]:
         mean = self.staleness_sum / self.updates_included if self.updates_included else None
+        ev = self.evaluation
         return {"updates_logged": self.updates_logged, "updates_included": self.updates_included,
                 "samples_included": self.samples_included, "total_weight": self.total_weight,
                 "mean_staleness": mean, "dead_lettered": self.dead_lettered, "epsilon": self.epsilon,
-                "task_failures": self.task_failures}
+                "task_failures": self.task_failures,
+                "evaluation": None if ev is None else {"version": ev.version, "samples": ev.samples,
+                                                       "metrics": dict(ev.metrics)}}
 
 
 @dataclass(frozen=True)
@@ -309,12 +316,25 @@ def parse_dead_letter(d: Delivery) -> DeadLetter:
     return DeadLetter("unknown", update_id, None, as_site(d.routing_key), reason, detail)
 
 
-def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = None,
-                    failures: dict[str, list[TaskFailure]] | None = None) -> dict[int, float]:
-    """Test accuracy per version from the coordinator's VERSION_EVALUATED events (only events the
-    routing key vouches for, with a well-typed version and an accuracy in [0, 1]); with `failures`,
-    also each site's TASK_FAILED reports (site -> failures, vouched for by the routing key)."""
-    out: dict[int, float] = {}
+@dataclass
+class Evaluations:
+    """What the events stream says of each version: central and federated metrics, and each
+    site's newest evaluation report."""
+
+    central: dict[int, dict[str, float]] = field(default_factory=dict)
+    federated: dict[int, dict[str, float]] = field(default_factory=dict)
+    site_reports: dict[str, SiteReport] = field(default_factory=dict)
+
+    def accuracy(self) -> dict[int, float]:
+        return {v: m["accuracy"] for v, m in self.central.items() if "accuracy" in m}
+
+
+def read_evaluations(url: str, names: JobNames, poison: PoisonCounter | None = None,
+                     failures: dict[str, list[TaskFailure]] | None = None) -> Evaluations:
+    """Metrics per version from the coordinator's VERSION_EVALUATED events, and the sites' own
+    reports from their UPDATE_PUBLISHED events (only events the routing key vouches for, every
+    field type- and range-checked); with `failures`, also each site's TASK_FAILED reports."""
+    out = Evaluations()
     poison = poison or PoisonCounter("history", names.job)
     with StreamCursor(url, names.events, name=f"fedmq-history-events-{names.job}", prefetch=256) as cur:
         for d in cur:
@@ -330,14 +350,27 @@ def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = No
                 else:
                     failures.setdefault(sev.site, []).append(failure)
                 continue
+            if sev.event.event == EventKind.UPDATE_PUBLISHED and sev.site is not None and "eval" in sev.data:
+                report = read_report(sev.data["eval"])
+                if report is None:
+                    poison.note("event_bad_field", names.events, d.stream_offset, "update_published eval")
+                else:
+                    out.site_reports[sev.site] = report
+                continue
             if sev.event.event != EventKind.VERSION_EVALUATED:
                 continue
-            version, acc = field_int(sev.data, "version"), field_float(sev.data, "accuracy", 0.0, 1.0)
-            if version is None or acc is None:
+            ev = read_evaluated(sev.data) if sev.site is None else None
+            if ev is None:
                 poison.note("event_bad_field", names.events, d.stream_offset, "version_evaluated")
                 continue
-            out[version] = acc
+            (out.federated if ev.scope == EvalSource.FEDERATED.value else out.central)[ev.version] = ev.metrics
     return out
+
+
+def read_accuracies(url: str, names: JobNames, poison: PoisonCounter | None = None,
+                    failures: dict[str, list[TaskFailure]] | None = None) -> dict[int, float]:
+    """Central test accuracy per version (see `read_evaluations`)."""
+    return read_evaluations(url, names, poison, failures).accuracy()
 
 
 def _task_failure(site: str, data: dict[str, Any], ts: float) -> TaskFailure | None:
@@ -354,7 +387,8 @@ def read_history(url: str, job: str) -> History:
     hist = History(job)
     poison = PoisonCounter("history", job)
     failures: dict[str, list[TaskFailure]] = {}
-    accuracy = read_accuracies(url, names, poison, failures)
+    evals = read_evaluations(url, names, poison, failures)
+    accuracy = evals.accuracy()
     with StreamCursor(url, names.models, name=f"fedmq-history-models-{job}", prefetch=8) as cur:
         for d in cur:
             mv = decode_or_none(ModelVersion, d)
@@ -364,7 +398,8 @@ def read_history(url: str, job: str) -> History:
             hist.versions.append(VersionEntry(
                 mv.version, mv.parent, mv.strategy, mv.included, mv.contributions, mv.sha256,
                 mv.created_at, accuracy.get(mv.version), d.stream_offset,
-                field_float(mv.meta.get("dp"), "epsilon", 0.0, MAX_EPSILON)))
+                field_float(mv.meta.get("dp"), "epsilon", 0.0, MAX_EPSILON),
+                evals.central.get(mv.version, {}), evals.federated.get(mv.version, {})))
         hist.models_first_offset = cur.first_offset
     if not hist.versions:
         raise JobNotFoundError(f"job {job} has no model version on the broker")
@@ -391,6 +426,8 @@ def read_history(url: str, job: str) -> History:
             hist.dead_letters.append(dl)
     for site, reported in failures.items():
         hist.sites.setdefault(site, SiteTotals()).task_failures = len(reported)
+    for site, report in evals.site_reports.items():
+        hist.sites.setdefault(site, SiteTotals()).evaluation = report
     hist.task_failures = sorted((f for fs in failures.values() for f in fs), key=lambda f: f.ts)[:MAX_FAILURES_KEPT]
     _site_totals(hist)
     hist.poison = poison.to_dict()
@@ -430,6 +467,10 @@ def _contribution_text(c: dict[str, Any]) -> str:
             f"{_short(c.get('update_id'), 130)}")
 
 
+def _metrics_text(values: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in values.items()) or "-"
+
+
 def render(hist: History) -> None:
     """Human tables on stdout."""
     from rich.console import Console
@@ -444,12 +485,12 @@ def render(hist: History) -> None:
                       f"v{hist.versions[0].version}[/]")
     t = Table(title=f"job {hist.job}: {len(hist.versions)} versions")
     for col in ("version", "parent", "strategy", "included updates (site, base, tau, weight, samples, id)",
-                "sha256", "accuracy", "epsilon"):
+                "sha256", "metrics (central)", "metrics (federated)", "epsilon"):
         t.add_column(col)
     for v in hist.versions:
         lines = [_contribution_text(c) for c in v.contributions] or list(v.included) or ["-"]
         t.add_row(str(v.version), str(v.parent), escape(v.strategy), escape("\n".join(lines)), v.sha256[:16],
-                  "-" if v.accuracy is None else f"{v.accuracy:.4f}",
+                  _metrics_text(v.metrics), _metrics_text(v.federated),
                   "-" if v.epsilon is None else f"{v.epsilon:.3f}")
     console.print(t)
     d = Table(title=f"dead letters: {len(hist.dead_letters)}")
@@ -460,14 +501,16 @@ def render(hist: History) -> None:
     console.print(d)
     s = Table(title="per site")
     for col in ("site", "logged", "included", "samples", "total weight", "mean staleness", "dead-lettered",
-                "epsilon", "training failed"):
+                "epsilon", "training failed", "last evaluation"):
         s.add_column(col)
     for site, tot in sorted(hist.sites.items()):
         row = tot.to_dict()
         mean = row["mean_staleness"]
         s.add_row(site, str(tot.updates_logged), str(tot.updates_included), str(tot.samples_included),
                   f"{tot.total_weight:.4g}", "-" if mean is None else f"{mean:.2f}", str(tot.dead_lettered),
-                  "-" if tot.epsilon is None else f"{tot.epsilon:.3f}", str(tot.task_failures))
+                  "-" if tot.epsilon is None else f"{tot.epsilon:.3f}", str(tot.task_failures),
+                  "-" if tot.evaluation is None else
+                  f"v{tot.evaluation.version} {_metrics_text(tot.evaluation.metrics)} (n {tot.evaluation.samples})")
     console.print(s)
     if hist.task_failures:
         f = Table(title=f"training failures reported by sites: {len(hist.task_failures)}")

@@ -43,6 +43,7 @@ from rich.text import Text
 from fedmq.shared.broker import Connection, JobNames, StreamReader, broker_urls, read_last
 from fedmq.shared.codec import unpack
 from fedmq.shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.evaluation import EvalSource, Evaluated, SiteReport, read_evaluated, read_report
 from fedmq.shared.jobstate import (
     as_id,
     as_int,
@@ -95,6 +96,7 @@ class SiteRow:
     failed: int = 0                # tasks whose training raised at the site (task_failed)
     last_failure: float | None = None
     last_error: str | None = None  # the newest failure's error text, as the site reported it
+    evaluation: SiteReport | None = None  # the site's newest federated evaluation report
 
     @property
     def mean_staleness(self) -> float | None:
@@ -108,6 +110,9 @@ class SiteRow:
             "last_seen_seconds_ago": None if self.last_seen is None else round(now - self.last_seen, 1),
             "epsilon": self.epsilon, "refused": self.refused, "failed": self.failed,
             "last_error": self.last_error,
+            "evaluation": None if self.evaluation is None else {
+                "version": self.evaluation.version, "samples": self.evaluation.samples,
+                "metrics": dict(self.evaluation.metrics)},
         }
 
 
@@ -160,6 +165,9 @@ class JobView:
     latest_version: int | None = None
     version_times: list[tuple[float, int]] = field(default_factory=list)      # (ts, version)
     accuracy: list[tuple[int, float, float]] = field(default_factory=list)    # (version, t, accuracy)
+    #: the newest evaluation per scope ("central", "federated") and every metric's recent values
+    evaluations: dict[str, Evaluated] = field(default_factory=dict)
+    metric_history: deque[Evaluated] = field(default_factory=lambda: deque(maxlen=400))
     sites: dict[str, SiteRow] = field(default_factory=dict)
     update_ids: set[str] = field(default_factory=set)
     #: update ids of the tasks the coordinator issued: a site's event counts only for one of
@@ -219,6 +227,11 @@ class JobView:
             row.updates += 1
         if eps is not None:
             row.epsilon = eps
+        if "eval" in ev.data:
+            report = read_report(ev.data["eval"])
+            if report is None:
+                return False
+            row.evaluation = report
         return True
 
     def _on_refused(self, ev: Event) -> bool:
@@ -260,11 +273,13 @@ class JobView:
         return True
 
     def _on_evaluated(self, ev: Event) -> bool:
-        version, t = field_int(ev.data, "version"), field_float(ev.data, "t", 0.0, 1e9)
-        acc = field_float(ev.data, "accuracy", 0.0, 1.0)
-        if version is None or t is None or acc is None:
+        read = read_evaluated(ev.data)
+        if read is None:
             return False
-        self.accuracy.append((version, t, acc))
+        if read.scope == EvalSource.CENTRAL.value and read.accuracy is not None:
+            self.accuracy.append((read.version, read.t, read.accuracy))
+        self.evaluations[read.scope] = read
+        self.metric_history.append(read)
         return True
 
     def _on_dead(self, ev: Event) -> bool:
@@ -481,6 +496,10 @@ class Snapshot:
             "versions_per_min": v.versions_per_minute(self.ts, self.window),
             "accuracy_history": [{"version": ver, "t": round(t, 3), "accuracy": acc}
                                  for ver, t, acc in v.accuracy[-200:]],
+            "metrics": {scope: {"version": e.version, "metrics": dict(e.metrics), "sites": e.sites}
+                        for scope, e in sorted(v.evaluations.items())},
+            "metrics_history": [{"version": e.version, "t": round(e.t, 3), "scope": e.scope, "metrics": e.metrics}
+                                for e in list(v.metric_history)[-200:]],
             "tasks_issued": v.tasks_issued,
             "updates_published": len(v.update_ids),
             "updates_applied": v.updates_applied,
@@ -715,6 +734,9 @@ def _header(snap: Snapshot) -> Panel:
     lines.append(sparkline(acc), style="green")
     if acc:
         lines.append(f" ({min(acc):.3f}..{max(acc):.3f} over the last {len(acc)} versions)")
+    for scope, e in sorted(v.evaluations.items()):
+        values = " ".join(f"{k} {x:.4f}" for k, x in e.metrics.items())
+        lines.append(f"\n{scope} v{e.version}: {values}" + (f" ({e.sites} sites)" if e.sites else ""))
     return Panel(lines, title="fedmq monitor", subtitle=time.strftime("%H:%M:%S", time.localtime(snap.ts)))
 
 
@@ -735,14 +757,16 @@ def _queues_table(snap: Snapshot) -> Table:
 
 def _sites_table(snap: Snapshot) -> Table:
     t = Table(title="sites", title_justify="left", expand=True)
-    for col in ("site", "updates", "applied", "mean staleness", "last seen", "epsilon", "failed"):
-        t.add_column(col, justify="left" if col == "site" else "right")
+    for col in ("site", "updates", "applied", "mean staleness", "last seen", "epsilon", "failed", "evaluation"):
+        t.add_column(col, justify="left" if col in ("site", "evaluation") else "right")
     for name, row in sorted(snap.view.sites.items()):
         seen = None if row.last_seen is None else snap.ts - row.last_seen
+        ev = row.evaluation
         t.add_row(name, str(row.updates), str(row.applied), _fmt(row.mean_staleness, ".2f"), _ago(seen),
-                  _fmt(row.epsilon, ".3f"), str(row.failed) if row.failed else "")
+                  _fmt(row.epsilon, ".3f"), str(row.failed) if row.failed else "",
+                  "" if ev is None else f"v{ev.version} " + " ".join(f"{k} {x:.3f}" for k, x in ev.metrics.items()))
     if not snap.view.sites:
-        t.add_row("(no site has published yet)", "", "", "", "", "", "")
+        t.add_row("(no site has published yet)", "", "", "", "", "", "", "")
     return t
 
 

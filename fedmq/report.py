@@ -26,6 +26,7 @@ from typing import Any
 
 from fedmq.shared.broker import Delivery, JobNames, read_stream
 from fedmq.shared.errors import ConfigError, JobNotFoundError, MalformedMessageError
+from fedmq.shared.evaluation import EvalSource, Evaluated, SiteReport, read_evaluated, read_report
 from fedmq.shared.jobstate import (
     as_id,
     as_int,
@@ -66,6 +67,8 @@ class ReportData:
     started_at: float | None = None
     finished: dict[str, Any] | None = None
     accuracy: list[tuple[int, float, float]] = field(default_factory=list)  # (version, t, accuracy)
+    evaluations: list[Evaluated] = field(default_factory=list)  # every VERSION_EVALUATED, central and federated
+    site_reports: dict[str, SiteReport] = field(default_factory=dict)  # each site's newest evaluation
     staleness: list[int] = field(default_factory=list)
     versions: int = 0
     updates: dict[str, UpdateRecord] = field(default_factory=dict)          # first publish per id
@@ -98,8 +101,13 @@ class ReportData:
         base = field_int(d, "base_version") if "base_version" in d else 0
         if uid is None or site is None or seconds is None or base is None:
             return False
+        report = read_report(d["eval"]) if "eval" in d else None
+        if "eval" in d and report is None:
+            return False
         if uid not in self.updates:  # a redelivered task publishes the same id again
             self.updates[uid] = UpdateRecord(uid, site, ts, seconds, base)
+        if report is not None:
+            self.site_reports[site] = report
         return True
 
     def _version(self, d: dict[str, Any], ts: float) -> bool:
@@ -124,11 +132,12 @@ class ReportData:
         return True
 
     def _evaluated(self, d: dict[str, Any], ts: float) -> bool:
-        version, t = field_int(d, "version"), field_float(d, "t", 0.0, 1e9)
-        acc = field_float(d, "accuracy", 0.0, 1.0)
-        if version is None or t is None or acc is None:
+        read = read_evaluated(d)
+        if read is None:
             return False
-        self.accuracy.append((version, t, acc))
+        if read.scope == EvalSource.CENTRAL.value and read.accuracy is not None:
+            self.accuracy.append((read.version, read.t, read.accuracy))
+        self.evaluations.append(read)
         return True
 
     def _finished(self, d: dict[str, Any], ts: float) -> bool:
@@ -164,7 +173,17 @@ class ReportData:
             "task_failures": sum(self.failures.values()),
             "sites_failing": "; ".join(f"{s}: {n} ({self.last_error.get(s, '')[:80]})"
                                        for s, n in self.failures.most_common(10)) or None,
+            **{f"final_{scope}_{k}": v for scope in ("central", "federated")
+               for k, v in self.last_metrics(scope).items()},
+            "site_evaluations": "; ".join(
+                f"{s} v{r.version} " + " ".join(f"{k} {v:.4f}" for k, v in r.metrics.items())
+                for s, r in sorted(self.site_reports.items())[:MAX_SITES_DRAWN]) or None,
         }
+
+    def last_metrics(self, scope: str) -> dict[str, float]:
+        """The newest version's metrics as `scope` (central, federated) evaluated it."""
+        evs = [e for e in self.evaluations if e.scope == scope]
+        return dict(max(evs, key=lambda e: e.version).metrics) if evs else {}
 
 
 #: bounds on what a plot shows: a staleness of 10**9 would be a histogram of 10**9 bins
@@ -276,6 +295,27 @@ def plot_accuracy_version(data: ReportData, ax: Any) -> Plot:
                 len(acc), {"version": v, "accuracy": acc})
 
 
+def plot_metrics(data: ReportData, ax: Any) -> Plot:
+    """Every metric the job evaluates, central (solid) and federated (dashed), against version."""
+    series: dict[str, Any] = {}
+    for scope, style in (("central", "-"), ("federated", "--")):
+        evs = sorted((e for e in data.evaluations if e.scope == scope), key=lambda e: e.version)
+        for name in sorted({k for e in evs for k in e.metrics}):
+            points = [(e.version, e.metrics[name]) for e in evs if name in e.metrics]
+            ax.plot([p[0] for p in points], [p[1] for p in points], style, marker=".", label=f"{name} ({scope})")
+            series[f"{scope}.{name}"] = {"version": [p[0] for p in points], "value": [p[1] for p in points]}
+    ax.set(xlabel="model version", ylabel="metric value")
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(loc="best", fontsize="small")
+    else:
+        _empty(ax, "evaluated versions")
+    return Plot("metrics", "Every metric vs version",
+                "Each metric the job evaluates: central (the coordinator's test data, solid) and federated "
+                "(the sites' sample-weighted reports, dashed).", sum(len(v["version"]) for v in series.values()),
+                series)
+
+
 def plot_staleness(data: ReportData, ax: Any) -> Plot:
     values = data.staleness
     if values:
@@ -375,7 +415,8 @@ def plot_dead_letters(data: ReportData, ax: Any) -> Plot:
 
 
 PLOTS: tuple[Callable[[ReportData, Any], Plot], ...] = (
-    plot_accuracy_time, plot_accuracy_version, plot_staleness, plot_sites, plot_timeline, plot_dead_letters,
+    plot_accuracy_time, plot_accuracy_version, plot_metrics, plot_staleness, plot_sites, plot_timeline,
+    plot_dead_letters,
 )
 
 

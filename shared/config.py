@@ -361,8 +361,8 @@ class CoordinatorConfig(Section):
     #: stop on any evaluated metric instead: target_metric = "auc", target_value = 0.85 (errors such
     #: as mse stop at or below the value), measured where target_source says
     target_metric: str = ""
-    target_value: Annotated[float, In("[-1e12, 1e12]")] = 0.0
-    target_source: EvalSource = EvalSource.CENTRAL
+    target_value: Annotated[float, In("[-1e12, 1e12]")] = 0.0  # the value target_metric must reach
+    target_source: EvalSource = EvalSource.CENTRAL  # central (data.test) or federated (the sites' reports)
     max_versions: Annotated[int, In("[1, 10_000_000]")] = 200
     max_seconds: Seconds = 600.0
     task_deadline: Seconds = 300.0   # a task unfinished after this is reissued

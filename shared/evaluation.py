@@ -283,3 +283,40 @@ def summarise(reports: list[SiteReport]) -> dict[str, Any]:
             weights[k] = weights.get(k, 0) + r.samples
     return {"metrics": {k: sums[k] / weights[k] for k in sorted(sums)}, "samples": sum(r.samples for r in reports)}
 
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """A VERSION_EVALUATED event as the tools read it."""
+
+    version: int
+    t: float
+    scope: str          # "central" or "federated"
+    metrics: dict[str, float]
+    sites: int = 0      # federated: how many sites' reports were folded
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.metrics.get("accuracy")
+
+
+def read_evaluated(data: Any) -> Evaluated | None:
+    """The data of a VERSION_EVALUATED event, or None when malformed (events of releases before
+    metrics carry only `accuracy` and `loss`: they read as central figures of those two)."""
+    if not isinstance(data, dict):
+        return None
+    version, t, scope = data.get("version"), data.get("t", 0.0), data.get("scope", EvalSource.CENTRAL.value)
+    if type(version) is not int or not 0 <= version < 2**62:
+        return None
+    if type(t) not in (int, float) or not math.isfinite(t) or not 0 <= t <= 1e9:
+        return None
+    if scope not in (EvalSource.CENTRAL.value, EvalSource.FEDERATED.value):
+        return None
+    legacy = {k: data[k] for k in ("accuracy", "loss") if k in data}
+    report = read_report({"version": version, "samples": 1, "metrics": {**legacy, **data.get("metrics", {})}}
+                         if isinstance(data.get("metrics", {}), dict) else None)
+    if report is None:
+        return None
+    sites = data.get("sites", 0)
+    return Evaluated(version, float(t), scope, report.metrics,
+                     sites if type(sites) is int and 0 <= sites < 2**31 else 0)
