@@ -25,6 +25,7 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "dp": (True, True, ["| no DP |", "| DP-SGD, epsilon 4 |"]),
     "tta": (True, True, ["| FedBuff |", "| FedAvg (synchronous) |", "fedmq / bound"]),
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
+    "fleet": (True, True, ["| updates lost / double counted | 0 / 0 |", "| fleet RSS per site beyond data |"]),
 }
 OWN_TEST = {"byzantine": "tests/test_byzantine_bench.py", "many_jobs": "tests/test_many_jobs.py"}
 
