@@ -21,11 +21,12 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import Machine, fmt_seconds, table
+from bench.common import ROOT, Machine, fmt_seconds, table
 from fedmq.demo import write_job_toml
 from fedmq.shared.broker import DEFAULT_URL, Connection, JobNames, read_stream
 from fedmq.shared.datasets import save_site, split_dataset
@@ -44,6 +45,7 @@ class ProcSample:
     pid: int
     rss_peak: int = 0
     cpu_seconds: float = 0.0
+    sockets_peak: int = 0  # open sockets (broker connections, a few others)
 
     def sample(self) -> None:
         try:
@@ -56,6 +58,14 @@ class ProcSample:
                 self.rss_peak = max(self.rss_peak, int(line.split()[1]) * 1024)
         fields = stat.rpartition(")")[2].split()
         self.cpu_seconds = (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+        sockets = 0
+        try:
+            for fd in os.listdir(f"/proc/{self.pid}/fd"):
+                with suppress(OSError):
+                    sockets += os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            return
+        self.sockets_peak = max(self.sockets_peak, sockets)
 
 
 @dataclass
@@ -92,9 +102,13 @@ def _stop(p: subprocess.Popen[bytes]) -> None:
 
 
 def run_job(url: str, work: Path, *, sites: int, updates: int, lanes: int = 4, concurrency: int = 200,
-            sign: bool = False, timeout: float = 1200.0, log_level: str = "warning") -> FleetRun:
+            sign: bool = False, timeout: float = 1200.0, log_level: str = "warning",
+            separate: bool = False) -> FleetRun:
     """A whole job with its sites in one fleet process; returns what was measured. Raises
-    RuntimeError when a role fails or the job does not end within `timeout` seconds."""
+    RuntimeError when a role fails or the job does not end within `timeout` seconds.
+
+    `separate`: the baseline instead of the fleet, the same sites as plain `fedmq.site` workers on
+    threads of one process (each its own connections, models feed and training thread)."""
     job = f"fleet-{uuid.uuid4().hex[:8]}"
     ds, parts, test_mask = split_dataset("synthetic", sites, seed=0)
     save_site(work / "test.npz", ds.x[test_mask], ds.y[test_mask])
@@ -127,8 +141,12 @@ def run_job(url: str, work: Path, *, sites: int, updates: int, lanes: int = 4, c
             fleet_args += ["--keys", str(keys)]
         t0 = time.monotonic()
         fleet_out = (work / "fleet.out").open("wb")
-        fleet = subprocess.Popen([sys.executable, "-m", "fedmq", *fleet_args], stdout=fleet_out,
-                                 stderr=(work / "fleet.log").open("wb"), start_new_session=True,
+        cmd = [sys.executable, "-m", "fedmq", *fleet_args]
+        if separate:
+            cmd = [sys.executable, "-m", "bench.fleet", "--workers-process", "--broker", url, "--job", job,
+                   "--sites", str(sites), "--ledger-dir", str(work / "ledgers")]
+        fleet = subprocess.Popen(cmd, stdout=fleet_out, stderr=(work / "fleet.log").open("wb"),
+                                 start_new_session=True, cwd=ROOT,
                                  env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
         procs.append(fleet)
         agg_s, fleet_s = ProcSample(agg.pid), ProcSample(fleet.pid)
@@ -195,45 +213,104 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.0f} MiB"
 
 
+def _check(r: FleetRun) -> None:
+    rep = r.ledger
+    if not rep.ok:
+        raise RuntimeError(f"job {r.job}: ledger check failed: lost={rep.lost[:5]} double={rep.double_counted[:5]} "
+                           f"errors={rep.version_errors[:3]}")
+
+
+def _column(r: FleetRun) -> list[str]:
+    rep, f = r.ledger, r.fleet
+    return [
+        f"{r.sites:,}",
+        f"{rep.included:,} in {rep.versions - 1:,}",
+        f"{len(rep.lost)} / {len(rep.double_counted)}",
+        f"{rep.dead_lettered}",
+        f"{r.sites_in_versions:,}",
+        f"{min(r.updates_per_site.values())} / {max(r.updates_per_site.values())}",
+        fmt_seconds(f["seconds"]),
+        f"{rep.included / f['seconds']:.1f}",
+        _mib(f["rss_baseline_bytes"]),
+        _mib(f["rss_peak_bytes"]),
+        f"{f['rss_per_site_bytes'] / 1024:,.0f} KiB",
+        _mib(f["data_bytes"]),
+        f"{f['cpu_seconds']:.1f} s ({f['cpu_seconds'] / f['seconds']:.2f} cores)",
+        f"{r.fleet_proc.sockets_peak:,}",
+        _mib(r.aggregator.rss_peak),
+        f"{r.aggregator.cpu_seconds:.1f} s ({r.aggregator.cpu_seconds / f['seconds']:.2f} cores)",
+        f"{f['reconnects']} / {len(f['errors'])}",
+    ]
+
+
+ROWS = ["sites in the process", "updates included / versions", "updates lost / double counted", "dead letters",
+        "distinct sites in versions", "updates per site (min / max)", "sites' time (first site start to job end)",
+        "updates / s", "process RSS: baseline (torch + data, 0 sites)", "process RSS: peak",
+        "RSS per site beyond data", "data (all shards)", "process CPU (user + system)",
+        "open sockets (peak)", "aggregator RSS peak", "aggregator CPU (user + system)",
+        "reconnects / sites that left early"]
+
+
 def run(url: str = DEFAULT_URL, quick: bool = False, sites: int | None = None, updates: int | None = None) -> str:
+    """The fleet at full size, then the fleet and the baseline (separate workers on threads of one
+    process) at a size the baseline can run, in the same run."""
     n = sites or (50 if quick else 1000)
     u = updates or (300 if quick else 10_000)
+    small, small_u = (30, 200) if quick else (100, 1000)
     machine = Machine()
-    with tempfile.TemporaryDirectory(prefix="fedmq-bench-fleet-") as tmp:
-        r = run_job(url, Path(tmp), sites=n, updates=u)
-    rep, f = r.ledger, r.fleet
-    if not rep.ok:
-        raise RuntimeError(f"ledger check failed: lost={rep.lost[:5]} double={rep.double_counted[:5]} "
-                           f"errors={rep.version_errors[:3]}")
-    per_site = f["rss_per_site_bytes"]
-    rows = [
-        ["sites in the fleet process", f"{n:,}"],
-        ["updates included in versions", f"{rep.included:,} in {rep.versions - 1:,} versions"],
-        ["updates lost / double counted", f"{len(rep.lost)} / {len(rep.double_counted)}"],
-        ["dead letters", f"{rep.dead_lettered}"],
-        ["distinct sites in versions", f"{r.sites_in_versions:,}"],
-        ["updates per site (min / max)",
-         f"{min(r.updates_per_site.values())} / {max(r.updates_per_site.values())}"],
-        ["wall time (fleet start to job end)", fmt_seconds(r.seconds)],
-        ["updates / s", f"{rep.included / r.seconds:.1f}"],
-        ["fleet RSS: baseline (torch + data, 0 sites)", _mib(f["rss_baseline_bytes"])],
-        ["fleet RSS: peak", _mib(f["rss_peak_bytes"])],
-        ["fleet RSS per site beyond data", f"{per_site / 1024:.0f} KiB"],
-        ["fleet data (all shards)", _mib(f["data_bytes"])],
-        ["fleet CPU (user + system)", f"{f['cpu_seconds']:.1f} s ({f['cpu_seconds'] / r.seconds:.2f} cores)"],
-        ["aggregator RSS peak", _mib(r.aggregator.rss_peak)],
-        ["aggregator CPU (user + system)",
-         f"{r.aggregator.cpu_seconds:.1f} s ({r.aggregator.cpu_seconds / r.seconds:.2f} cores)"],
-        ["fleet reconnects / sites that left early", f"{f['reconnects']} / {len(f['errors'])}"],
-    ]
+    runs: list[tuple[str, FleetRun]] = []
+    for label, size, count, separate in ((f"fleet, {n:,} sites", n, u, False),
+                                         (f"fleet, {small} sites", small, small_u, False),
+                                         (f"separate workers, {small} sites", small, small_u, True)):
+        with tempfile.TemporaryDirectory(prefix="fedmq-bench-fleet-") as tmp:
+            r = run_job(url, Path(tmp), sites=size, updates=count, separate=separate)
+        _check(r)
+        runs.append((label, r))
+    cols = [_column(r) for _, r in runs]
+    body = [[name, *(c[k] for c in cols)] for k, name in enumerate(ROWS)]
+    fleet_small, sep_small = runs[1][1].fleet, runs[2][1].fleet
+    ratio = sep_small["rss_per_site_bytes"] / max(fleet_small["rss_per_site_bytes"], 1.0)
     return (f"{machine.note().markdown()}\n\n"
             f"One `fedmq fleet` process runs {n:,} sites (4 lanes: 4 AMQP connections with one channel per site, "
             "one shared models feed, one training pool of one thread per core) against a FedBuff job "
-            f"(K={BUFFER}, logistic regression, bundled synthetic data, one shard per site) with its coordinator "
-            "and one aggregator as separate processes on the same broker. Lost / double: the job's ledger "
-            "(`shared.ledger`) read back from its streams. RSS and CPU: /proc of each process; per site = "
-            "(fleet peak RSS - fleet RSS with torch and the data loaded before any site starts) / sites.\n\n"
-            + table(["what", "measured"], rows) + "\n")
+            f"(K={BUFFER}, logistic regression, bundled synthetic data, one shard per site, 200 tasks outstanding) "
+            "with its coordinator and one aggregator as separate processes on the same broker. Baseline in the "
+            f"same run: {small} sites as separate `fedmq.site` workers on threads of one process (each its own "
+            "two connections, models feed and training thread), against the fleet with the same sites. Lost / "
+            "double: the job's ledger (`shared.ledger`) read back from its streams. RSS, CPU and sockets: "
+            "/proc of each process; per site = (peak RSS - the same process's RSS with torch and the data "
+            "loaded, before any site starts) / sites.\n\n"
+            + table(["what", *(label for label, _ in runs)], body)
+            + f"\n\nRSS per site beyond data, separate workers / fleet at {small} sites: {ratio:.1f}x.\n")
+
+
+def workers_process(url: str, job: str, n: int, ledger_dir: str) -> None:
+    """The baseline process: the fleet's sites as separate `fedmq.site` workers on threads (what
+    running many sites in one process costs without sharing), reporting what `fedmq fleet --json`
+    reports."""
+    import torch
+
+    from fedmq.fleet import _cpu_seconds, _status_kb, load_sites, rss_bytes
+    from fedmq.site import start_site
+
+    torch.set_num_threads(1)
+    sites = load_sites(dataset="synthetic", num_sites=n)
+    baseline, cpu0, t0 = rss_bytes(), _cpu_seconds(), time.monotonic()
+    handles = [start_site(url, job, s.name, (s.x, s.y), device="cpu", heartbeat=60,
+                          ledger=str(Path(ledger_dir) / f"{s.name}.dp-ledger.json")) for s in sites]
+    errors = {}
+    for h in handles:
+        try:
+            h.join()
+        except Exception as exc:  # reported, as the fleet reports a site that left
+            errors[h.worker.site] = f"{type(exc).__name__}: {exc}"[:300]
+    print(json.dumps({
+        "sites": n, "tasks": sum(h.stats.tasks for h in handles), "seconds": time.monotonic() - t0,
+        "finished": all(h.worker.finished for h in handles), "errors": errors,
+        "reconnects": sum(h.stats.reconnects for h in handles), "data_bytes": sum(s.nbytes for s in sites),
+        "rss_baseline_bytes": baseline, "rss_peak_bytes": _status_kb("VmHWM") * 1024,
+        "cpu_seconds": _cpu_seconds() - cpu0,
+        "rss_per_site_bytes": max(_status_kb("VmHWM") * 1024 - baseline, 0) / n}), flush=True)
 
 
 def main() -> int:
@@ -241,7 +318,13 @@ def main() -> int:
     ap.add_argument("--broker", default=DEFAULT_URL)
     ap.add_argument("--sites", type=int, default=1000)
     ap.add_argument("--updates", type=int, default=10_000)
+    ap.add_argument("--workers-process", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--job", help=argparse.SUPPRESS)
+    ap.add_argument("--ledger-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.workers_process:
+        workers_process(args.broker, args.job, args.sites, args.ledger_dir)
+        return 0
     print(run(args.broker, sites=args.sites, updates=args.updates))
     return 0
 

@@ -384,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     def ready(rss: int) -> None:
-        log.warning("fleet data loaded job=%s sites=%d rss_baseline_bytes=%d", args.job, len(sites), rss)
+        log.info("fleet data loaded job=%s sites=%d rss_baseline_bytes=%d", args.job, len(sites), rss)
 
     result = run_fleet(args.broker, args.job, sites, opts, stop=stop, on_ready=ready)
     if args.json:

@@ -15,7 +15,7 @@ import pytest
 
 from bench.fleet import run_job
 from fedmq import cli
-from fedmq.fleet import FleetOptions, FleetSite, load_sites, run_fleet
+from fedmq.fleet import FleetOptions, FleetSite, _worker_options, load_sites, run_fleet
 from fedmq.shared.datasets import save_site, split_dataset
 from fedmq.shared.errors import ConfigError
 from fedmq.shared.signing import generate_site_key
@@ -76,6 +76,16 @@ def test_dataset_shards_are_the_partition_command_s_sites() -> None:
     assert [s.name for s in sites] == [f"site_{i}" for i in range(5)]
     for s, p in zip(sites, parts, strict=True):
         np.testing.assert_array_equal(s.y, ds.y[p])
+
+
+def test_each_site_keeps_its_own_key_and_dp_ledger(tmp_path: Path) -> None:
+    sites = load_sites(dataset="synthetic", num_sites=3)
+    for s in sites:
+        generate_site_key(tmp_path / "keys", s.name)
+    opts = FleetOptions(keys=str(tmp_path / "keys"), ledger_dir=str(tmp_path / "ledgers"))
+    per_site = [_worker_options(opts, s) for s in sites]
+    assert [Path(o.key) for o in per_site] == [tmp_path / "keys" / f"site_{i}.key" for i in range(3)]
+    assert [Path(o.ledger) for o in per_site] == [tmp_path / "ledgers" / f"site_{i}.dp-ledger.json" for i in range(3)]
 
 
 def test_two_sites_with_one_name_are_refused() -> None:
