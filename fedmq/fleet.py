@@ -404,12 +404,15 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
     p = sub.add_parser("fleet", help="many simulated sites in one process against a running job, through the "
                                      "broker like separate workers (a simulation and a load test)")
     add_common(p)
+    # every site logs each task at info: with hundreds of sites, warnings only unless asked for
+    p.set_defaults(log_level=os.environ.get("FEDMQ_LOG_LEVEL", "warning"))
     p.add_argument("--sites", type=number(int, "[0, 100_000]"), default=0,
                    help="number of sites: shards of --dataset (required with it), or the first N files of --data "
                         "(0 = every file)")
     p.add_argument("--dataset", choices=[d.value for d in DatasetName],
                    help="partition this bundled dataset in memory: the sites are the site_<i> files "
-                        "`fedmq partition` writes with the same --sites/--partition/--alpha/--seed")
+                        "`fedmq partition` writes with the same --sites, --scheme (here --partition), --alpha "
+                        "and --seed")
     p.add_argument("--data", help="instead of --dataset: a glob of site files (.npz/.csv); each file's stem "
                                   "is its site name")
     p.add_argument("--partition", default="iid", choices=["iid", "dirichlet", "shards", "quantity"],
