@@ -52,6 +52,7 @@ from fedmq.shared.errors import (
     MalformedMessageError,
     PrivacyBudgetError,
 )
+from fedmq.shared.evaluation import EvalSource, FederatedEval, TaskKind, evaluate_model, reached, read_report
 from fedmq.shared.jobstate import (
     PoisonCounter,
     SourcedEvent,
@@ -66,7 +67,7 @@ from fedmq.shared.jobstate import (
 )
 from fedmq.shared.ledger import credible_update, read_dead_letter
 from fedmq.shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
-from fedmq.shared.models import build_model, check_forward, evaluate, get_weights, model_spec, set_weights
+from fedmq.shared.models import build_model, check_forward, get_weights, model_spec, set_weights
 from fedmq.shared.privacy import check_privacy, privacy_strategy, resolve_options
 from fedmq.shared.signing import META_TASK_KEY, JobTrust, load_or_create_task_key, public_hex, sign_task
 
@@ -83,7 +84,7 @@ class JobResult:
     job: str
     strategy: str
     final_version: int      # the version handed over (exported), see CoordinatorConfig.export
-    final_accuracy: float   # its test accuracy
+    final_accuracy: float | None  # its central test accuracy (None: no data.test, or a regression job)
     versions: int           # the newest version number (the chain's length)
     updates_applied: int
     stop_reason: str
@@ -96,6 +97,11 @@ class JobResult:
     updates_unresolved: int = 0
     last_accuracy: float | None = None  # test accuracy of the newest version
     task_failures: dict[str, int] = field(default_factory=dict)  # site -> tasks whose training raised
+    #: the handed-over version's metrics by name: central when the coordinator has test data, else
+    #: the sites' (federated; of `metrics_version`, the newest version they evaluated up to it)
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_source: str = ""
+    metrics_version: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}
@@ -115,22 +121,31 @@ class Coordinator:
                  num_classes: int | None = None, input_shape: tuple[int, ...] | None = None) -> None:
         if not cfg.job:
             raise ConfigError("config.job: a job id is required (--job or [job] in the TOML)")
-        if not cfg.data.test:
-            raise ConfigError("data.test: the coordinator needs held-out test data to evaluate versions")
+        cfg.check_evaluation()
         cfg = privacy_strategy(cfg)  # central DP noise: the strategy clips at the DP clip
         self.url = url
         self.cfg = cfg
         self.names = JobNames(cfg.job)
         self.stop = stop or threading.Event()
-        self.x_test, self.y_test = load_site(cfg.data.test)
-        self.num_classes = num_classes or int(self.y_test.max()) + 1
-        self.input_shape = input_shape or tuple(self.x_test.shape[1:])
-        self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, **cfg.model.args)
+        self.task = cfg.model.task
+        self.metric_names = cfg.evaluation.names(self.task)
+        self.x_test: np.ndarray | None = None
+        self.y_test: np.ndarray | None = None
+        if cfg.data.test:
+            self.x_test, self.y_test = load_site(cfg.data.test, task=self.task)
+        self.num_classes = 1 if self.task is TaskKind.REGRESSION else (
+            num_classes or cfg.model.num_classes or int(self.y_test.max()) + 1)  # type: ignore[union-attr]
+        self.input_shape = input_shape or cfg.model.shape() or tuple(self.x_test.shape[1:])  # type: ignore[union-attr]
+        self.spec = model_spec(cfg.model.name, self.input_shape, self.num_classes, self.task, **cfg.model.args)
         self.model = build_model(self.spec, seed=cfg.seed)
         # refuse test data the model cannot take now (exit 2), not at the first evaluation
-        source = f"data.test {cfg.data.test}"
-        self.x_test = fit_to_model(self.x_test, self.y_test, self.spec, source=source)
-        check_forward(self.model, self.x_test, self.num_classes, source=source)
+        if self.x_test is not None and self.y_test is not None:
+            source = f"data.test {cfg.data.test}"
+            self.x_test = fit_to_model(self.x_test, self.y_test, self.spec, source=source)
+            check_forward(self.model, self.x_test, self.num_classes, source=source)
+        else:
+            check_forward(self.model, np.zeros((2, *self.input_shape), np.float32), self.num_classes,
+                          source=f"model.input_shape {list(self.input_shape)}")
         self.key_meta = genesis_meta(cfg)
         self.task_key: Ed25519PrivateKey | None = None  # loaded once the job's state is known (_serve)
         self.keyholder: HostedKeyHolder | None = None
@@ -149,6 +164,9 @@ class Coordinator:
         self.latest: ModelVersion | None = None
         self.latest_offset: int | None = None
         self.curve: list[tuple[int, float, float]] = []
+        #: every evaluation: (version, t, source, metrics), central and federated
+        self.evals: list[tuple[int, float, str, dict[str, float]]] = []
+        self.federated = FederatedEval(cfg.evaluation.min_sites)
         self.started = time.time()
         self.target_at: float | None = None
         self.target_version: int | None = None
@@ -166,6 +184,7 @@ class Coordinator:
         self.included, self.dead_ids = set(), set()
         self.latest, self.latest_offset = None, None
         self.curve, self.evaluated, self.target_at, self.target_version = [], set(), None, None
+        self.evals, self.federated = [], FederatedEval(self.cfg.evaluation.min_sites)
         self.round_version = -1
         self.started, self.job_started = time.time(), False
         self.finishing, self.finished = None, None
@@ -302,12 +321,19 @@ class Coordinator:
         elif ev.event == EventKind.VERSION_EVALUATED:
             if not replaying:
                 return ""  # live ones are our own
-            version, t, acc = field_int(data, "version"), field_float(data, "t", 0.0), \
-                field_float(data, "accuracy", 0.0, 1.0)
-            if version is None or t is None or acc is None:
+            version, t = field_int(data, "version"), field_float(data, "t", 0.0)
+            values = read_report({"version": version, "samples": 1, "metrics": data.get("metrics", {})})
+            if version is None or t is None or values is None:
                 return "bad_field"
-            self.evaluated.add(version)
-            self._record_accuracy(version, t, acc)
+            acc = field_float(data, "accuracy", 0.0, 1.0)
+            if acc is not None:  # events of older releases carry accuracy only
+                values.metrics.setdefault("accuracy", acc)
+            source = field_text(data, "scope", 16) or EvalSource.CENTRAL.value
+            if source == EvalSource.FEDERATED.value:
+                self.federated.done.add(version)
+            else:
+                self.evaluated.add(version)
+            self._record(version, t, source, values.metrics)
         elif ev.event == EventKind.JOB_FINISHING:
             self.finishing = field_text(data, "reason", 64) or "interrupted"
         elif ev.event == EventKind.JOB_FINISHED:
@@ -338,6 +364,10 @@ class Coordinator:
         if sev.event.event == EventKind.UPDATE_PUBLISHED:
             if field_id(data, "update_id") != update_id_for(tid):
                 return "bad_field"
+            task = self.outstanding.get(tid)
+            report = read_report(data.get("eval")) if "eval" in data and self.cfg.evaluation.federated else None
+            if report is not None and task is not None and report.version == task.version:
+                self.federated.add(site, report)  # a site reports on the version its task brought, once
             self.finished_tasks.add(tid)
             self.outstanding.pop(tid, None)
             late.discard(tid)
@@ -391,12 +421,22 @@ class Coordinator:
                 job=self.cfg.job, task_id=uuid.uuid4().hex[:16], version=self.latest.version,
                 model_offset=self.latest_offset, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, mu=t.mu,
                 issued_at=now, deadline=now + c.task_deadline,
-                options={"privacy": self.privacy_options} if self.privacy_options else {}), self._signing_key())
+                options=self._task_options()), self._signing_key())
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
             faults.point("coordinator.after_task_publish")
             emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
             self.outstanding[task.task_id] = task
             metrics.tasks_issued(self.cfg.job, 1, len(self.outstanding))
+
+    def _task_options(self) -> dict[str, Any]:
+        """The job-wide site options every task carries: DP parameters, federated evaluation."""
+        options: dict[str, Any] = {}
+        if self.privacy_options:
+            options["privacy"] = self.privacy_options
+        evaluation = self.cfg.evaluation.site_options(self.task)
+        if evaluation:
+            options["evaluation"] = evaluation
+        return options
 
     def _expire(self) -> None:
         """Forget tasks past their deadline so replacements (new ids, newest version) are issued.
@@ -420,25 +460,47 @@ class Coordinator:
             return
         self.latest, self.latest_offset = mv, offset
         set_weights(self.model, {k: np.asarray(v) for k, v in mv.weights.items()})
-        if mv.version in self.evaluated:
-            return  # evaluated before a restart: the result is in the events stream
+        if mv.version in self.evaluated or self.x_test is None or self.y_test is None:
+            return  # evaluated before a restart (the result is in the events stream), or by the sites only
         self.evaluated.add(mv.version)
-        acc, loss = evaluate(self.model, self.x_test, self.y_test)
+        names = self.metric_names
+        if self.task is TaskKind.CLASSIFICATION:  # accuracy and loss always: the tools' headline figures
+            names = tuple(dict.fromkeys(("accuracy", "loss", *names)))
+        values = evaluate_model(self.model, self.x_test, self.y_test, names, self.task)
         t = time.time() - self.started
-        self._record_accuracy(mv.version, t, acc)
-        metrics.version_evaluated(self.cfg.job, mv.version, acc)
-        emit(conn, self.names, "coordinator", EventKind.VERSION_EVALUATED, version=mv.version,
-             accuracy=acc, loss=loss, t=t, included=len(mv.included), sha256=mv.sha256)
-        log.info("version evaluated", extra={"job": self.cfg.job, "version": mv.version,
-                                              "accuracy": round(acc, 4), "t": round(t, 2)})
+        self._record(mv.version, t, EvalSource.CENTRAL.value, values)
+        extra = {k: values[k] for k in ("accuracy", "loss") if k in values}
+        emit(conn, self.names, "coordinator", EventKind.VERSION_EVALUATED, version=mv.version, t=t,
+             included=len(mv.included), sha256=mv.sha256, scope=EvalSource.CENTRAL.value, metrics=values, **extra)
+        log.info("version evaluated", extra={"job": self.cfg.job, "version": mv.version, "source": "central",
+                                              **{k: round(v, 4) for k, v in values.items()}, "t": round(t, 2)})
 
-    def _record_accuracy(self, version: int, t: float, acc: float) -> None:
-        self.curve.append((version, t, acc))
-        target = self.cfg.coordinator.target_accuracy
-        if target and acc >= target and self.target_at is None:
+    def _emit_federated(self, conn: Connection) -> None:
+        """Versions whose site reports reached `min_sites`: one VERSION_EVALUATED each (source federated)."""
+        for version, summary in self.federated.ready():
+            t = time.time() - self.started
+            self._record(version, t, EvalSource.FEDERATED.value, summary["metrics"])
+            emit(conn, self.names, "coordinator", EventKind.VERSION_EVALUATED, version=version, t=t,
+                 scope=EvalSource.FEDERATED.value, metrics=summary["metrics"], sites=summary["sites"],
+                 samples=summary["samples"])
+            log.info("version evaluated", extra={"job": self.cfg.job, "version": version, "source": "federated",
+                                                  "sites": summary["sites"], "t": round(t, 2),
+                                                  **{k: round(v, 4) for k, v in summary["metrics"].items()}})
+
+    def _record(self, version: int, t: float, source: str, values: dict[str, float]) -> None:
+        """One evaluation of `version`: curves, Prometheus, and the stop criterion."""
+        if source == EvalSource.CENTRAL.value and "accuracy" in values:
+            self.curve.append((version, t, values["accuracy"]))
+        self.evals.append((version, t, source, dict(values)))
+        metrics.version_evaluated(self.cfg.job, version, source, values)
+        target = self.cfg.target()
+        if target is None or self.target_at is not None:
+            return
+        name, value, where = target
+        if where.value == source and name in values and reached(name, values[name], value):
             self.target_at, self.target_version = t, version
 
-    def _handover(self) -> tuple[ModelVersion, float]:
+    def _handover(self) -> tuple[ModelVersion, float | None]:
         """The version the job hands over and its accuracy (CoordinatorConfig.export)."""
         if self.latest is None:
             raise JobNotFoundError(f"job {self.cfg.job} has no model version to export")
@@ -447,14 +509,27 @@ class Coordinator:
         if self.cfg.coordinator.export is ExportPolicy.TARGET and self.target_version is not None:
             if self.target_version != self.latest.version:
                 chosen, _ = find_version(self.url, self.names, self.target_version)
-        return chosen, accuracy.get(chosen.version, 0.0)
+        return chosen, accuracy.get(chosen.version)
+
+    def _final_metrics(self, version: int) -> tuple[dict[str, float], str, int | None]:
+        """(metrics, source, version they are of) for the handed-over `version`: its central
+        figures, else the federated ones of the newest version up to it the sites evaluated."""
+        central = [e for e in self.evals if e[2] == EvalSource.CENTRAL.value and e[0] == version]
+        if central:
+            return central[-1][3], EvalSource.CENTRAL.value, version
+        fed = [e for e in self.evals if e[2] == EvalSource.FEDERATED.value and e[0] <= version]
+        if fed:
+            newest = max(fed, key=lambda e: e[0])
+            return newest[3], EvalSource.FEDERATED.value, newest[0]
+        return {}, "", None
 
     def _stop_reason(self) -> str | None:
         c = self.cfg.coordinator
         if self.stop.is_set():
             return "interrupted"
         if self.target_at is not None:
-            return "target_accuracy"
+            target = self.cfg.target()
+            return "target_accuracy" if target is not None and target[0] == "accuracy" else "target_metric"
         if self.latest is not None and self.latest.version >= c.max_versions:
             return "max_versions"
         if time.time() - self.started >= c.max_seconds:
@@ -541,6 +616,7 @@ class Coordinator:
             self._on_version(conn, mv, d.stream_offset)
         for d in streams.events.poll(0.0):
             self._on_event(d)
+        self._emit_federated(conn)
         for d in streams.dead.poll(0.0):
             self._on_dead_letter(d)
 
@@ -565,6 +641,7 @@ class Coordinator:
             if self.cfg.encryption.enabled:
                 conn.delete_queue(self.names.aggregates)  # so are key holders (all sums are versions now)
         final, final_acc = self._handover()
+        final_metrics, metrics_source, metrics_version = self._final_metrics(final.version)
         path = self.export(Path(self.cfg.coordinator.out), final, final_acc)
         newest = self.latest or final
         result = JobResult(
@@ -573,11 +650,12 @@ class Coordinator:
             stop_reason=reason, wall_seconds=time.time() - self.started, seconds_to_target=self.target_at,
             export_path=str(path), accuracy_curve=self.curve, updates_unresolved=len(unresolved),
             last_accuracy=self.curve[-1][2] if self.curve else None, task_failures=dict(self.task_failures),
+            metrics=final_metrics, metrics_source=metrics_source, metrics_version=metrics_version,
         )
         emit(conn, self.names, "coordinator", EventKind.JOB_FINISHED, **{
             k: v for k, v in result.to_dict().items() if k != "accuracy_curve"})
-        log.info("job finished job=%s reason=%s exported=%d accuracy=%.4f newest=%d", self.cfg.job, reason,
-                 final.version, final_acc, newest.version)
+        log.info("job finished job=%s reason=%s exported=%d metrics=%s newest=%d", self.cfg.job, reason,
+                 final.version, {k: round(v, 4) for k, v in final_metrics.items()}, newest.version)
         return result
 
     def _drain_updates(self, conn: Connection, streams: _Streams) -> set[str]:
@@ -625,7 +703,7 @@ class Coordinator:
         log.info("job already finished job=%s", self.cfg.job)
         return JobResult(**{k: v for k, v in data.items() if k in known}, accuracy_curve=self.curve)
 
-    def export(self, out_dir: Path, mv: ModelVersion, accuracy: float) -> Path:
+    def export(self, out_dir: Path, mv: ModelVersion, accuracy: float | None) -> Path:
         """state_dict as .pt plus JSON metadata (version, sha256, accuracy) beside it."""
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{self.cfg.job}-v{mv.version}.pt"

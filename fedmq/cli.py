@@ -141,7 +141,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     opts = WorkerOptions(slowdown=args.slowdown, min_task_seconds=args.min_task_seconds,
                          device=args.device, heartbeat=args.heartbeat, max_tasks=args.max_tasks,
                          wait_for_job=args.wait, epsilon_budget=args.epsilon_budget,
-                         max_failures=args.max_failures)
+                         max_failures=args.max_failures, eval_data=args.eval_data or "")
     site, data = args.site, args.data
     if args.site_pool:
         from fedmq.site_pool import claim_site
@@ -160,8 +160,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from fedmq.worker.train import load_trainer
 
         trainer = load_trainer(args.trainer)  # a missing module or a non-callable: exit 2 before joining
+    evaluator = None
+    if args.evaluator:
+        from fedmq.worker.train import load_evaluator
+
+        evaluator = load_evaluator(args.evaluator)
     stop = stop_on_signals()
-    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop, trainer=trainer)
+    worker = Worker(args.broker, args.job, site, data, options=opts, stop=stop, trainer=trainer,
+                    evaluator=evaluator)
     if not await_broker(args, stop):
         return 0
     start_metrics(args)
@@ -266,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer", default=os.environ.get("FEDMQ_TRAINER", ""),
                    help="local training of your own, package.module:callable taking a fedmq.site.TrainContext and "
                    "returning a TrainResult (docs/tutorial.md); default the bundled SGD loop (env FEDMQ_TRAINER)")
+    p.add_argument("--evaluator", default=os.environ.get("FEDMQ_EVALUATOR", ""),
+                   help="federated evaluation of your own, package.module:callable taking a fedmq.site.EvalContext "
+                   "and returning {metric: value}; default the job's metrics (env FEDMQ_EVALUATOR)")
+    p.add_argument("--eval-data", default=os.environ.get("FEDMQ_EVAL_DATA", ""),
+                   help="held-out NPZ/CSV rows for federated evaluation; default: hold out the job's "
+                   "evaluation.site_fraction of --data (env FEDMQ_EVAL_DATA)")
     p.add_argument("--slowdown", type=number(float, SLOWDOWN), default=1.0, help="make this site F times slower")
     p.add_argument("--min-task-seconds", type=number(float, SECONDS), default=0.0, help="pad each task to >= S seconds")
     p.add_argument("--device", default=os.environ.get("FEDMQ_DEVICE", "auto"),
@@ -293,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("partition", help="split a bundled dataset into per-site files",
                        formatter_class=fmt)
-    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
-                   help="bundled dataset (no download)")
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "breast_cancer", "mnist", "synthetic", "diabetes"],
+                   help="bundled dataset (no download; diabetes is a regression task: --scheme iid or quantity)")
     p.add_argument("--sites", type=number(int, "[1, 10_000]"), default=8, help="number of site files to write")
     p.add_argument("--scheme", default="dirichlet", choices=["iid", "dirichlet", "shards", "quantity"],
                    help="how samples are split over sites (dirichlet, quantity: skew set by --alpha)")

@@ -146,7 +146,7 @@ def load_sites(*, dataset: str = "", num_sites: int = 0, data_glob: str = "", sc
         if dataset not in {d.value for d in DatasetName}:
             raise ConfigError(f"--dataset {dataset!r} is not one of {', '.join(d.value for d in DatasetName)}")
         ds, parts, _test = split_dataset(dataset, num_sites, scheme=scheme, alpha=alpha, seed=seed)
-        return [FleetSite(f"site_{i}", *check_site_data(ds.x[p], ds.y[p], source=f"site_{i}"))
+        return [FleetSite(f"site_{i}", *check_site_data(ds.x[p], ds.y[p], source=f"site_{i}", task=None))
                 for i, p in enumerate(parts)]
     files = sorted(Path(f) for f in glob.glob(data_glob) if Path(f).is_file())
     if not files:
@@ -155,7 +155,7 @@ def load_sites(*, dataset: str = "", num_sites: int = 0, data_glob: str = "", sc
         if num_sites > len(files):
             raise ConfigError(f"--sites {num_sites}: --data {data_glob!r} matches only {len(files)} files")
         files = files[:num_sites]
-    sites = [FleetSite(validate_site(f.stem), *load_site(f), source=f) for f in files]
+    sites = [FleetSite(validate_site(f.stem), *load_site(f, task=None), source=f) for f in files]
     if len({s.name for s in sites}) != len(sites):
         raise ConfigError(f"--data {data_glob!r}: two files have the same stem (the site name)")
     return sites

@@ -25,6 +25,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedmq.shared.config import SECTIONS, JobConfig, StrategyName, load_job_config
 from fedmq.shared.errors import ConfigError
 
@@ -176,21 +178,34 @@ def check_job(path: str, site_files: list[str]) -> str:
     exist. Each failure is the ConfigError the coordinator or a worker would raise: one line, exit 2.
     """
     from fedmq.shared.datasets import fit_to_model, load_site  # torch: only when checking, not when writing
-    from fedmq.shared.models import check_forward, model_for_data
+    from fedmq.shared.evaluation import TaskKind
+    from fedmq.shared.models import build_model, check_forward, model_for_data, model_spec
 
     cfg = load_job_config(path)  # ConfigError names the key
-    if not cfg.data.test:
-        raise ConfigError("data.test: the coordinator needs held-out test data to evaluate versions")
-    x, y = load_site(cfg.data.test)
-    spec, model, _ = model_for_data(cfg.model.name, cfg.model.args, x, y, seed=cfg.seed,
-                                    source=f"data.test {cfg.data.test}")
+    cfg.check_evaluation()
+    task = cfg.model.task
+    if cfg.data.test:
+        x, y = load_site(cfg.data.test, task=task)
+        spec, model, _ = model_for_data(cfg.model.name, cfg.model.args, x, y, seed=cfg.seed,
+                                        source=f"data.test {cfg.data.test}", task=task,
+                                        num_classes=cfg.model.num_classes or None,
+                                        input_shape=cfg.model.shape())
+        evaluated = f"data.test {cfg.data.test} {len(y)} rows"
+    else:
+        shape = cfg.model.shape() or ()
+        spec = model_spec(cfg.model.name, shape, cfg.model.num_classes, task, **cfg.model.args)
+        model = build_model(spec, seed=cfg.seed)
+        check_forward(model, np.zeros((2, *shape), np.float32), int(spec["args"]["num_classes"]),
+                      source=f"model.input_shape {list(shape)}")
+        evaluated = f"federated evaluation ({', '.join(cfg.evaluation.names(task))})"
     classes = int(spec["args"]["num_classes"])
     for f in site_files:
-        xs, ys = load_site(f)
+        xs, ys = load_site(f, task=task)
         check_forward(model, fit_to_model(xs, ys, spec, source=f"data file {f}"), classes, source=f"data file {f}")
     _check_named_files(cfg)
+    head = "1 output (regression)" if task is TaskKind.REGRESSION else f"{classes} classes"
     return (f"{path}: ok (strategy {cfg.strategy.name.value}, model {cfg.model.name} "
-            f"{spec['args']['input_shape']} -> {classes} classes, data.test {cfg.data.test} {len(y)} rows"
+            f"{spec['args']['input_shape']} -> {head}, {evaluated}"
             + (f", {len(site_files)} site files" if site_files else "") + ")")
 
 

@@ -42,27 +42,34 @@ from fedmq.shared.broker import validate_job_id
 from fedmq.shared.errors import ConfigError
 from fedmq.worker.service import SiteData, Worker, WorkerOptions, WorkerStats
 from fedmq.worker.train import (
+    EvalContext,
+    Evaluator,
     TrainContext,
     Trainer,
     TrainResult,
     TrainResultError,
+    default_evaluator,
+    load_evaluator,
     load_trainer,
     sgd_trainer,
 )
 
 __all__ = [
-    "SiteData", "SiteHandle", "TrainContext", "TrainResult", "TrainResultError", "Trainer", "WorkerOptions",
-    "WorkerStats", "load_trainer", "make_site", "run_site", "sgd_trainer", "start_site",
+    "EvalContext", "Evaluator", "SiteData", "SiteHandle", "TrainContext", "TrainResult", "TrainResultError",
+    "Trainer", "WorkerOptions", "WorkerStats", "default_evaluator", "load_evaluator", "load_trainer", "make_site",
+    "run_site", "sgd_trainer", "start_site",
 ]
 
 
 def make_site(broker: str, job: str, site: str, data: SiteData, *, trainer: Trainer | str | None = None,
-              stop: threading.Event | None = None, options: WorkerOptions | None = None,
-              **option_values: Any) -> Worker:
+              evaluator: Evaluator | str | None = None, stop: threading.Event | None = None,
+              options: WorkerOptions | None = None, **option_values: Any) -> Worker:
     """The worker of one site, not started yet (`run_site` runs it; `start_site` on a thread).
 
     `data` is an NPZ/CSV file or the (x, y) arrays; `trainer` a callable, a
-    ``package.module:callable`` string, or None for the bundled SGD loop; `option_values` are
+    ``package.module:callable`` string, or None for the bundled SGD loop; `evaluator` likewise
+    (EvalContext -> {metric: value}) for federated evaluation, None for the job's metrics;
+    `option_values` are
     `WorkerOptions` fields (device="cpu", max_tasks=10, key=..., ledger=..., ...). Bad values
     raise ConfigError here, before anything connects.
     """
@@ -76,19 +83,22 @@ def make_site(broker: str, job: str, site: str, data: SiteData, *, trainer: Trai
     except TypeError as exc:
         known = ", ".join(f.name for f in dataclasses.fields(WorkerOptions))
         raise ConfigError(f"unknown worker option ({exc}); known: {known}") from None
-    return Worker(broker, job, site, data, options=opts, stop=stop, trainer=fn)
+    ev = load_evaluator(evaluator) if isinstance(evaluator, str) else evaluator
+    if ev is not None and not callable(ev):
+        raise ConfigError(f"evaluator must be a callable or 'package.module:callable', got {type(ev).__name__}")
+    return Worker(broker, job, site, data, options=opts, stop=stop, trainer=fn, evaluator=ev)
 
 
 def run_site(broker: str, job: str, site: str, data: SiteData, *, trainer: Trainer | str | None = None,
-             stop: threading.Event | None = None, options: WorkerOptions | None = None,
-             **option_values: Any) -> WorkerStats:
+             evaluator: Evaluator | str | None = None, stop: threading.Event | None = None,
+             options: WorkerOptions | None = None, **option_values: Any) -> WorkerStats:
     """Run one site until the job ends (or `stop` is set, or `max_tasks` are done); its stats.
 
     Raises what `fedmq worker` would exit with: ConfigError (bad data, options or trainer),
     JobNotFoundError (no such job within `wait_for_job` seconds), TrainingFailedError (the
     trainer failed on `max_failures` tasks in a row; each failure was a task_failed event).
     """
-    return make_site(broker, job, site, data, trainer=trainer, stop=stop, options=options,
+    return make_site(broker, job, site, data, trainer=trainer, evaluator=evaluator, stop=stop, options=options,
                      **option_values).run()
 
 
@@ -122,9 +132,11 @@ class SiteHandle:
 
 
 def start_site(broker: str, job: str, site: str, data: SiteData, *, trainer: Trainer | str | None = None,
-               options: WorkerOptions | None = None, **option_values: Any) -> SiteHandle:
+               evaluator: Evaluator | str | None = None, options: WorkerOptions | None = None,
+               **option_values: Any) -> SiteHandle:
     """`run_site` on a daemon thread: returns at once with a handle to stop, join or read stats."""
-    worker = make_site(broker, job, site, data, trainer=trainer, options=options, **option_values)
+    worker = make_site(broker, job, site, data, trainer=trainer, evaluator=evaluator, options=options,
+                       **option_values)
 
     def _run() -> None:
         try:

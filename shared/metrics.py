@@ -72,6 +72,9 @@ TASKS_ISSUED = Counter("fedmq_tasks_issued", "Tasks the coordinator published", 
                        registry=REGISTRY)
 TEST_ACCURACY = Gauge("fedmq_test_accuracy", "Held-out accuracy of the newest evaluated version",
                       ["job"], registry=REGISTRY)
+VERSION_METRIC = Gauge("fedmq_version_metric", "Newest evaluated version's value of each metric the job "
+                       "evaluates (source: central = the coordinator's test data, federated = the sites' "
+                       "sample-weighted mean)", ["job", "source", "metric"], registry=REGISTRY)
 OUTSTANDING_TASKS = Gauge("fedmq_outstanding_tasks", "Tasks issued and not yet answered",
                           ["job"], registry=REGISTRY)
 TASK_FAILURES = Counter("fedmq_task_failures", "Tasks whose local training raised at a site (task_failed)",
@@ -121,9 +124,13 @@ def tasks_issued(job: str, count: int, outstanding: int) -> None:
     OUTSTANDING_TASKS.labels(job).set(outstanding)
 
 
-def version_evaluated(job: str, version: int, accuracy: float) -> None:
-    MODEL_VERSION.labels(job).set(version)
-    TEST_ACCURACY.labels(job).set(accuracy)
+def version_evaluated(job: str, version: int, source: str, values: dict[str, float]) -> None:
+    for name, value in values.items():
+        VERSION_METRIC.labels(job, source, name).set(value)
+    if source == "central":
+        MODEL_VERSION.labels(job).set(version)
+        if "accuracy" in values:
+            TEST_ACCURACY.labels(job).set(values["accuracy"])
 
 
 def reconnected(job: str, role: str) -> None:

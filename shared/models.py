@@ -19,6 +19,7 @@ from torch import nn
 from fedmq.shared.codec import Weights
 from fedmq.shared.datasets import fit_to_model
 from fedmq.shared.errors import ConfigError
+from fedmq.shared.evaluation import TaskKind
 from fedmq.shared.plugins import import_callable
 
 
@@ -106,32 +107,43 @@ def check_forward(model: nn.Module, x: np.ndarray, num_classes: int, *, source: 
     wanted = (min(len(x), 2), num_classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != wanted:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        what = "one value per row (regression)" if num_classes == 1 else f"{num_classes} classes"
         raise ConfigError(f"{source}: the model's output is {got}, expected logits of shape {wanted} "
-                          f"({num_classes} classes)")
+                          f"({what})")
 
 
 def model_for_data(name: str, args: dict[str, Any], x: np.ndarray, y: np.ndarray, *, source: str,
                    seed: int | None = None, num_classes: int | None = None,
-                   input_shape: tuple[int, ...] | None = None) -> tuple[dict[str, Any], nn.Module, np.ndarray]:
+                   input_shape: tuple[int, ...] | None = None,
+                   task: TaskKind = TaskKind.CLASSIFICATION) -> tuple[dict[str, Any], nn.Module, np.ndarray]:
     """The job's model spec, its v0 model and `x` in the model's input shape, for held-out (x, y).
 
     The number of classes and the input shape come from the data unless given; then the data is
     checked against the model (`fit_to_model`, and a forward pass), so the coordinator and
     ``fedmq init --check`` refuse a job whose test data and model disagree, with one line.
     """
-    classes = num_classes or int(y.max()) + 1
-    spec = model_spec(name, input_shape or tuple(x.shape[1:]), classes, **args)
+    classes = 1 if task is TaskKind.REGRESSION else num_classes or int(y.max()) + 1
+    spec = model_spec(name, input_shape or tuple(x.shape[1:]), classes, task, **args)
     model = build_model(spec, seed=seed)
     fitted = fit_to_model(x, y, spec, source=source)
     check_forward(model, fitted, classes, source=source)
     return spec, model, fitted
 
 
-def model_spec(name: str, input_shape: tuple[int, ...], num_classes: int, **args: Any) -> dict[str, Any]:
-    """The spec stored in every ModelVersion: registry name plus the arguments that fix shapes."""
+def model_spec(name: str, input_shape: tuple[int, ...], num_classes: int, task: TaskKind = TaskKind.CLASSIFICATION,
+               **args: Any) -> dict[str, Any]:
+    """The spec stored in every ModelVersion: registry name plus the arguments that fix shapes.
+
+    A regression model is built with one output (``num_classes = 1``, so the bundled factories need
+    no second signature) and says so in ``task``; a classifier's spec has no ``task`` key, as
+    before, so versions of older jobs keep their bytes and hashes."""
+    outputs = 1 if task is TaskKind.REGRESSION else int(num_classes)
     full = {"input_dim": int(np.prod(input_shape)), "input_shape": list(input_shape),
-            "num_classes": int(num_classes), **args}
-    return {"name": name, "args": full}
+            "num_classes": outputs, **args}
+    spec: dict[str, Any] = {"name": name, "args": full}
+    if task is TaskKind.REGRESSION:
+        spec["task"] = task.value
+    return spec
 
 
 def get_weights(model: nn.Module) -> Weights:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from torch import nn
 
 from fedmq.shared.broker import Connection, mask_url
 from fedmq.shared.config import SECTIONS, In, JobConfig, StrategyConfig, TrainingConfig, load_job_config, range_of
-from fedmq.shared.datasets import check_site_data, fit_to_model, load_site, save_site
+from fedmq.shared.datasets import check_site_data, fit_data, fit_to_model, load_site, save_site
 from fedmq.shared.errors import ConfigError
+from fedmq.shared.evaluation import TaskKind
 from fedmq.shared.models import model_spec
 from tests.brokers import free_port
 from tests.conftest import run_fedmq
@@ -222,13 +224,26 @@ def test_intervals_read_like_maths() -> None:
     ("empty", "empty, truncated or corrupt"),
     ("zero_rows", "needs at least one row with features"),
     ("nan", "1 rows have NaN or infinite features (first: row 4)"),
-    ("label_neg", "label -1 (row 7) is not a class index"),
-    ("label_float", "is not a class index"),
 ])
 def test_worker_refuses_a_bad_site_file(name: str, words: str, files: dict[str, Path]) -> None:
     proc = run_fedmq(*WORKER, "--data", str(files[name]), "--broker", _unreachable(), timeout=60)
     line = _one_error_line(proc)
     assert words in line and str(files[name]) in line
+
+
+@pytest.mark.parametrize("name, words", [
+    ("label_neg", "label -1 (row 7) is not a class index"),
+    ("label_float", "is not a class index"),
+])
+def test_labels_a_classifier_cannot_take_are_refused_once_the_model_says_classifier(
+        name: str, words: str, files: dict[str, Path]) -> None:
+    """A site learns whether the job classifies or regresses from the job's model (its first
+    task): until then real-valued targets are a regression job's data; then they are refused."""
+    x, y = load_site(files[name], task=None)
+    assert y.dtype == np.float32
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        fit_data(x, y, model_spec("mlp", (8,), 3), source=f"data file {files[name]}")
+    fit_data(x, y, model_spec("mlp", (8,), 1, TaskKind.REGRESSION), source="regression")  # fine as targets
 
 
 def test_check_site_data_refuses_what_no_model_can_learn() -> None:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmq.shared.codec import Weights
 from fedmq.shared.config import NoisePlacement, PrivacyConfig, PrivacyMechanism
+from fedmq.shared.evaluation import loss_fn, task_of
 from fedmq.shared.messages import Task
 from fedmq.shared.models import build_model, get_weights, set_weights
 from fedmq.shared.privacy import (
@@ -178,13 +178,14 @@ def train_dp_sgd(model_spec: dict[str, Any], base: Weights, x: np.ndarray, y: np
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True,
         noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+    criterion = loss_fn(task_of(model_spec))
     loss_sum, seen, steps, t0 = 0.0, 0, 0, time.perf_counter()
     for _ in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
             # an empty Poisson batch must still take its (pure-noise) step, or "no step" would
             # reveal that no record was drawn; its NaN mean loss has zero per-sample gradients
-            loss = nn.functional.cross_entropy(private(xb.to(device)), yb.to(device))
+            loss = criterion(private(xb.to(device)), yb.to(device))
             loss.backward()
             opt.step()
             if len(yb):

@@ -11,6 +11,7 @@ keep flowing through minutes of local compute.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -33,7 +34,7 @@ from fedmq.shared.broker import (
     validate_site,
 )
 from fedmq.shared.config import PrivacyMechanism
-from fedmq.shared.datasets import check_site_data, fit_to_model, load_site
+from fedmq.shared.datasets import check_site_data, fit_data, load_site
 from fedmq.shared.errors import (
     BrokerUnavailableError,
     ConfigError,
@@ -43,16 +44,21 @@ from fedmq.shared.errors import (
     PrivacyBudgetError,
     TrainingFailedError,
 )
+from fedmq.shared.evaluation import make_report, parse_metrics, task_of
 from fedmq.shared.jobstate import ModelFeed, emit_site, find_version
 from fedmq.shared.messages import EventKind, ModelVersion, Task, Update
 from fedmq.shared.models import pick_device
 from fedmq.shared.signing import load_private_key, sign_update
 from fedmq.worker.privacy import DpPlan, SitePrivacy
 from fedmq.worker.train import (
+    EvalContext,
+    Evaluator,
     LocalResult,
     TrainContext,
     Trainer,
     base_model,
+    default_evaluator,
+    run_evaluator,
     run_trainer,
     sgd_trainer,
     task_seed,
@@ -75,6 +81,7 @@ class WorkerOptions:
     epsilon_budget: float = 0.0    # the site's own epsilon cap; the job's budget applies too (0 = none)
     key: str = ""                  # the site's Ed25519 key (fedmq keys --site); "" = updates go unsigned
     max_failures: int = 3          # consecutive training failures before the worker stops (0 = never)
+    eval_data: str = ""            # held-out rows for federated evaluation ("" = hold out the job's site_fraction)
 
 
 #: how much of a training error's text a task_failed event carries (readers bound it too)
@@ -106,8 +113,8 @@ SiteData = str | Path | tuple[np.ndarray, np.ndarray]
 class Worker:
     def __init__(self, url: str, job: str, site: str, data: SiteData, *,
                  options: WorkerOptions | None = None, stop: threading.Event | None = None,
-                 trainer: Trainer | None = None, feed: ModelFeed | None = None,
-                 pool: ThreadPoolExecutor | None = None) -> None:
+                 trainer: Trainer | None = None, evaluator: Evaluator | None = None,
+                 feed: ModelFeed | None = None, pool: ThreadPoolExecutor | None = None) -> None:
         """`feed` and `pool` are shared by the sites of a fleet (`fedmq.fleet`): one models-stream
         reader and one training pool for all of them; by default each worker has its own."""
         self.url = url
@@ -116,16 +123,22 @@ class Worker:
         self.options = options or WorkerOptions()
         if isinstance(data, tuple):
             self._data_source = f"site {self.site}'s data"
-            self.x, self.y = check_site_data(*data, source=self._data_source)
+            # the labels are checked once the job's model says classes or regression (`_model`)
+            self.x, self.y = check_site_data(*data, source=self._data_source, task=None)
             ledger = Path(f"{self.site}.dp-ledger.json")  # arrays have no file to keep it beside
         else:
-            self.x, self.y = load_site(data)
+            self.x, self.y = load_site(data, task=None)
             self._data_source = f"data file {data}"
             ledger = default_ledger_path(data, self.site)
         self.privacy = SitePrivacy(self.site, self.options.ledger or ledger, site_budget=self.options.epsilon_budget)
         #: the local training: the bundled SGD loop unless the site operator installed their own
         self.trainer: Trainer = trainer or sgd_trainer
         self.custom_trainer = trainer is not None
+        self.evaluator: Evaluator = evaluator or default_evaluator
+        #: held-out rows for federated evaluation, split off on the first task that asks for it
+        self._eval_rows: tuple[np.ndarray, np.ndarray] | None = None
+        self._held_out = False
+        self._evaluated: OrderedDict[int, None] = OrderedDict()  # versions this site reported on
         self.device = pick_device(self.options.device)
         self.key = load_private_key(self.options.key) if self.options.key else None
         self._he_context: tuple[str, Any] | None = None  # (context sha256, public TenSEAL context)
@@ -231,6 +244,11 @@ class Worker:
             del self._delivered[task.task_id]
             return
         try:
+            metric_names = self._eval_options(task)
+        except ConfigError as exc:
+            self._park(conn, d, "bad_options", str(exc))
+            return
+        try:
             # accounting can take a second (sigma calibration): off the connection's thread
             plan = conn.wait_for(self._pool.submit(self.privacy.plan, task, len(self.y)))
         except PrivacyBudgetError as exc:
@@ -248,6 +266,7 @@ class Worker:
         started = time.monotonic()
         base = self._model(task)
         try:
+            report = conn.wait_for(self._pool.submit(self._evaluate, task, base, metric_names))
             result: LocalResult = conn.wait_for(self._pool.submit(self._train, task, base, started, plan))
         except BrokerUnavailableError:
             raise  # the connection, not the training: reconnect, the task is redelivered
@@ -271,7 +290,8 @@ class Worker:
         if not self._send(conn, _Outgoing(task.task_id, update.update_id, update.encode(), dict(
             task_id=task.task_id, update_id=update.update_id, site=self.site, base_version=base.version,
             num_samples=result.num_samples, loss=result.metrics.get("loss"),
-            task_seconds=update.metrics["task_seconds"], epsilon=update.privacy.get("epsilon")))):
+            task_seconds=update.metrics["task_seconds"], epsilon=update.privacy.get("epsilon"),
+            **({"eval": report} if report else {})))):
             return  # the job was closed while we trained
         faults.point("worker.before_ack")
         d.ack()
@@ -368,12 +388,77 @@ class Worker:
             if not self._models:
                 # the job's model is known only now: data that does not fit it stops the site (exit 2)
                 # before it trains garbage, e.g. the wrong feature count or labels past num_classes
-                self.x = fit_to_model(self.x, self.y, mv.model, source=self._data_source)
+                self.x, self.y = fit_data(self.x, self.y, mv.model, source=self._data_source)
+                if self._eval_rows is not None:
+                    self._eval_rows = fit_data(*self._eval_rows, mv.model, source=self._eval_source())
                 self._warm_up(mv)
             self._models[task.version] = mv
             while len(self._models) > self.options.model_cache:
                 self._models.popitem(last=False)
         return mv
+
+    def _eval_options(self, task: Task) -> tuple[str, ...]:
+        """The metrics the job asks the sites for (none: no federated evaluation); the held-out
+        rows are split off the first time, before the privacy plan counts the training rows."""
+        opts = task.options.get("evaluation")
+        if not opts:
+            return ()
+        names, fraction = opts.get("metrics") if isinstance(opts, dict) else None, \
+            opts.get("site_fraction") if isinstance(opts, dict) else None
+        if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                or isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 0.9):
+            raise ConfigError(f"task {task.task_id}: malformed evaluation options {str(opts)[:200]}")
+        names_checked = parse_metrics(",".join(names), task_of(self._spec_hint(task)), "task evaluation metrics") \
+            if names else ()
+        if not self._held_out:
+            self._hold_out(float(fraction))
+        return names_checked if self._eval_rows is not None else ()
+
+    def _spec_hint(self, task: Task) -> dict[str, Any]:
+        """The job's model spec, for the task kind: the cached version's (the first task reads it)."""
+        mv = self._models.get(task.version) or self._model(task)
+        return mv.model
+
+    def _eval_source(self) -> str:
+        return f"evaluation data file {self.options.eval_data}" if self.options.eval_data else \
+            f"{self._data_source} (held-out rows)"
+
+    def _hold_out(self, fraction: float) -> None:
+        """--eval-data, else `fraction` of the site's rows, fixed by the site's name, so a restarted
+        site holds out the same rows and never trains on what it evaluated on before."""
+        self._held_out = True
+        if self.options.eval_data:
+            self._eval_rows = load_site(self.options.eval_data, task=None)
+            if self._models:
+                self._eval_rows = fit_data(*self._eval_rows, next(iter(self._models.values())).model,
+                                           source=self._eval_source())
+            return
+        n = len(self.y)
+        k = int(round(fraction * n))
+        if k < 1 or n - k < 1:
+            log.warning("too few rows to hold any out: this site reports no evaluation",
+                        extra={"job": self.names.job, "site": self.site, "rows": n, "fraction": fraction})
+            return
+        seed = int.from_bytes(hashlib.sha256(self.site.encode()).digest()[:4], "little")
+        order = np.random.default_rng(seed).permutation(n)
+        held, kept = np.sort(order[:k]), np.sort(order[k:])
+        self._eval_rows = (self.x[held], self.y[held])
+        self.x, self.y = self.x[kept], self.y[kept]
+
+    def _evaluate(self, task: Task, base: ModelVersion, names: tuple[str, ...]) -> dict[str, Any] | None:
+        """Runs on the training thread: the version the task brought, on the held-out rows, once
+        per version (a later task on the same version has nothing new to say)."""
+        if not names or self._eval_rows is None or base.version in self._evaluated:
+            return None
+        x, y = self._eval_rows
+        model = base_model(base.model, base.weights, self.device)
+        values = run_evaluator(self.evaluator, EvalContext(
+            model=model.eval(), x=x, y=y, metrics=names, task=task_of(base.model), device=self.device,
+            version=base.version, job=task.job, site=self.site))
+        self._evaluated[base.version] = None
+        while len(self._evaluated) > 256:
+            self._evaluated.popitem(last=False)
+        return make_report(base.version, len(y), values)
 
     def _warm_up(self, mv: ModelVersion) -> None:
         """One throw-away step, so torch's first-call set-up is not billed to the first task

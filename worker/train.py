@@ -30,6 +30,7 @@ from torch import nn
 
 from fedmq.shared.codec import Weights
 from fedmq.shared.errors import ConfigError, FedmqError, NonFiniteError, ShapeMismatchError
+from fedmq.shared.evaluation import MAX_REPORTED, TaskKind, evaluate_model, loss_fn, task_of
 from fedmq.shared.models import build_model, get_weights, set_weights
 from fedmq.shared.plugins import import_callable
 
@@ -47,9 +48,10 @@ class TrainContext:
 
     `model` is a fresh module per task, in train mode on `device`, holding the weights of the
     task's base version (`base`, as numpy arrays, is the same state: the delta is taken against
-    it). `x` (float32, in the model's input shape) and `y` (int64 class indices) are the site's
-    data as the worker loaded it. The hyper-parameters are the task's (the job's `[training]`
-    section); `seed` is derived from the task id, so a redelivered task can train the same way.
+    it). `x` (float32, in the model's input shape) and `y` (int64 class indices; float32 targets
+    in a regression job, see `task`) are the site's training rows as the worker loaded them (minus
+    the rows it holds out for federated evaluation). The hyper-parameters are the task's (the
+    job's `[training]` section); `seed` is derived from the task id, so a redelivered task can train the same way.
     `options` are the job-wide site options the task carries (e.g. its privacy settings).
     """
 
@@ -80,6 +82,15 @@ class TrainContext:
         """Classes of the job's model (its spec's `num_classes`; else one more than the largest label)."""
         n = self.model_spec.get("args", {}).get("num_classes")
         return int(n) if n else int(self.y.max()) + 1
+
+    @property
+    def task(self) -> TaskKind:
+        """classification (y: int64 class indices) or regression (y: float32 targets, one output)."""
+        return task_of(self.model_spec)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The bundled trainer's loss for the job's task: cross-entropy, or squared error."""
+        return loss_fn(self.task)(out, y)  # type: ignore[no-any-return]
 
     def generator(self) -> torch.Generator:
         """A new CPU generator seeded with `seed` (e.g. for a DataLoader's shuffling)."""
@@ -120,6 +131,33 @@ class TrainResult:
 Trainer = Callable[[TrainContext], TrainResult]
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluator gets for one version: the model holding the version's weights (in eval
+    mode, on `device`) and the site's held-out rows (never trained on). `metrics` are the names
+    the job asks for; the coordinator folds the built-in ones (accuracy, loss, auc, f1, mse, mae,
+    r2) it receives into its sample-weighted federated figure and ignores the rest."""
+
+    model: nn.Module
+    x: np.ndarray
+    y: np.ndarray
+    metrics: tuple[str, ...]
+    task: TaskKind
+    device: torch.device
+    version: int
+    job: str = ""
+    site: str = ""
+
+
+#: a site's own evaluation: EvalContext -> {metric name: value}
+Evaluator = Callable[[EvalContext], Mapping[str, float]]
+
+
+def default_evaluator(ctx: EvalContext) -> dict[str, float]:
+    """The job's metrics, computed as the coordinator computes them on its test data."""
+    return evaluate_model(ctx.model, ctx.x, ctx.y, ctx.metrics, ctx.task, ctx.device)
+
+
 class TrainResultError(FedmqError):
     """A trainer returned something that cannot become an update (wrong type, bad sample count or
     metrics); reported as a failed task, like an exception raised inside the trainer."""
@@ -145,14 +183,16 @@ def train_local(model_spec: dict[str, Any], base: Weights, x: np.ndarray, y: np.
     """
     device = device or torch.device("cpu")
     model = base_model(model_spec, base, device)
-    return _sgd(model, base, x, y, epochs=epochs, batch_size=batch_size, lr=lr, mu=mu, seed=seed, device=device)
+    return _sgd(model, base, x, y, epochs=epochs, batch_size=batch_size, lr=lr, mu=mu, seed=seed, device=device,
+                task=task_of(model_spec))
 
 
 def sgd_trainer(ctx: TrainContext) -> TrainResult:
-    """The bundled trainer as a `Trainer`: cross-entropy, plain SGD, FedProx when mu > 0; the same
+    """The bundled trainer as a `Trainer`: the task's loss (cross-entropy, or squared error for a
+    regression job), plain SGD, FedProx when mu > 0; the same
     loop, seeds and result as `train_local`."""
     r = _sgd(ctx.model, ctx.base, ctx.x, ctx.y, epochs=ctx.epochs, batch_size=ctx.batch_size, lr=ctx.lr,
-             mu=ctx.mu, seed=ctx.seed, device=ctx.device)
+             mu=ctx.mu, seed=ctx.seed, device=ctx.device, task=ctx.task)
     return TrainResult(delta=r.delta, num_samples=r.num_samples, metrics=r.metrics)
 
 
@@ -165,7 +205,9 @@ def base_model(model_spec: dict[str, Any], base: Weights, device: torch.device) 
 
 
 def _sgd(model: nn.Module, base: Weights, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
-         lr: float, mu: float, seed: int, device: torch.device) -> LocalResult:
+         lr: float, mu: float, seed: int, device: torch.device,
+         task: TaskKind = TaskKind.CLASSIFICATION) -> LocalResult:
+    criterion = loss_fn(task)
     gen = torch.Generator().manual_seed(seed)
     anchor = [p.detach().clone() for p in model.parameters()] if mu > 0 else []
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -178,7 +220,7 @@ def _sgd(model: nn.Module, base: Weights, x: np.ndarray, y: np.ndarray, *, epoch
             idx = order[i:i + batch_size]
             xb, yb = xt[idx].to(device), yt[idx].to(device)
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(xb), yb)
+            loss = criterion(model(xb), yb)
             if mu > 0:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                 loss = loss + 0.5 * mu * prox
@@ -206,6 +248,36 @@ def load_trainer(target: str) -> Trainer:
     except ValueError:  # no signature to inspect (some builtins): the call will tell
         pass
     return fn
+
+
+def load_evaluator(target: str) -> Evaluator:
+    """The evaluator `package.module:callable` names (one argument: an EvalContext); else ConfigError."""
+    fn = import_callable(target, "evaluator")
+    try:
+        inspect.signature(fn).bind(None)
+    except TypeError:
+        raise ConfigError(f"evaluator {target!r} must take one argument (a fedmq.site.EvalContext)") from None
+    except ValueError:
+        pass
+    return fn
+
+
+def run_evaluator(evaluator: Evaluator, ctx: EvalContext) -> dict[str, float]:
+    """Call `evaluator` and keep what can travel: finite numbers under names of 1-64 characters."""
+    raw = evaluator(ctx)
+    if not isinstance(raw, Mapping):
+        raise TrainResultError(f"the evaluator returned {type(raw).__name__}, not a dict of metric values")
+    if len(raw) > MAX_REPORTED:
+        raise TrainResultError(f"the evaluator returned {len(raw)} metrics, at most {MAX_REPORTED}")
+    out: dict[str, float] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not 0 < len(k) <= 64:
+            raise TrainResultError(f"metric name {k!r} must be a string of 1-64 characters")
+        value = _metric_value(k, v)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise TrainResultError(f"evaluation metric {k} = {value!r} is not a finite number")
+        out[k] = float(value)
+    return out
 
 
 def run_trainer(trainer: Trainer, ctx: TrainContext) -> LocalResult:
