@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "flood": ("bench.flood", "Flood from one site"),
     "byzantine": ("bench.byzantine", "Byzantine robustness"),
     "many_jobs": ("bench.many_jobs", "Many jobs on one broker"),
+    "fleet": ("bench.fleet", "Fleet"),
 }
 RUN_TITLE = "Last run"
 

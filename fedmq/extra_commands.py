@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "fedmq.permissions",
     "fedmq.simulate",
     "fedmq.jobs",
+    "fedmq.fleet",
 ]
 
 

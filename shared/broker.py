@@ -451,6 +451,19 @@ class Delivery:
             self._channel.basic_nack(self.delivery_tag, requeue=True)
 
 
+@dataclass
+class ChannelConsumer:
+    """A consumer on a channel of its own (`Connection.open_consumer`)."""
+
+    _channel: BlockingChannel
+
+    def close(self) -> None:
+        """Close the channel (idempotent): its unacked deliveries go back to the queue."""
+        if self._channel.is_open:
+            with suppress(Exception):
+                self._channel.close()
+
+
 #: seconds a publish waits for its confirm before the connection is given up (see _confirm_deadline)
 CONFIRM_TIMEOUT = 30.0
 
@@ -520,8 +533,11 @@ class Connection:
     attempt, the node that answered last first; `node_url` is the one connected to."""
 
     def __init__(self, url: str, *, name: str = "fedmq", heartbeat: int = 30,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, prompt: bool = False) -> None:
+        """`prompt`: `wait_for` returns as soon as the work is done instead of at the end of its
+        current `poll` slice (a fleet's connection serves hundreds of sites; see `wait_for`)."""
         self.url = url
+        self.prompt = prompt
         self.name = name
         self.urls = broker_urls(url)
         self._params = [_node_parameters(u, name=name, heartbeat=heartbeat, connect_timeout=connect_timeout)
@@ -740,7 +756,24 @@ class Connection:
                 arguments: dict[str, Any] | None = None,
                 on_cancel: Callable[[], None] | None = None) -> str:
         """Start a manual-ack consumer; deliveries are dispatched while `process` runs."""
-        ch = self.consumer_channel
+        return self._consume_on(self.consumer_channel, queue, on_message, prefetch=prefetch,
+                                arguments=arguments, on_cancel=on_cancel)
+
+    def open_consumer(self, queue: str, on_message: Callable[[Delivery], None], *, prefetch: int,
+                      on_cancel: Callable[[], None] | None = None) -> ChannelConsumer:
+        """A manual-ack consumer on a channel of its own, so its prefetch and acks are its own.
+
+        Why: a fleet runs many sites over one connection (`fedmq.fleet`); each site must hold at
+        most `prefetch` tasks and ack them itself, which per-channel QoS gives. Closing the returned
+        consumer closes its channel: the broker requeues what it delivered and left unacked."""
+        with amqp_errors(self.url):
+            ch = self._require().channel()
+        self._consume_on(ch, queue, on_message, prefetch=prefetch, on_cancel=on_cancel)
+        return ChannelConsumer(ch)
+
+    def _consume_on(self, ch: BlockingChannel, queue: str, on_message: Callable[[Delivery], None], *,
+                    prefetch: int, arguments: dict[str, Any] | None = None,
+                    on_cancel: Callable[[], None] | None = None) -> str:
         url = self.url
 
         def _cb(channel: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
@@ -791,8 +824,19 @@ class Connection:
     def wait_for(self, future: Future[T], poll: float = 0.2) -> T:
         """Keep the connection serviced while work runs on another thread, then return its result.
 
-        This is how a worker trains for minutes without its heartbeat timing out.
+        This is how a worker trains for minutes without its heartbeat timing out. Without
+        `prompt`, a finished future is noticed up to `poll` s late (a site waits three times per
+        task: plan, train, seal); with it, the future's completion wakes the I/O loop (measured
+        for `fedmq fleet`: 0.6 s per task per connection otherwise).
         """
+        if self.prompt and self._conn is not None:
+            conn = self._conn
+
+            def _wake(_f: Future[T]) -> None:
+                with suppress(Exception):  # the connection closed meanwhile: nothing to wake
+                    conn.add_callback_threadsafe(lambda: None)
+
+            future.add_done_callback(_wake)
         while not future.done():
             self.process(poll)
         return future.result()

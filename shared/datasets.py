@@ -383,11 +383,33 @@ def write_partition(out_dir: str | Path, dataset: str, num_sites: int, *, scheme
                     alpha: float = 0.5, test_fraction: float = 0.2, seed: int = 0,
                     fmt: str = "npz") -> PartitionResult:
     """Hold out a stratified test split, partition the rest, write site_<i>.<fmt> + test.npz."""
-    if not 0 < test_fraction < 1:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if fmt not in ("npz", "csv"):
         raise ConfigError(f"format {fmt!r} must be npz or csv")
     out = Path(out_dir)
+    ds, parts, test_mask = split_dataset(dataset, num_sites, scheme=scheme, alpha=alpha,
+                                         test_fraction=test_fraction, seed=seed)
+    files = []
+    for i, p in enumerate(parts):
+        f = out / f"site_{i}.{fmt}"
+        save_site(f, ds.x[p], ds.y[p])
+        files.append(f)
+    test_file = out / "test.npz"
+    save_site(test_file, ds.x[test_mask], ds.y[test_mask])
+    (out / "partition.json").write_text(json.dumps({
+        "dataset": ds.name, "scheme": scheme, "alpha": alpha, "seed": seed, "sites": num_sites,
+        "sizes": [int(len(p)) for p in parts], "test_size": int(test_mask.sum()),
+        "num_classes": ds.num_classes, "input_shape": list(ds.input_shape),
+    }, indent=2))
+    return PartitionResult(files, test_file, ds.num_classes, ds.input_shape)
+
+
+def split_dataset(dataset: str, num_sites: int, *, scheme: str = "dirichlet", alpha: float = 0.5,
+                  test_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, list[np.ndarray], np.ndarray]:
+    """The split `write_partition` writes, in memory: (dataset, per-site indices, test mask).
+    The same arguments give the same shards, so `fedmq fleet --dataset` trains on exactly the
+    sites `fedmq partition` writes files for (and the coordinator's test.npz is held out of both)."""
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     rng = np.random.default_rng(seed)
     if dataset == DatasetName.SYNTHETIC:
         ds, natural = synthetic(1.0, 1.0, num_sites=num_sites, seed=seed)
@@ -407,16 +429,4 @@ def write_partition(out_dir: str | Path, dataset: str, num_sites: int, *, scheme
             test_mask[rng.choice(idx, max(1, int(round(len(idx) * test_fraction))), replace=False)] = True
         train_idx = np.flatnonzero(~test_mask)
         parts = [train_idx[p] for p in partition(ds.y[train_idx], num_sites, scheme, alpha=alpha, seed=seed)]
-    files = []
-    for i, p in enumerate(parts):
-        f = out / f"site_{i}.{fmt}"
-        save_site(f, ds.x[p], ds.y[p])
-        files.append(f)
-    test_file = out / "test.npz"
-    save_site(test_file, ds.x[test_mask], ds.y[test_mask])
-    (out / "partition.json").write_text(json.dumps({
-        "dataset": ds.name, "scheme": scheme, "alpha": alpha, "seed": seed, "sites": num_sites,
-        "sizes": [int(len(p)) for p in parts], "test_size": int(test_mask.sum()),
-        "num_classes": ds.num_classes, "input_shape": list(ds.input_shape),
-    }, indent=2))
-    return PartitionResult(files, test_file, ds.num_classes, ds.input_shape)
+    return ds, parts, test_mask

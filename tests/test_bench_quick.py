@@ -25,6 +25,8 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "dp": (True, True, ["| no DP |", "| DP-SGD, epsilon 4 |"]),
     "tta": (True, True, ["| FedBuff |", "| FedAvg (synchronous) |", "fedmq / bound"]),
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
+    "fleet": (True, True, ["| updates lost / double counted | 0 / 0 | 0 / 0 | 0 / 0 |",
+                           "| RSS per site beyond data |", "separate workers / fleet at 30 sites"]),
 }
 OWN_TEST = {"byzantine": "tests/test_byzantine_bench.py", "many_jobs": "tests/test_many_jobs.py"}
 

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,10 @@ SiteData = str | Path | tuple[np.ndarray, np.ndarray]
 class Worker:
     def __init__(self, url: str, job: str, site: str, data: SiteData, *,
                  options: WorkerOptions | None = None, stop: threading.Event | None = None,
-                 trainer: Trainer | None = None, evaluator: Evaluator | None = None) -> None:
+                 trainer: Trainer | None = None, evaluator: Evaluator | None = None,
+                 feed: ModelFeed | None = None, pool: ThreadPoolExecutor | None = None) -> None:
+        """`feed` and `pool` are shared by the sites of a fleet (`fedmq.fleet`): one models-stream
+        reader and one training pool for all of them; by default each worker has its own."""
         self.url = url
         self.names = JobNames(job)
         self.site = validate_site(site)
@@ -143,22 +147,26 @@ class Worker:
         self.stats = WorkerStats()
         self._models: OrderedDict[int, ModelVersion] = OrderedDict()
         #: follows the models stream, so a task's version is usually read before the task arrives
-        self._feed = ModelFeed(url, self.names, cache=self.options.model_cache)
+        self._feed = feed or ModelFeed(url, self.names, cache=self.options.model_cache)
+        self._owns_feed = feed is None
         #: updates whose confirm (or event) never came: republished after a reconnect, not retrained
         self._outbox: dict[str, _Outgoing] = {}
         self._failures = 0  # consecutive tasks whose training raised
         #: task ids whose update is confirmed but whose ack died with the connection
         self._delivered: OrderedDict[str, None] = OrderedDict()
         self._joined = False  # consumed the tasks queue once: its absence now means the job ended
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{site}")
+        self._pool = pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"train-{site}")
+        self._owns_pool = pool is None
 
     def run(self) -> WorkerStats:
         try:
             run_forever(self._serve, stop=self.stop, what=f"worker site={self.site}",
                         on_reconnect=self._count_reconnect)
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._feed.close()
+            if self._owns_pool:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._owns_feed:
+                self._feed.close()
         return self.stats
 
     def _count_reconnect(self, _attempt: int) -> None:
@@ -184,17 +192,9 @@ class Worker:
         conn.open(retries=3)
         try:
             pending: list[Delivery] = []
-            try:
-                self._wait_for_job(conn)
-                self._resend(conn)
-                conn.consume(self.names.tasks, pending.append, prefetch=1, on_cancel=self._job_finished)
-            except JobNotFoundError:
-                if not self._joined:
-                    raise
-                self._outbox.clear()  # the coordinator closed the job: nobody consumes updates now
-                self._job_finished()
+            if not self.attach(conn, lambda: conn.consume(self.names.tasks, pending.append, prefetch=1,
+                                                          on_cancel=self._job_finished)):
                 return
-            self._joined = True
             log.info("worker ready job=%s site=%s samples=%d", self.names.job, self.site, len(self.y))
             while not self.stop.is_set():
                 conn.process(0.2)
@@ -204,6 +204,27 @@ class Worker:
                     self.stop.set()
         finally:
             conn.close()
+
+    def attach(self, conn: Connection, consume: Callable[[], object]) -> bool:
+        """On a (re)opened connection: wait for the job, republish unconfirmed updates, then call
+        `consume` (which starts this site's task consumer). False when the job this worker had
+        joined is gone (it ended); JobNotFoundError when it never appeared."""
+        try:
+            self._wait_for_job(conn)
+            self._resend(conn)
+            consume()
+        except JobNotFoundError:
+            if not self._joined:
+                raise
+            self._outbox.clear()  # the coordinator closed the job: nobody consumes updates now
+            self._job_finished()
+            return False
+        self._joined = True
+        return True
+
+    def handle(self, conn: Connection, d: Delivery) -> None:
+        """One task delivery, start to ack, on `conn` (a fleet drives many workers this way)."""
+        self._handle(conn, d)
 
     def _handle(self, conn: Connection, d: Delivery) -> None:
         try:
