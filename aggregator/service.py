@@ -25,6 +25,7 @@ from typing import Any
 
 from fedmq.aggregator.dp import DpAggregation
 from fedmq.aggregator.strategy import (
+    strategy_source_sha256,
     Accumulator,
     NormWindow,
     chain_window,
@@ -392,6 +393,8 @@ class _Session:
         cur = self.current
         new_weights, contributions, server_state = self.acc.step(cur.weights, cur.server_state)
         meta = dict(cur.meta)
+        if self.cfg.name.is_user:  # replay warns when the strategy's source differs (fedmq/replay.py)
+            meta["user_strategy"] = {"name": self.cfg.name.value, "source_sha256": strategy_source_sha256(self.cfg)}
         if self.dp is not None:  # central noise goes on after the flush (aggregator/dp.py)
             new_weights, meta["dp"] = self.dp.finish(cur.version + 1, new_weights, contributions,
                                                      learning_rate(self.cfg))
