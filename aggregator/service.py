@@ -25,7 +25,6 @@ from typing import Any
 
 from fedmq.aggregator.dp import DpAggregation
 from fedmq.aggregator.strategy import (
-    strategy_source_sha256,
     Accumulator,
     NormWindow,
     chain_window,
@@ -33,6 +32,7 @@ from fedmq.aggregator.strategy import (
     last_step,
     learning_rate,
     recorded_norms,
+    strategy_source_sha256,
 )
 from fedmq.aggregator.validate import validate_update
 from fedmq.shared import faults, metrics

@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 
 from fedmq.aggregator.strategy import (
-    strategy_source_sha256,
     Accumulator,
     Contribution,
     NormWindow,
@@ -53,6 +52,7 @@ from fedmq.aggregator.strategy import (
     l2_norm,
     last_step,
     recorded_norms,
+    strategy_source_sha256,
 )
 from fedmq.aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none

@@ -23,6 +23,7 @@ from fedmq.shared.config import (
     ServerOptimizer,
     StrategyConfig,
     StrategyName,
+    build,
     load_job_config,
 )
 from fedmq.shared.errors import ConfigError
@@ -101,7 +102,7 @@ def test_refused_with_encryption_and_central_dp() -> None:
     cfg = StrategyConfig(name=StrategyName(FEDAVGM), sample_weighted=False)
     with pytest.raises(ConfigError, match="user strategy"):
         check_strategy(cfg)
-    job = JobConfig(strategy=cfg, privacy=PrivacyConfig(mechanism="dp_fedavg", noise_at="central"))  # type: ignore[arg-type]
+    job = JobConfig(strategy=cfg, privacy=build(PrivacyConfig, {"mechanism": "dp_fedavg", "noise_at": "aggregator", "noise_multiplier": 1.0}, "privacy"))
     with pytest.raises(ConfigError, match="central DP"):
         check_privacy(job)
 
