@@ -102,7 +102,8 @@ def test_refused_with_encryption_and_central_dp() -> None:
     cfg = StrategyConfig(name=StrategyName(FEDAVGM), sample_weighted=False)
     with pytest.raises(ConfigError, match="user strategy"):
         check_strategy(cfg)
-    job = JobConfig(strategy=cfg, privacy=build(PrivacyConfig, {"mechanism": "dp_fedavg", "noise_at": "aggregator", "noise_multiplier": 1.0}, "privacy"))
+    job = JobConfig(strategy=cfg, privacy=build(
+        PrivacyConfig, {"mechanism": "dp_fedavg", "noise_at": "aggregator", "noise_multiplier": 1.0}, "privacy"))
     with pytest.raises(ConfigError, match="central DP"):
         check_privacy(job)
 
