@@ -32,6 +32,7 @@ from fedmq.aggregator.strategy import (
     last_step,
     learning_rate,
     recorded_norms,
+    strategy_source_sha256,
 )
 from fedmq.aggregator.validate import validate_update
 from fedmq.shared import faults, metrics
@@ -392,6 +393,8 @@ class _Session:
         cur = self.current
         new_weights, contributions, server_state = self.acc.step(cur.weights, cur.server_state)
         meta = dict(cur.meta)
+        if self.cfg.name.is_user:  # replay warns when the strategy's source differs (fedmq/replay.py)
+            meta["user_strategy"] = {"name": self.cfg.name.value, "source_sha256": strategy_source_sha256(self.cfg)}
         if self.dp is not None:  # central noise goes on after the flush (aggregator/dp.py)
             new_weights, meta["dp"] = self.dp.finish(cur.version + 1, new_weights, contributions,
                                                      learning_rate(self.cfg))

@@ -48,13 +48,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from fedmq.shared.codec import Weights
 from fedmq.shared.config import ClipCenter, Robust, ServerOptimizer, StalenessFn, StrategyConfig, StrategyName
 from fedmq.shared.errors import OutlierError, ServerStateError
+from fedmq.shared.plugins import import_callable
 from fedmq.shared.privacy import clip, l2_norm
 
 
@@ -242,11 +243,87 @@ def centred_clip(delta: Weights, center: Mapping[str, np.ndarray] | None,
     return {k: base[k] + deviation[k] for k in delta}, size
 
 
+@dataclass(frozen=True)
+class BufferedUpdate:
+    """One update as a user strategy sees it: the delta in float64 after clip_norm / median
+    clipping, its staleness factor s(tau) and weight m (num_samples or 1), and its metadata."""
+
+    delta: Mapping[str, np.ndarray]
+    staleness: float
+    weight: float
+    contribution: Contribution
+
+
+class Strategy(Protocol):
+    """A user strategy, named in the job config as ``strategy.name = "package.module:callable"``.
+
+    Called once per version with the parent's weights, the job's StrategyConfig, the buffered
+    updates in arrival order (``cfg.buffer_size`` of them, fewer on a flush timeout) and the
+    parent's ``server_state`` (None for v0's children); returns the new weights (the model's
+    dtypes) and the state the next call receives (None for none). It must be a pure function of
+    its arguments (no randomness, clock, files or globals: anything it keeps goes in the returned
+    state, which is published with the version), so `fedmq replay` recomputes it bit for bit.
+    """
+
+    def __call__(self, current: Weights, cfg: StrategyConfig, updates: Sequence[BufferedUpdate],
+                 state: Weights | None) -> tuple[Weights, Weights | None]: ...
+
+
+def load_strategy(cfg: StrategyConfig) -> Strategy | None:
+    """The user strategy `cfg.name` names (ConfigError when it can't be imported); None for a built-in."""
+    if not cfg.name.is_user:
+        return None
+    return import_callable(cfg.name.value, "strategy.name")  # type: ignore[return-value]
+
+
+def strategy_source_sha256(cfg: StrategyConfig) -> str | None:
+    """sha256 of the source file defining the user strategy (recorded in v0's meta so replay
+    can warn when the code changed); None for built-ins or code without a source file."""
+    import hashlib
+    import inspect
+
+    fn = load_strategy(cfg)
+    if fn is None:
+        return None
+    try:
+        path = inspect.getsourcefile(fn)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def mean_strategy(current: Weights, cfg: StrategyConfig, updates: Sequence[BufferedUpdate],
+                  state: Weights | None) -> tuple[Weights, Weights | None]:
+    """FedBuff / FedAsync / FedAvg (robust = none) through the `Strategy` interface: the same
+    float64 sums in the same order as `Accumulator`, so the same bits (tests/test_user_strategy.py).
+    The Accumulator keeps its running sum (memory O(model)) instead of buffering."""
+    total: dict[str, np.ndarray] = {}
+    denominator = 0.0
+    for u in updates:
+        w = u.staleness * u.weight
+        for k, v in u.delta.items():
+            if k not in total:
+                total[k] = np.zeros(np.shape(v), dtype=np.float64)
+            total[k] += w * np.asarray(v, dtype=np.float64)
+        denominator += u.weight
+    if denominator <= 0:
+        mean = {k: np.zeros_like(v) for k, v in total.items()}
+    else:
+        mean = {k: v / denominator for k, v in total.items()}
+    return server_step(cfg, current, mean, state)
+
+
 class Accumulator:
-    """Folds deltas into a float64 running sum: memory O(model) for mean-type strategies."""
+    """Folds deltas into a float64 running sum: memory O(model) for mean-type strategies; a user
+    strategy (`Strategy`) keeps the buffer and is called with it at `step`."""
 
     def __init__(self, cfg: StrategyConfig) -> None:
         self.cfg = cfg
+        self._user = load_strategy(cfg)
+        self._updates: list[BufferedUpdate] = []  # user strategies only
         self._sum: dict[str, np.ndarray] | None = None
         self._denominator = 0.0
         self._buffer: list[Weights] = []  # robust strategies only
@@ -274,8 +351,13 @@ class Accumulator:
         norm = l2_norm(delta)
         if cfg.clip_center is not ClipCenter.LAST_STEP:
             _refuse_outlier(update_id, "L2 norm", norm, outlier_limit, cfg)
-            self._add(self._length_clip(delta, norm, median_bound), s, m)
+            clipped = self._length_clip(delta, norm, median_bound)
             c = Contribution(update_id, site, base_version, tau, s * m, num_samples, norm)
+            if self._user is not None:
+                self._updates.append(BufferedUpdate(
+                    {k: np.array(v, dtype=np.float64) for k, v in clipped.items()}, s, m, c))
+            else:
+                self._add(clipped, s, m)
             self.contributions.append(c)
             return c
         delta = clip(delta, cfg.clip_norm, norm)
@@ -345,8 +427,8 @@ class Accumulator:
     def flush(self, current: Weights) -> tuple[Weights, list[Contribution]]:
         """New weights from `current` and the folded updates; empties the accumulator. Without a
         server optimizer only: one needs the parent's state (`step`)."""
-        if self.cfg.server_optimizer is not ServerOptimizer.NONE:
-            raise ValueError("a server optimizer continues from the parent's state: call step()")
+        if self.cfg.server_optimizer is not ServerOptimizer.NONE or self._user is not None:
+            raise ValueError("a server optimizer (or user strategy) continues from the parent's state: call step()")
         new, contributions, _ = self.step(current, None)
         return new, contributions
 
@@ -356,9 +438,13 @@ class Accumulator:
         folded updates; empties the accumulator."""
         if not self.contributions:
             raise ValueError("flush of an empty accumulator")
-        new, new_state = server_step(self.cfg, current, self.mean_delta(), state)
+        if self._user is not None:
+            new, new_state = self._user(current, self.cfg, tuple(self._updates), state)
+        else:
+            new, new_state = server_step(self.cfg, current, self.mean_delta(), state)
         contributions = self.contributions
         self._sum, self._denominator, self._buffer, self.contributions = None, 0.0, [], []
+        self._updates = []
         self._pending = []
         return new, contributions, new_state
 

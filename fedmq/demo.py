@@ -47,9 +47,18 @@ DEMO_STRATEGIES = {
 }
 
 
+def _demo_strategy(value: str) -> str:
+    """A preset name, or package.module:callable (a user strategy with fedbuff's preset settings)."""
+    if value in DEMO_STRATEGIES or (value.count(":") == 1 and all(value.partition(":")[::2])):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(sorted(DEMO_STRATEGIES))} "
+                                     "or package.module:callable")
+
+
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", default="fedbuff", choices=sorted(DEMO_STRATEGIES),
-                   help="aggregation strategy, with settings tuned for the bundled data")
+    p.add_argument("--strategy", default="fedbuff", type=_demo_strategy,
+                   help=f"aggregation strategy, with settings tuned for the bundled data: "
+                   f"{', '.join(sorted(DEMO_STRATEGIES))}, or package.module:callable (fedbuff's settings)")
     p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
                    help="bundled dataset (no download)")
     p.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:callable")
@@ -189,7 +198,9 @@ def _sites_line(st: Progress_) -> Text:
 
 def demo_sections(args: argparse.Namespace, part: PartitionResult, work: Path) -> dict[str, dict[str, Any]]:
     """The demo job's TOML sections before privacy and keys (also what `bench` simulates)."""
-    strategy = dict(DEMO_STRATEGIES[args.strategy]["strategy"])
+    strategy = dict(DEMO_STRATEGIES.get(args.strategy, DEMO_STRATEGIES["fedbuff"])["strategy"])
+    if args.strategy not in DEMO_STRATEGIES:
+        strategy["name"] = args.strategy  # a user strategy: imported (and refused if need be) at start
     if args.strategy == "fedavg":
         strategy["buffer_size"] = args.sites
     return {

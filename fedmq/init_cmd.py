@@ -182,6 +182,7 @@ def check_job(path: str, site_files: list[str]) -> str:
     from fedmq.shared.models import build_model, check_forward, model_for_data, model_spec
 
     cfg = load_job_config(path)  # ConfigError names the key
+    check_user_strategy(cfg)
     cfg.check_evaluation()
     task = cfg.model.task
     if cfg.data.test:
@@ -207,6 +208,28 @@ def check_job(path: str, site_files: list[str]) -> str:
     return (f"{path}: ok (strategy {cfg.strategy.name.value}, model {cfg.model.name} "
             f"{spec['args']['input_shape']} -> {head}, {evaluated}"
             + (f", {len(site_files)} site files" if site_files else "") + ")")
+
+
+def check_user_strategy(cfg: JobConfig) -> None:
+    """A user strategy (strategy.name = "package.module:callable") imports here, and is not combined
+    with what needs a built-in fold (encryption sums ciphertexts; central DP calibrates to a mean)."""
+    if not cfg.strategy.name.is_user:
+        return
+    from fedmq.shared.plugins import import_callable
+
+    import_callable(cfg.strategy.name.value, "strategy.name")
+    if cfg.encryption.enabled:
+        from fedmq.shared.he import check_strategy
+
+        check_strategy(cfg.strategy)
+
+
+def _strategy_arg(value: str) -> StrategyName:
+    try:
+        return StrategyName(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not one of {', '.join(s.value for s in StrategyName)} or package.module:callable") from None
 
 
 def _check_named_files(cfg: JobConfig) -> None:
@@ -237,8 +260,9 @@ def register(sub: Any, add_common: Callable[..., None]) -> None:
     p.add_argument("--job", help="job id to put in the file (else left commented: --job / FEDMQ_JOB set it)")
     p.add_argument("--test", default="data/test.npz",
                    help="held-out test file the coordinator evaluates on (data.test)")
-    p.add_argument("--strategy", default=StrategyName.FEDBUFF.value, choices=[s.value for s in StrategyName],
-                   help="aggregation strategy (strategy.name)")
+    p.add_argument("--strategy", default=StrategyName.FEDBUFF.value, type=_strategy_arg,
+                   help=f"aggregation strategy (strategy.name): {', '.join(s.value for s in StrategyName)} "
+                   "or package.module:callable (your own, docs/tutorial.md)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--check", metavar="FILE", help="validate FILE (with FEDMQ_* env applied) instead of writing: "
                    "its keys, the model, and that data.test loads and fits the model")

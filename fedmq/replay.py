@@ -52,6 +52,7 @@ from fedmq.aggregator.strategy import (
     l2_norm,
     last_step,
     recorded_norms,
+    strategy_source_sha256,
 )
 from fedmq.aggregator.validate import check_header, validate_update
 from fedmq.history import StreamCursor, decode_or_none
@@ -186,6 +187,22 @@ class ClipHistoryUnknownError(FedmqError):
     """The running-median clip bound of a version needs norms of versions that were not read."""
 
 
+_WARNED_STRATEGIES: set[tuple[str, str]] = set()
+
+
+def _warn_changed_strategy(cfg: StrategyConfig, version: ModelVersion) -> None:
+    """Warn (once per job and strategy) when the user strategy's source file differs from the one
+    the aggregator ran (v1.. meta's user_strategy.source_sha256): mismatches are then expected."""
+    recorded = version.meta.get("user_strategy")
+    if not cfg.name.is_user or not isinstance(recorded, dict) or (version.job, cfg.name.value) in _WARNED_STRATEGIES:
+        return
+    here = strategy_source_sha256(cfg)
+    if recorded.get("source_sha256") != here:
+        _WARNED_STRATEGIES.add((version.job, cfg.name.value))
+        log.warning("user strategy changed job=%s strategy=%s recorded_sha256=%s local_sha256=%s",
+                    version.job, cfg.name.value, recorded.get("source_sha256"), here)
+
+
 def fold_version(parent: ModelVersion, version: ModelVersion, updates: Sequence[Update],
                  norms: NormWindow | None = None) -> tuple[Weights, list[Contribution], StrategyConfig]:
     """The aggregator's computation of `version`: Accumulator(version's params), each update
@@ -207,6 +224,7 @@ def fold_version(parent: ModelVersion, version: ModelVersion, updates: Sequence[
     if cfg.clip_center is ClipCenter.LAST_STEP and center is None:
         raise ClipHistoryUnknownError(
             f"the centred clip's centre is the step v{parent.version} took from its parent, which was not read")
+    _warn_changed_strategy(cfg, version)
     acc = Accumulator(cfg)
     for u in updates:
         if u.delta is None:

@@ -35,9 +35,24 @@ C = TypeVar("C")
 
 
 class StrategyName(StrEnum):
+    """A built-in strategy, or a user strategy named ``package.module:callable`` (a pseudo-member
+    whose value is that text; `is_user` tells them apart; fedmq.aggregator.strategy loads it)."""
+
     FEDBUFF = "fedbuff"
     FEDASYNC = "fedasync"
     FEDAVG = "fedavg"
+
+    @classmethod
+    def _missing_(cls, value: object) -> StrategyName | None:
+        if not isinstance(value, str) or value.count(":") != 1 or not all(value.partition(":")[::2]):
+            return None
+        member = str.__new__(cls, value)
+        member._name_, member._value_ = "USER", value
+        return cls._value2member_map_.setdefault(value, member)  # type: ignore[return-value]
+
+    @property
+    def is_user(self) -> bool:
+        return ":" in self.value
 
 
 class StalenessFn(StrEnum):
@@ -247,6 +262,11 @@ class StrategyConfig(Section):
                  "strategy.outlier_factor", f"must be 0 (off) or >= clip_median_factor (> 0), which it refines, "
                  f"got {self.outlier_factor!r} with clip_median_factor {self.clip_median_factor!r}")
 
+        if self.name.is_user:
+            _require(self.robust is Robust.NONE and self.server_optimizer is ServerOptimizer.NONE
+                     and self.clip_center is ClipCenter.ZERO, "strategy.name",
+                     f"a user strategy ({self.name.value}) does its own folding: set robust = none, "
+                     "server_optimizer = none and clip_center = zero (clip_norm and the median clip still apply)")
         if self.server_optimizer is not ServerOptimizer.NONE:
             _require(self.name is not StrategyName.FEDASYNC, "strategy.server_optimizer",
                      "fedasync mixes each update in with alpha; a server optimizer needs a buffered mean "
@@ -572,7 +592,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         try:
             return typ(value)
         except ValueError:
-            choices = ", ".join(m.value for m in typ)
+            choices = ", ".join(m.value for m in typ) + (" or package.module:callable" if typ is StrategyName else "")
             raise ConfigError(f"{key}: {value!r} is not one of {choices}") from None
     if typ is bool:
         if isinstance(value, bool):

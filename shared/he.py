@@ -297,6 +297,9 @@ def encrypt_update(update: Update, ctx: ts.Context, context_sha: str, slots: int
 
 def check_strategy(cfg: StrategyConfig) -> None:
     """Raise ConfigError for strategy settings that need plaintext deltas."""
+    if cfg.name.is_user:
+        raise ConfigError(f"strategy.name = {cfg.name.value}: a user strategy reads plaintext deltas; encrypted "
+                          "jobs sum ciphertexts (use fedbuff, fedasync or fedavg)")
     if cfg.robust is not Robust.NONE:
         raise ConfigError(f"strategy.robust = {cfg.robust.value} needs plaintext deltas; encrypted "
                           "jobs support mean-type strategies only (robust = \"none\")")

@@ -181,6 +181,9 @@ def check_privacy(cfg: JobConfig) -> None:
         raise ConfigError("training.mu: FedProx's proximal term has no per-sample gradient, so DP-SGD "
                           "cannot clip it; set training.mu = 0 with privacy.mechanism = dp_sgd")
     if p.central:
+        if cfg.strategy.name.is_user:
+            raise ConfigError(f"strategy.name = {cfg.strategy.name.value}: central DP-FedAvg's noise is calibrated "
+                              "to a weighted mean of clipped updates; use a built-in strategy")
         if cfg.strategy.sample_weighted:
             raise ConfigError("strategy.sample_weighted: central DP-FedAvg bounds each update's weight "
                               "by 1; set strategy.sample_weighted = false")
