@@ -67,16 +67,24 @@ class PrivateBroker:
     """A throw-away RabbitMQ node on its own ports; `restart` keeps its data (quorum queues,
     streams) like a real broker restart does."""
 
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, *, management: bool = False) -> None:
         self.base = base or Path(tempfile.mkdtemp(prefix="fedmq-rmq-"))
         self.port = free_port()
         self.dist_port = free_port()
         self.name = f"fedmq{self.port}@localhost"
         self.proc: subprocess.Popen[bytes] | None = None
-        (self.base / "enabled_plugins").write_text("[].\n")
-        (self.base / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
-        )
+        #: the management plugin's HTTP port when asked for (its own port, like the node's others)
+        self.management_port = free_port() if management else None
+        (self.base / "enabled_plugins").write_text("[rabbitmq_management].\n" if management else "[].\n")
+        conf = f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        if self.management_port:
+            conf += f"management.tcp.port = {self.management_port}\nmanagement.tcp.ip = 127.0.0.1\n"
+        (self.base / "rabbitmq.conf").write_text(conf)
+
+    @property
+    def management_url(self) -> str:
+        assert self.management_port, "started without management=True"
+        return f"http://127.0.0.1:{self.management_port}"
 
     @property
     def url(self) -> str:
