@@ -61,8 +61,9 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
     && rm -rf "$torch_dir/include" "$torch_dir/test" \
     && find "$torch_dir/bin" -type f ! -name torch_shm_manager -delete
 
-# pyproject's dependencies, split: the site's here, TOOLS_ONLY in tools-deps.
-ARG TOOLS_ONLY="matplotlib mlxtend scikit-learn"
+# pyproject's dependencies, split: the site's here, TOOLS_ONLY in tools-deps. scikit-learn stays
+# with the site: federated evaluation computes AUC, F1 and R2 with it.
+ARG TOOLS_ONLY="matplotlib mlxtend"
 WORKDIR /opt/fedmq
 COPY pyproject.toml ./
 RUN python -c 'import re, sys, tomllib; \

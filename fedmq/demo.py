@@ -8,6 +8,7 @@ broker, follows the job's events stream with a progress bar, and prints the resu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from fedmq.args import SECONDS, SLOWDOWN, config_number, number
 from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
 from fedmq.shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
-from fedmq.shared.config import CoordinatorConfig, JobConfig, TrainingConfig
+from fedmq.shared.config import CoordinatorConfig, JobConfig, TrainingConfig, merge, read_toml
 from fedmq.shared.datasets import PartitionResult, write_partition
 from fedmq.shared.errors import ConfigError, FedmqError
 from fedmq.shared.evaluation import read_evaluated
@@ -59,8 +60,11 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="fedbuff", type=_demo_strategy,
                    help=f"aggregation strategy, with settings tuned for the bundled data: "
                    f"{', '.join(sorted(DEMO_STRATEGIES))}, or package.module:callable (fedbuff's settings)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "breast_cancer", "mnist", "synthetic"],
+    p.add_argument("--dataset", default="digits",
+                   choices=["digits", "breast_cancer", "mnist", "synthetic", "diabetes"],
                    help="bundled dataset (no download)")
+    p.add_argument("--example", help="run one of the repository's examples (examples/NAME/example.toml: "
+                   "its data, job settings and site code); the other options only set what it leaves open")
     p.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:callable")
     p.add_argument("--sites", type=config_number(CoordinatorConfig, "concurrency"),
                    default=8, help="number of worker processes")
@@ -110,7 +114,11 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return f'"{v}"'
+        return json.dumps(v)  # a TOML basic string is a JSON string
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -123,8 +131,60 @@ def write_job_toml(path: Path, sections: dict[str, dict[str, Any]]) -> None:
     path.write_text("\n".join(lines))
 
 
+#: the repository's examples (`fedmq demo --example NAME`): examples/<name>/example.toml
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+#: what an example's [demo] table may set: the demo's own options, and the sites' code
+EXAMPLE_OPTIONS = {"dataset", "sites", "partition", "alpha", "slow", "slowdown", "min_task_seconds", "strategy",
+                   "epochs", "lr", "batch_size", "max_seconds", "max_versions"}
+EXAMPLE_SITE_KEYS = {"trainer", "evaluator", "format", "central_test"}
+
+
+def example_names() -> list[str]:
+    return sorted(p.parent.name for p in EXAMPLES.glob("*/example.toml")) if EXAMPLES.is_dir() else []
+
+
+def load_example(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(the example's [demo] table, its job sections); ConfigError for an unknown example or key."""
+    path = EXAMPLES / name / "example.toml"
+    if not path.is_file():
+        known = ", ".join(example_names()) or "none: the examples ship with the repository, not the wheel"
+        raise ConfigError(f"--example {name!r} is not an example (known: {known})")
+    raw = read_toml(path)
+    demo = raw.pop("demo", {})
+    unknown = sorted(set(demo) - EXAMPLE_OPTIONS - EXAMPLE_SITE_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: [demo] {unknown[0]} is not a demo option "
+                          f"(known: {', '.join(sorted(EXAMPLE_OPTIONS | EXAMPLE_SITE_KEYS))})")
+    return demo, raw
+
+
+def apply_example(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Set the demo's options from the example's [demo] table; its job sections, to merge."""
+    demo, sections = load_example(args.example)
+    for key in sorted(EXAMPLE_OPTIONS & set(demo)):
+        setattr(args, key, demo[key])
+    args.trainer, args.evaluator = demo.get("trainer", ""), demo.get("evaluator", "")
+    args.format, args.central_test = demo.get("format", "npz"), demo.get("central_test", True)
+    return sections
+
+
+def merge_example(base: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]],
+                  args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The demo's sections with the example's over them: the example's own target replaces the
+    demo's accuracy target, and without central test data the coordinator gets none."""
+    out = merge(base, sections)
+    coord = sections.get("coordinator", {})
+    if "target_metric" in coord:
+        out["coordinator"].pop("target_accuracy", None)
+    if not args.central_test:
+        out["data"].pop("test", None)
+    return out
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
+    if EXAMPLES.is_dir():  # an example's trainer module (tabular_auc.train:train) imports from here
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EXAMPLES), env.get("PYTHONPATH", "")) if p)
     # many processes on few cores: one thread each, or torch oversubscribes the machine
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
@@ -220,6 +280,7 @@ def site_slowdown(args: argparse.Namespace, i: int) -> float:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    extra = apply_example(args) if args.example else None  # a bad example exits 2 before the broker is tried
     if not 0 <= args.slow <= args.sites:
         raise ConfigError(f"--slow must be between 0 and --sites ({args.sites}), got {args.slow}")
     console = Console(stderr=True)
@@ -230,8 +291,10 @@ def run_demo(args: argparse.Namespace) -> int:
     (work / "logs").mkdir(parents=True, exist_ok=True)
 
     part = write_partition(work / "data", args.dataset, args.sites, scheme=args.partition,
-                           alpha=args.alpha, seed=args.seed)
+                           alpha=args.alpha, seed=args.seed, fmt=getattr(args, "format", "npz"))
     sections = demo_sections(args, part, work)
+    if extra is not None:
+        sections = merge_example(sections, extra, args)
     apply_privacy(args, work, sections)
     keys = apply_keys(args, work, job, [f"site-{i}" for i in range(args.sites)], sections)
     config = work / "job.toml"
@@ -253,12 +316,21 @@ def run_demo(args: argparse.Namespace) -> int:
             procs.start(f"site-{i}", ["worker", *common, "--site", f"site-{i}", "--data", str(f),
                                       "--slowdown", str(site_slowdown(args, i)),
                                       "--min-task-seconds", str(args.min_task_seconds),
-                                      *keys.worker_args(f"site-{i}")])
+                                      *keys.worker_args(f"site-{i}"), *_site_code_args(args)])
         st = _follow(url, job, procs, console, args)
         procs.wait_all(timeout=30)
     finally:
         procs.wait_all(timeout=0)
     return _report(url, job, st, args, console, time.time() - t0, procs, keys.summary(), launched_at=t0)
+
+
+def _site_code_args(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "trainer", ""):
+        out += ["--trainer", args.trainer]
+    if getattr(args, "evaluator", ""):
+        out += ["--evaluator", args.evaluator]
+    return out
 
 
 def _follow(url: str, job: str, procs: Processes, console: Console, args: argparse.Namespace) -> Progress_:
@@ -324,6 +396,7 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
     fin = st.finished
     result = {
         "job": job, "strategy": args.strategy, "final_accuracy": fin["final_accuracy"],
+        **({"example": args.example} if getattr(args, "example", None) else {}),
         "versions": fin["versions"], "updates_applied": fin["updates_applied"],
         "updates_dead_lettered": dead_letters, "wall_seconds": round(fin["wall_seconds"], 3),
         "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),

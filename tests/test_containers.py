@@ -313,12 +313,13 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     assert sizes[site] < sizes[full]
 
     # the image's user and its volumes: 10001:10001 with a real group entry, /out and /state its own
-    # (and the site image really has no plotting stack)
+    # (and the site image really has no plotting stack, but the metrics federated evaluation computes)
     ids = _run(["podman", "run", "--rm", "--entrypoint", "sh", site, "-c",
                 "id; stat -c '%n %u:%g' /out /state; touch /out/x /state/x; "
-                "python -c 'import matplotlib' 2>/dev/null && echo plotting || echo no-plotting"]).stdout
+                "python -c 'import matplotlib' 2>/dev/null && echo plotting || echo no-plotting; "
+                "python -c 'import sklearn.metrics' && echo site-metrics"]).stdout
     assert "uid=10001(fedmq) gid=10001(fedmq)" in ids and "/out 10001:10001" in ids and "/state 10001:10001" in ids
-    assert "no-plotting" in ids, ids
+    assert "no-plotting" in ids and "site-metrics" in ids, ids  # federated AUC/F1/R2 need scikit-learn
     health = _run(["podman", "image", "inspect", "--format", "{{json .Config.Healthcheck}}", site]).stdout
     assert "fedmq.shared.metrics" in health, health
 
