@@ -256,3 +256,22 @@ def test_a_regression_job_trains_on_real_targets_and_stops_on_mse(broker_url: st
     first = _events(broker_url, job, EventKind.VERSION_EVALUATED)[0].data["metrics"]
     assert first["mse"] > 0.6  # v0 does not predict: the target was learned
     assert not dead_letters(broker_url, job)
+
+
+@pytest.mark.parametrize("returned, words", [
+    ([0.5], "the evaluator's result is a list, not a dict"),
+    ({"accuracy": float("nan")}, "metric accuracy is NaN"),
+    ({"accuracy": "high"}, "evaluation metric accuracy = 'high' is not a finite number"),
+    ({"accuracy": True}, "is not a finite number"),
+    ({f"m{i}": 1.0 for i in range(17)}, "holds 17 values, at most 16"),
+])
+def test_an_evaluators_result_that_cannot_travel_fails_the_task(returned: Any, words: str) -> None:
+    import torch
+
+    from fedmq.worker.train import TrainResultError, run_evaluator
+
+    ctx = EvalContext(model=torch.nn.Linear(2, 2), x=np.zeros((2, 2), np.float32), y=np.zeros(2, np.int64),
+                      metrics=("accuracy",), task=TaskKind.CLASSIFICATION, device=torch.device("cpu"), version=0)
+    with pytest.raises(TrainResultError, match=None) as info:
+        run_evaluator(lambda _ctx: returned, ctx)
+    assert words in str(info.value)

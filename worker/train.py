@@ -264,20 +264,11 @@ def load_evaluator(target: str) -> Evaluator:
 
 def run_evaluator(evaluator: Evaluator, ctx: EvalContext) -> dict[str, float]:
     """Call `evaluator` and keep what can travel: finite numbers under names of 1-64 characters."""
-    raw = evaluator(ctx)
-    if not isinstance(raw, Mapping):
-        raise TrainResultError(f"the evaluator returned {type(raw).__name__}, not a dict of metric values")
-    if len(raw) > MAX_REPORTED:
-        raise TrainResultError(f"the evaluator returned {len(raw)} metrics, at most {MAX_REPORTED}")
-    out: dict[str, float] = {}
-    for k, v in raw.items():
-        if not isinstance(k, str) or not 0 < len(k) <= 64:
-            raise TrainResultError(f"metric name {k!r} must be a string of 1-64 characters")
-        value = _metric_value(k, v)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise TrainResultError(f"evaluation metric {k} = {value!r} is not a finite number")
-        out[k] = float(value)
-    return out
+    values = _metrics(evaluator(ctx), what="the evaluator's result", limit=MAX_REPORTED)
+    for k, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise TrainResultError(f"evaluation metric {k} = {v!r} is not a finite number")
+    return {k: float(v) for k, v in values.items()}
 
 
 def run_trainer(trainer: Trainer, ctx: TrainContext) -> LocalResult:
@@ -359,11 +350,11 @@ def _num_samples(raw: Any, ctx: TrainContext) -> int:
     return n
 
 
-def _metrics(raw: Any) -> dict[str, Any]:
+def _metrics(raw: Any, what: str = "TrainResult.metrics", limit: int = MAX_METRICS) -> dict[str, Any]:
     if not isinstance(raw, Mapping):
-        raise TrainResultError(f"TrainResult.metrics is a {type(raw).__name__}, not a dict")
-    if len(raw) > MAX_METRICS:
-        raise TrainResultError(f"TrainResult.metrics holds {len(raw)} values, at most {MAX_METRICS}")
+        raise TrainResultError(f"{what} is a {type(raw).__name__}, not a dict")
+    if len(raw) > limit:
+        raise TrainResultError(f"{what} holds {len(raw)} values, at most {limit}")
     out: dict[str, Any] = {}
     for k, v in raw.items():
         if not isinstance(k, str) or not 0 < len(k) <= 64:
