@@ -240,11 +240,15 @@ def _sgd(model: nn.Module, base: Weights, x: np.ndarray, y: np.ndarray, *, epoch
 def load_trainer(target: str) -> Trainer:
     """The trainer `package.module:callable` names, checked to take one argument (a TrainContext);
     ConfigError otherwise (the worker exits 2 before it joins a job)."""
-    fn = import_callable(target, "trainer")
+    return _one_argument_callable(target, "trainer", "fedmq.site.TrainContext")
+
+
+def _one_argument_callable(target: str, what: str, argument: str) -> Any:
+    fn = import_callable(target, what)
     try:
         inspect.signature(fn).bind(None)
     except TypeError:
-        raise ConfigError(f"trainer {target!r} must take one argument (a fedmq.site.TrainContext)") from None
+        raise ConfigError(f"{what} {target!r} must take one argument (a {argument})") from None
     except ValueError:  # no signature to inspect (some builtins): the call will tell
         pass
     return fn
@@ -252,14 +256,7 @@ def load_trainer(target: str) -> Trainer:
 
 def load_evaluator(target: str) -> Evaluator:
     """The evaluator `package.module:callable` names (one argument: an EvalContext); else ConfigError."""
-    fn = import_callable(target, "evaluator")
-    try:
-        inspect.signature(fn).bind(None)
-    except TypeError:
-        raise ConfigError(f"evaluator {target!r} must take one argument (a fedmq.site.EvalContext)") from None
-    except ValueError:
-        pass
-    return fn
+    return _one_argument_callable(target, "evaluator", "fedmq.site.EvalContext")  # type: ignore[no-any-return]
 
 
 def run_evaluator(evaluator: Evaluator, ctx: EvalContext) -> dict[str, float]:
