@@ -58,7 +58,7 @@ def _one_line(stderr: str) -> str:
     (["coordinator", "--job", "j"], "data.test"),
     (["demo", "--sites", "0"], "argument --sites: must be in [1, 10000], got 0"),
     (["demo", "--slow", "9"], "--slow must be between 0 and --sites"),
-    (["demo", "--strategy", "fedsgd"], "invalid choice: 'fedsgd'"),
+    (["demo", "--strategy", "fedsgd"], "'fedsgd' is not one of fedasync, fedavg, fedbuff or package.module:callable"),
     (["demo", "--target", "1.5"], "argument --target: must be in [0, 1], got 1.5"),
     (["partition", "--out", "{tmp}", "--sites", "0"], "argument --sites: must be in [1, 10000], got 0"),
 ])
