@@ -51,6 +51,9 @@ def _simulate_job(url: str, job: str) -> dict[str, int]:
             staleness += 2
             emit(conn, names, "coordinator", EventKind.VERSION_EVALUATED, version=v, accuracy=0.1 + 0.15 * v, t=v)
             evaluated += 1
+        # the sites' reports on the last version: two federated metrics, one point each
+        emit(conn, names, "coordinator", EventKind.VERSION_EVALUATED, version=5, t=5.5, scope="federated",
+             metrics={"auc": 0.9, "f1": 0.8}, sites=2, samples=40)
         emit_site(conn, names, "lab-c", EventKind.UPDATE_PUBLISHED, update_id="u-late", base_version=5,
                   task_seconds=1.0)  # never folded: the job ended first
         published += 1
@@ -60,7 +63,9 @@ def _simulate_job(url: str, job: str) -> dict[str, int]:
         conn.publish(names.dead_exchange, "task", b"y", headers={"x-first-death-reason": "delivery_limit"})
         emit(conn, names, "coordinator", EventKind.JOB_FINISHED, stop_reason="max_versions", wall_seconds=6.0,
              seconds_to_target=None)
-    return {"accuracy_time": evaluated, "accuracy_version": evaluated, "staleness": staleness,
+    # central events carry accuracy only: one metric series of `evaluated` points, plus the two federated
+    return {"accuracy_time": evaluated, "accuracy_version": evaluated, "metrics": evaluated + 2,
+            "staleness": staleness,
             "sites": len(SITES), "timeline": published, "dead_letters": 4}
 
 
