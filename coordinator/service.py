@@ -39,6 +39,7 @@ from fedmq.shared.broker import (
     Delivery,
     JobNames,
     Retention,
+    StreamGroup,
     StreamReader,
     TopologyConfig,
     run_forever,
@@ -600,14 +601,16 @@ class Coordinator:
                 if reason is None and self.latest is not None:
                     self._expire()
                     self._issue(conn)
-                conn.process(0.05)
+                conn.process(0.0)  # heartbeats; the wait is on the streams (`_poll`)
             return self._finish(conn, streams, reason)
         finally:
             streams.close()
             conn.close()
 
     def _poll(self, conn: Connection, streams: _Streams, timeout: float = 0.05) -> None:
-        for d in streams.models.poll(timeout):
+        """Whatever the streams hold, waiting up to `timeout` s for the first delivery on any."""
+        got = streams.poll(timeout)
+        for d in got["models"]:
             try:
                 mv = ModelVersion.decode(d.body)
             except MalformedMessageError as exc:
@@ -615,10 +618,10 @@ class Coordinator:
                 continue
             self._note_v0(mv)
             self._on_version(conn, mv, d.stream_offset)
-        for d in streams.events.poll(0.0):
+        for d in got["events"]:
             self._on_event(d)
         self._emit_federated(conn)
-        for d in streams.dead.poll(0.0):
+        for d in got["dead"]:
             self._on_dead_letter(d)
 
     def _finish(self, conn: Connection, streams: _Streams, reason: str) -> JobResult:
@@ -718,18 +721,9 @@ class Coordinator:
         return path
 
 
-class _Streams:
-    """The streams a running coordinator follows, each on its own connection."""
+class _Streams(StreamGroup):
+    """The streams a running coordinator follows, on one connection of their own."""
 
     def __init__(self, url: str, names: JobNames) -> None:
-        self.models = StreamReader(url, names.models, name=f"fedmq-coord-models-{names.job}")
-        self.events = StreamReader(url, names.events, name=f"fedmq-coord-events-{names.job}")
-        self.dead = StreamReader(url, names.dead_log, name=f"fedmq-coord-dead-{names.job}")
-
-    def start(self, follow: dict[str, int | str]) -> None:
-        for reader in (self.models, self.events, self.dead):
-            reader.start(follow.get(reader.stream, "first"))
-
-    def close(self) -> None:
-        for reader in (self.models, self.events, self.dead):
-            reader.close()
+        super().__init__(url, {"models": names.models, "events": names.events, "dead": names.dead_log},
+                         name=f"fedmq-coord-streams-{names.job}")

@@ -222,8 +222,7 @@ class _Lane:
         self.stop.set()
 
     def _serve(self) -> None:
-        conn = Connection(self.url, name=f"fedmq-fleet-{self.names.job}-{self.index}", heartbeat=self.heartbeat,
-                          prompt=True)
+        conn = Connection(self.url, name=f"fedmq-fleet-{self.names.job}-{self.index}", heartbeat=self.heartbeat)
         conn.open(retries=3)
         consumers: dict[str, ChannelConsumer] = {}
         pending: list[tuple[Worker, Delivery]] = []
