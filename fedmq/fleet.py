@@ -238,6 +238,8 @@ class _Lane:
                         on_cancel=None if consumers else self._end_of_job)
 
                 if not w.attach(conn, consume):
+                    if not w.finished:
+                        continue  # this site was told to stop while it waited for the job
                     self._end_of_job()
                     return
             log.info("fleet lane ready job=%s lane=%d sites=%d", self.names.job, self.index, len(consumers))

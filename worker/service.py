@@ -178,13 +178,17 @@ class Worker:
         self.finished = True
         self.stop.set()
 
-    def _wait_for_job(self, conn: Connection) -> None:
+    def _wait_for_job(self, conn: Connection) -> bool:
+        """True once the job exists; False when the worker was told to stop while waiting."""
         deadline = time.monotonic() + self.options.wait_for_job
         while not conn.job_exists(self.names):
+            if self.stop.is_set():
+                return False
             if self._joined or time.monotonic() > deadline:
                 raise JobNotFoundError(f"job {self.names.job} does not exist on the broker "
                                        "(start its coordinator first, or check --job)")
             conn.sleep(0.5)
+        return True
 
     def _serve(self) -> None:
         conn = Connection(self.url, name=f"fedmq-worker-{self.names.job}-{self.site}",
@@ -208,9 +212,10 @@ class Worker:
     def attach(self, conn: Connection, consume: Callable[[], object]) -> bool:
         """On a (re)opened connection: wait for the job, republish unconfirmed updates, then call
         `consume` (which starts this site's task consumer). False when the job this worker had
-        joined is gone (it ended); JobNotFoundError when it never appeared."""
+        joined is gone (it ended) or it was told to stop; JobNotFoundError when it never appeared."""
         try:
-            self._wait_for_job(conn)
+            if not self._wait_for_job(conn):
+                return False
             self._resend(conn)
             consume()
         except JobNotFoundError:
