@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "aggregator": ("bench.aggregator", "Aggregator throughput"),
     "overhead": ("bench.overhead", "Per-version overhead"),
     "tta": ("bench.time_to_accuracy", "Time to accuracy"),
+    "fedeval": ("bench.fedeval", "Federated evaluation"),
     "he": ("bench.he_bench", "Homomorphic aggregation"),
     "he_tta": ("bench.he_tta", "Homomorphic aggregation: time to accuracy"),
     "dp": ("bench.dp_bench", "Differential privacy"),

@@ -54,6 +54,8 @@ class Run:
     after_first_version: float | None        # v1 published -> the target version evaluated
     cycles: list[tuple[str, float]] = field(default_factory=list)  # (site, s between its update events)
     rounds: list[float] = field(default_factory=list)              # s between consecutive versions
+    metrics: dict[str, float] = field(default_factory=dict)        # the handed-over version's, by name
+    metrics_source: str = "central"
 
 
 @dataclass(frozen=True)
@@ -96,11 +98,12 @@ def demo(url: str, label: str, strategy: str, extra: list[str], max_seconds: flo
         with Connection(url, name="fedmq-bench-cleanup").open() as conn:
             conn.delete_job(JobNames(job))
         shutil.rmtree(work, ignore_errors=True)
+    final = res["final_accuracy"]  # None when the coordinator has no test data (federated metrics only)
     return Run(label, strategy, res["seconds_to_target"], float(res["wall_seconds"]), total,
-               int(res["versions"]), int(res["updates_applied"]), float(res["final_accuracy"]),
-               float(res.get("last_accuracy") or res["final_accuracy"]), trace.best,
+               int(res["versions"]), int(res["updates_applied"]), float("nan") if final is None else float(final),
+               float(res.get("last_accuracy") or (final or "nan")), trace.best,
                res.get("startup_seconds"), res.get("seconds_to_target_after_first_version"), trace.cycles,
-               trace.rounds)
+               trace.rounds, dict(res.get("metrics") or {}), str(res.get("metrics_source") or "central"))
 
 
 def overhead_ms(run: Run, bound: SimResult) -> float | None:

@@ -64,7 +64,9 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    choices=["digits", "breast_cancer", "mnist", "synthetic", "diabetes"],
                    help="bundled dataset (no download)")
     p.add_argument("--example", help="run one of the repository's examples (examples/NAME/example.toml: "
-                   "its data, job settings and site code); the other options only set what it leaves open")
+                   "its data, job settings and site code), or a directory of your own laid out the same way "
+                   "(a path: its site code imports as DIRNAME.module); the other options only set what it "
+                   "leaves open")
     p.add_argument("--model", default="mlp", help="logreg | mlp | cnn | package.module:callable")
     p.add_argument("--sites", type=config_number(CoordinatorConfig, "concurrency"),
                    default=8, help="number of worker processes")
@@ -143,10 +145,17 @@ def example_names() -> list[str]:
     return sorted(p.parent.name for p in EXAMPLES.glob("*/example.toml")) if EXAMPLES.is_dir() else []
 
 
+def example_dir(name: str) -> Path:
+    """A bundled example by name, or a directory of one's own by path (anything with a slash)."""
+    return Path(name).resolve() if "/" in name or name in (".", "..") else EXAMPLES / name
+
+
 def load_example(name: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(the example's [demo] table, its job sections); ConfigError for an unknown example or key."""
-    path = EXAMPLES / name / "example.toml"
+    path = example_dir(name) / "example.toml"
     if not path.is_file():
+        if "/" in name:
+            raise ConfigError(f"--example {name!r}: no example.toml in that directory")
         known = ", ".join(example_names()) or "none: the examples ship with the repository, not the wheel"
         raise ConfigError(f"--example {name!r} is not an example (known: {known})")
     raw = read_toml(path)
@@ -181,10 +190,14 @@ def merge_example(base: dict[str, dict[str, Any]], sections: dict[str, dict[str,
     return out
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(example: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
-    if EXAMPLES.is_dir():  # an example's trainer module (tabular_auc.train:train) imports from here
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(EXAMPLES), env.get("PYTHONPATH", "")) if p)
+    # an example's site code (tabular_auc.train:train) imports from the directory holding it
+    roots = [str(EXAMPLES)] if EXAMPLES.is_dir() else []
+    if example and "/" in example:
+        roots.insert(0, str(example_dir(example).parent))
+    if roots:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (*roots, env.get("PYTHONPATH", "")) if p)
     # many processes on few cores: one thread each, or torch oversubscribes the machine
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
@@ -194,14 +207,15 @@ def _child_env() -> dict[str, str]:
 class Processes:
     """The demo's children, with their logs in files; all of them are ended on exit."""
 
-    def __init__(self, logdir: Path) -> None:
+    def __init__(self, logdir: Path, example: str | None = None) -> None:
         self.logdir = logdir
+        self.example = example
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, args: list[str]) -> None:
         log = (self.logdir / f"{name}.log").open("wb")
         self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedmq", *args], stdout=log,
-                                            stderr=subprocess.STDOUT, env=_child_env())
+                                            stderr=subprocess.STDOUT, env=_child_env(self.example))
 
     def start_sites(self, job: str, sites: list[tuple[str, list[str]]]) -> None:
         """The sites as forks of one process that imported torch once (`fedmq.site_launcher`):
@@ -210,7 +224,7 @@ class Processes:
         spec.write_text(json.dumps([{"name": n, "args": a, "log": str(self.logdir / f"{n}.log")} for n, a in sites]))
         log = (self.logdir / "sites.log").open("wb")
         self.procs["sites"] = subprocess.Popen([sys.executable, "-m", "fedmq.site_launcher", "--job", job, str(spec)],
-                                               stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+                                               stdout=log, stderr=subprocess.STDOUT, env=_child_env(self.example))
 
     def failed(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
@@ -313,7 +327,7 @@ def run_demo(args: argparse.Namespace) -> int:
                   f"{args.strategy}; files in {work}")
 
     common = ["--broker", url, "--job", job, "--log-level", "info"]
-    procs = Processes(work / "logs")
+    procs = Processes(work / "logs", args.example)
     t0 = time.time()
     try:
         procs.start("coordinator", ["coordinator", *common, "--config", str(config)])
@@ -350,7 +364,9 @@ def _follow(url: str, job: str, procs: Processes, console: Console, args: argpar
     while not conn.job_exists(names):
         if "coordinator" in procs.failed() or time.monotonic() > deadline:
             conn.close()
-            raise FedmqError(f"the coordinator did not create job {job}:\n{procs.tail('coordinator')}")
+            # one line (the CLI prints the first): the coordinator's own last word says why
+            raise FedmqError(f"the coordinator did not create job {job}: {procs.tail('coordinator', 1) or 'no output'} "
+                             f"(log: {procs.logdir / 'coordinator.log'})")
         time.sleep(0.2)
     conn.close()
     target = args.target or 1.0
@@ -369,7 +385,8 @@ def _follow(url: str, job: str, procs: Processes, console: Console, args: argpar
             live.update(Group(bar, _sites_line(st)))
             dead = [n for n in procs.failed() if n in ("coordinator", "keyholder") or n.startswith("aggregator")]
             if dead or time.monotonic() > hard_stop:
-                why = f"{dead[0]} exited:\n{procs.tail(dead[0])}" if dead else "the job did not finish in time"
+                why = (f"{dead[0]} exited: {procs.tail(dead[0], 1) or 'no output'} "
+                       f"(log: {procs.logdir / (dead[0] + '.log')})") if dead else "the job did not finish in time"
                 raise FedmqError(f"demo job {job} failed: {why}")
     return st
 

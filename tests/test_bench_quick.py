@@ -24,6 +24,7 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "he_tta": (True, True, ["| none |", "| he |", "ratio he / none"]),
     "dp": (True, True, ["| no DP |", "| DP-SGD, epsilon 4 |"]),
     "tta": (True, True, ["| FedBuff |", "| FedAvg (synchronous) |", "fedmq / bound"]),
+    "fedeval": (True, True, ["| central only |", "| federated only (no test data) |", "against central only"]),
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
     "fleet": (True, True, ["| updates lost / double counted | 0 / 0 | 0 / 0 | 0 / 0 |",
                            "| RSS per site beyond data |", "separate workers / fleet at 30 sites"]),

@@ -38,7 +38,9 @@ from typing import Any
 import pytest
 
 from fedmq.monitor import Monitor
+from fedmq.shared.broker import JobNames, read_stream
 from fedmq.shared.errors import FedmqError
+from fedmq.shared.messages import Update
 from tests.brokers import free_port
 from tests.conftest import ROOT, run_fedmq
 
@@ -236,6 +238,42 @@ def _build(stack: Stack) -> None:
     stack.timings["build_images"] = time.monotonic() - started
 
 
+#: a site operator's trainer, for the image docs/tutorial.md ("In containers") derives from the site image:
+#: the bundled loop, plus a metric that says whose code trained the update
+SITE_CODE = """
+from fedmq.site import TrainResult, sgd_trainer
+
+
+def train(ctx):
+    r = sgd_trainer(ctx)
+    return TrainResult(delta=r.delta, num_samples=r.num_samples, metrics={**r.metrics, "trainer": "site-code"})
+"""
+
+
+def _derive_site_image(stack: Stack) -> None:
+    """docs/tutorial.md's Dockerfile, verbatim but for the base tag; the workers then run it with
+    FEDMQ_TRAINER naming the code, as the tutorial's compose line does."""
+    build = stack.workdir / "site-code"
+    build.mkdir()
+    (build / "mytrain.py").write_text(SITE_CODE)
+    (build / "myeval.py").write_text("from fedmq.site import default_evaluator as evaluate\n")
+    (build / "Dockerfile").write_text(f"FROM {stack.env['FEDMQ_SITE_IMAGE']}\n"
+                                      "COPY mytrain.py myeval.py /opt/site-code/\n"
+                                      "ENV PYTHONPATH=/opt/site-code\n")
+    derived = stack.env["FEDMQ_SITE_IMAGE"].replace("fedmq-site:", "my-site:")
+    stack.images.append(derived)
+    _run(["podman", "build", "--format", "docker", "-t", derived, str(build)], timeout=300)
+    stack.env.update(FEDMQ_SITE_IMAGE=derived, FEDMQ_TRAINER="mytrain:train", FEDMQ_EVALUATOR="myeval:evaluate")
+
+
+def _trainers(url: str, job: str) -> set[str]:
+    """The `trainer` metric of every update in the job's updates log."""
+    out = set()
+    for d in read_stream(url, JobNames(job).updates_log, "first"):
+        out.add(str(Update.decode(d.body).metrics.get("trainer", "bundled")))
+    return out
+
+
 def _size_mb(image: str) -> float:
     return int(_run(["podman", "image", "inspect", "--format", "{{.Size}}", image]).stdout.strip()) / 1e6
 
@@ -322,6 +360,7 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     assert "no-plotting" in ids and "site-metrics" in ids, ids  # federated AUC/F1/R2 need scikit-learn
     health = _run(["podman", "image", "inspect", "--format", "{{json .Config.Healthcheck}}", site]).stdout
     assert "fedmq.shared.metrics" in health, health
+    _derive_site_image(stack)  # the workers run site code of their own, as docs/tutorial.md shows
 
     # up: broker and roles at once (podman-compose ignores `condition: service_healthy`: the
     # roles wait for the broker themselves)
@@ -363,6 +402,7 @@ def test_compose_stack_runs_a_job_to_its_target_through_an_aggregator_kill(stack
     final = stack.snapshot()
     assert final and final["status"] == "finished" and final["stop_reason"] == "target_accuracy", final
     assert max(a["accuracy"] for a in final["accuracy_history"]) >= TARGET
+    assert _trainers(stack.amqp_url, stack.env["FEDMQ_JOB"]) == {"site-code"}  # every update: the derived image's
     stack.timings["job"] = time.monotonic() - started
 
     # report as a tool service, then the results out of the named volume (docs/deploy.md)

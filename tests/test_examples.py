@@ -4,6 +4,8 @@ to its target, with the example's own site code, and reports the final version's
 from __future__ import annotations
 
 import json
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -62,3 +64,48 @@ def test_an_unknown_example_exits_2_with_one_line() -> None:
     proc = run_fedmq("demo", "--example", "nosuch", "--broker", "amqp://guest:guest@127.0.0.1:1/%2F", timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "is not an example (known: mnist_cnn, regression_mse, tabular_auc)" in proc.stderr
+
+
+OWN_EXAMPLE = """
+[demo]
+sites = 3
+slow = 0
+trainer = "my_job.train:train"
+
+[coordinator]
+target_accuracy = 0.8
+max_seconds = 120
+"""
+
+OWN_TRAINER_CODE = """
+from fedmq.site import TrainResult, sgd_trainer
+
+
+def train(ctx):
+    r = sgd_trainer(ctx)
+    return TrainResult(delta=r.delta, num_samples=r.num_samples, metrics={**r.metrics, "trainer": "mine"})
+"""
+
+
+def test_a_directory_of_ones_own_runs_as_an_example_with_its_site_code(broker_url: str, tmp_path: Path) -> None:
+    own = tmp_path / "my_job"
+    own.mkdir()
+    (own / "example.toml").write_text(OWN_EXAMPLE)
+    (own / "train.py").write_text(OWN_TRAINER_CODE)
+    job = f"t-own-example-{uuid.uuid4().hex[:8]}"
+    try:
+        proc = run_fedmq("demo", "--example", str(own), "--json", "--job", job, "--broker", broker_url, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert res["example"] == str(own) and res["final_accuracy"] >= 0.8, res
+        updates = [Update.decode(d.body) for d in read_stream(broker_url, JobNames(job).updates_log, "first")]
+        assert updates and all(u.metrics.get("trainer") == "mine" for u in updates)
+    finally:
+        with Connection(broker_url, name="fedmq-test-cleanup").open() as conn:
+            conn.delete_job(JobNames(job))
+
+
+def test_a_directory_without_example_toml_exits_2_with_one_line(tmp_path: Path) -> None:
+    proc = run_fedmq("demo", "--example", str(tmp_path), "--broker", "amqp://guest:guest@127.0.0.1:1/%2F", timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no example.toml in that directory" in proc.stderr
