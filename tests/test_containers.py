@@ -239,12 +239,16 @@ def _build(stack: Stack) -> None:
 
 
 #: a site operator's trainer, for the image docs/tutorial.md ("In containers") derives from the site image:
-#: the bundled loop, plus a metric that says whose code trained the update
+#: the bundled loop, plus a metric that says whose code trained the update; each task takes 1 s (a real
+#: site's compute), so the job is still running when the test kills its active aggregator
 SITE_CODE = """
+import time
+
 from fedmq.site import TrainResult, sgd_trainer
 
 
 def train(ctx):
+    time.sleep(1.0)
     r = sgd_trainer(ctx)
     return TrainResult(delta=r.delta, num_samples=r.num_samples, metrics={**r.metrics, "trainer": "site-code"})
 """
