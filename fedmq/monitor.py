@@ -640,9 +640,9 @@ class SummaryJournal:
     After each summary the coordinator's view is replaced by the one restored from it, so the
     next summary continues from exactly what a monitor restores, and its memory stays bounded."""
 
-    def __init__(self, job: str, every: int = SUMMARY_EVERY) -> None:
+    def __init__(self, job: str, every: int | None = None) -> None:
         self.job = job
-        self.every = every
+        self.every = every or SUMMARY_EVERY
         self.view = JobView(job, log_skips=False)
         self.covers: int | None = None      # offset of the newest entry folded
         self.summarized = -1                # `covers` of the newest summary journaled (or read back)
@@ -902,6 +902,8 @@ class Monitor:
         self._tail: int | None = None           # the first snapshot reads up to this offset
         self._bootstrapped = False
         self._since_compact = 0
+        #: `covers` of the summary the view was restored from (None: folded from the first entry)
+        self.restored_from: int | None = None
         self._models_offset: int | None = None
         self._dead_depths: deque[tuple[float, int]] = deque()
         self._api_error: str | None = None
@@ -1013,6 +1015,7 @@ class Monitor:
         if found is None:
             return False
         covers, self.view = found
+        self.restored_from = covers
         for d in entries:
             if (d.stream_offset or 0) > covers:
                 fold_entry(self.view, d)
