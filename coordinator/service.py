@@ -306,7 +306,9 @@ class Coordinator:
 
     def _on_event(self, d: Delivery, *, replaying: bool = False) -> None:
         """Read one entry of the events stream: skipped and counted unless the routing key vouches
-        for it (`shared.jobstate.read_event`) and `_apply_event` finds it well-typed and relevant."""
+        for it (`shared.jobstate.read_event`) and `_apply_event` finds it well-typed and relevant.
+        Every entry also goes into the job summary monitors start from (`SummaryJournal`)."""
+        self.job_summary.fold(d)
         try:
             sev = read_event_delivery(d)
         except MalformedMessageError as exc:

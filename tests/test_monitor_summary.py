@@ -8,6 +8,8 @@ coordinator's own `SummaryJournal`)."""
 from __future__ import annotations
 
 import copy
+import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +17,8 @@ import pytest
 from bench.ops_bench import JobWriter, extend
 from fedmq import monitor as mon_mod
 from fedmq.monitor import JobView, Monitor, Snapshot, SummaryJournal, checkpoint, restore
-from fedmq.shared.broker import Connection, JobNames, StreamReader
-from fedmq.shared.jobstate import site_event_key
+from fedmq.shared.broker import Connection, JobNames, StreamReader, read_stream
+from fedmq.shared.jobstate import read_event_delivery, site_event_key
 from fedmq.shared.messages import Event, EventKind
 
 #: the fields that must not depend on where the fold started
@@ -187,3 +189,40 @@ def test_a_checkpoint_restores_the_view_and_a_damaged_one_is_refused() -> None:
     for damage in ({"schema": 99}, {"tasks_issued": -1}, {"sites": {"site-0": [1, 2]}}, {"published": [7]},
                    {"version_times": {"t0": 1.0, "v0": 0, "dt": [1], "dv": []}}, {"poison": {"x": "y"}}):
         assert restore("j", {**copy.deepcopy(data), **damage}) is None, damage
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(600)
+def test_a_real_coordinator_journals_summaries_the_monitor_starts_from(broker_url: str, job: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Coordinator, aggregator and two workers on threads: the coordinator's job_summary events are
+    on the stream, and the monitor restored from the newest says what the whole stream says."""
+    from fedmq.aggregator.service import Aggregator
+    from fedmq.coordinator.service import Coordinator
+    from fedmq.shared.config import load_job_config
+    from fedmq.shared.datasets import write_partition
+    from fedmq.worker.service import Worker, WorkerOptions
+    from tests.jobkit import run_threaded_job
+
+    monkeypatch.setattr(mon_mod, "SUMMARY_EVERY", 30)
+    part = write_partition(tmp_path / "data", "digits", 2, scheme="iid", seed=0)
+    cfg = load_job_config(overrides={
+        "job": job, "data": {"test": str(part.test_file)}, "model": {"name": "logreg"},
+        "strategy": {"name": "fedbuff", "buffer_size": 2, "flush_timeout": 2.0},
+        "training": {"epochs": 1, "batch_size": 32, "lr": 0.1},
+        "coordinator": {"concurrency": 3, "max_seconds": 240, "max_versions": 40, "out": str(tmp_path / "out")},
+    }, environ={})
+    coord = Coordinator(broker_url, cfg, stop=threading.Event())
+    agg = Aggregator(broker_url, job, stop=threading.Event(), name="agg-summary")
+    workers = [Worker(broker_url, job, f"site-{i}", part.site_files[i], options=WorkerOptions(device="cpu"))
+               for i in range(2)]
+    result = run_threaded_job(coord, agg, workers)
+    assert result.versions >= 40
+    entries = read_stream(broker_url, JobNames(job).events)
+    summaries = [sev for d in entries if d.routing_key == EventKind.JOB_SUMMARY
+                 and (sev := read_event_delivery(d)).event.source == "coordinator"]
+    assert len(summaries) >= 3
+    fast, full, restored = _snapshots(broker_url, job)
+    assert restored is not None
+    _assert_same(fast, full)
+    assert fast["status"] == "finished" and fast["updates_applied"] >= 80 and fast["poison_events"] == 0
