@@ -226,3 +226,17 @@ def test_a_real_coordinator_journals_summaries_the_monitor_starts_from(broker_ur
     assert restored is not None
     _assert_same(fast, full)
     assert fast["status"] == "finished" and fast["updates_applied"] >= 80 and fast["poison_events"] == 0
+
+
+def test_operator_commands_start_without_importing_torch_or_every_command() -> None:
+    """`monitor --once --json` has ~1 s in all: torch alone costs 2 s to import, the other commands'
+    modules 0.3 s. The full parser (`fedmq --help`) must not import torch either."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedmq.cli import build_parser; build_parser({}); "
+            "print('torch' in sys.modules, 'fedmq.demo' in sys.modules)")
+    for only, demo in (("'monitor'", False), ("None", True)):
+        out = subprocess.run([sys.executable, "-c", code.format(only)], capture_output=True, text=True, timeout=60,
+                             check=True).stdout.split()
+        assert out == ["False", str(demo)], (only, out)
