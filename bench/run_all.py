@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "he_tta": ("bench.he_tta", "Homomorphic aggregation: time to accuracy"),
     "dp": ("bench.dp_bench", "Differential privacy"),
     "replay": ("bench.replay_bench", "Replay"),
+    "ops": ("bench.ops_bench", "Operator commands on a long job"),
     "flood": ("bench.flood", "Flood from one site"),
     "byzantine": ("bench.byzantine", "Byzantine robustness"),
     "many_jobs": ("bench.many_jobs", "Many jobs on one broker"),

@@ -33,6 +33,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.coordinator.keys import HostedKeyHolder, genesis_meta
+from fedmq.monitor import SummaryJournal
 from fedmq.shared import faults, metrics
 from fedmq.shared.broker import (
     Connection,
@@ -182,6 +183,7 @@ class Coordinator:
         self.job_started = False
         self.finishing: str | None = None  # stop reason, once JOB_FINISHING is journaled
         self.finished: dict[str, Any] | None = None  # JOB_FINISHED data: nothing left to do
+        self.job_summary = SummaryJournal(cfg.job)  # what JOB_SUMMARY journals (fedmq.monitor)
 
     def _reset(self) -> None:
         """Forget all that the streams hold: each (re)connection reads it back (`_resume`)."""
@@ -196,6 +198,7 @@ class Coordinator:
         self.started, self.job_started = time.time(), False
         self.finishing, self.finished = None, None
         self._trust, self._expired = None, None  # read again from the streams
+        self.job_summary = SummaryJournal(self.cfg.job)  # the monitor's view (JOB_SUMMARY), refolded
 
     # ------------------------------------------------------------------ setup
 
@@ -303,7 +306,9 @@ class Coordinator:
 
     def _on_event(self, d: Delivery, *, replaying: bool = False) -> None:
         """Read one entry of the events stream: skipped and counted unless the routing key vouches
-        for it (`shared.jobstate.read_event`) and `_apply_event` finds it well-typed and relevant."""
+        for it (`shared.jobstate.read_event`) and `_apply_event` finds it well-typed and relevant.
+        Every entry also goes into the job summary monitors start from (`SummaryJournal`)."""
+        self.job_summary.fold(d)
         try:
             sev = read_event_delivery(d)
         except MalformedMessageError as exc:
@@ -620,6 +625,7 @@ class Coordinator:
             self._on_version(conn, mv, d.stream_offset)
         for d in got["events"]:
             self._on_event(d)
+        self.job_summary.maybe_emit(conn, self.names)
         self._emit_federated(conn)
         for d in got["dead"]:
             self._on_dead_letter(d)

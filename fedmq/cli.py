@@ -219,11 +219,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; `only` (a name in `extra_commands.OPERATOR_COMMANDS`) builds just
+    that one: an operator command run from a script every second must not import every role."""
     parser = OneLineParser(prog="fedmq", description="Asynchronous federated learning over RabbitMQ.",
                            formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = HelpFormatter
+    from fedmq import extra_commands
+
+    if only is not None:
+        extra_commands.register(sub, add_common, [extra_commands.OPERATOR_COMMANDS[only]])
+        for p in sub.choices.values():
+            p.formatter_class = HelpFormatter
+        return parser
 
     p = sub.add_parser("demo", help="a whole federated job on bundled data, as real processes",
                        formatter_class=fmt)
@@ -320,16 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log level; logs go to stderr")
     p.set_defaults(run=cmd_partition)
 
-    from fedmq import extra_commands
-
     extra_commands.register(sub, add_common)
     for p in sub.choices.values():  # every subcommand's --help shows its defaults
         p.formatter_class = HelpFormatter
     return parser
 
 
+def _operator_command(argv: list[str]) -> str | None:
+    from fedmq.extra_commands import OPERATOR_COMMANDS
+
+    return argv[0] if argv and argv[0] in OPERATOR_COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_operator_command(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,7 +51,9 @@ from fedmq.shared.datasets import DatasetName, check_site_data, load_site, split
 from fedmq.shared.errors import BrokerUnavailableError, ConfigError, FedmqError
 from fedmq.shared.jobstate import ModelFeed
 from fedmq.shared.messages import ModelVersion
-from fedmq.worker.service import Worker, WorkerOptions, WorkerStats
+
+if TYPE_CHECKING:  # imported where used: it imports torch, and every fedmq command imports this module
+    from fedmq.worker.service import Worker, WorkerOptions, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,8 @@ def _worker_options(opts: FleetOptions, site: FleetSite) -> WorkerOptions:
             raise ConfigError(f"--keys {opts.keys} has no {path.name} for site {site.name} "
                               f"(fedmq keys --site {site.name} --out {opts.keys})")
         key = str(path)
+    from fedmq.worker.service import WorkerOptions
+
     return WorkerOptions(device=opts.device, heartbeat=opts.heartbeat, max_tasks=opts.max_tasks,
                          wait_for_job=opts.wait_for_job, ledger=ledger, epsilon_budget=opts.epsilon_budget,
                          key=key, max_failures=opts.max_failures)
@@ -305,6 +309,8 @@ def run_fleet(broker: str, job: str, sites: list[FleetSite], options: FleetOptio
     `on_ready(rss_baseline_bytes)` is called once the data is loaded and before any site starts.
     Raises ConfigError for bad options, keys or site names before anything connects."""
     import torch
+
+    from fedmq.worker.service import Worker
 
     opts = options or FleetOptions()
     validate_job_id(job)

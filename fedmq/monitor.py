@@ -23,6 +23,7 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -40,14 +41,16 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from fedmq.shared.broker import Connection, JobNames, StreamReader, broker_urls, read_last
+from fedmq.shared.broker import Connection, Delivery, JobNames, StreamReader, broker_urls, read_last
 from fedmq.shared.codec import unpack
 from fedmq.shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
 from fedmq.shared.evaluation import EvalSource, Evaluated, SiteReport, read_evaluated, read_report
 from fedmq.shared.jobstate import (
+    SourcedEvent,
     as_id,
     as_int,
     as_site,
+    emit,
     field_float,
     field_id,
     field_int,
@@ -169,10 +172,11 @@ class JobView:
     evaluations: dict[str, Evaluated] = field(default_factory=dict)
     metric_history: deque[Evaluated] = field(default_factory=lambda: deque(maxlen=400))
     sites: dict[str, SiteRow] = field(default_factory=dict)
-    update_ids: set[str] = field(default_factory=set)
+    #: update ids published (dicts as insertion-ordered sets: a summary keeps the newest)
+    update_ids: dict[str, None] = field(default_factory=dict)
     #: update ids of the tasks the coordinator issued: a site's event counts only for one of
     #: these, so junk ids cannot grow the view's memory or its per-site counts
-    issued_updates: set[str] = field(default_factory=set)
+    issued_updates: dict[str, None] = field(default_factory=dict)
     updates_applied: int = 0
     tasks_issued: int = 0
     dead_letters: list[tuple[float, str]] = field(default_factory=list)       # (ts, reason)
@@ -183,6 +187,13 @@ class JobView:
     poison: dict[str, int] = field(default_factory=dict)                      # reason -> entries skipped
     #: the sites expected to take part: the job's signing registry (v0's meta) and --expect-sites
     roster: set[str] = field(default_factory=set)
+    #: what a summary (`checkpoint`) counted but no longer lists: versions, published update ids,
+    #: dead letters by reason
+    versions_before: int = 0
+    updates_before: int = 0
+    dead_before: dict[str, int] = field(default_factory=dict)
+    #: False in the coordinator's copy: it logs the entries it skips itself
+    log_skips: bool = True
 
     def _site(self, name: str) -> SiteRow:
         return self.sites.setdefault(name, SiteRow(name))
@@ -201,7 +212,7 @@ class JobView:
         if handler is not None and handler(self, ev) is False:
             self.skip("bad_field")
             n = self.poison["bad_field"]
-            if n <= 20 or n % 1000 == 0:  # a flood of junk events must not flood the log too
+            if self.log_skips and (n <= 20 or n % 1000 == 0):  # a flood of junk events must not flood the log too
                 log.warning("event with a bad field skipped job=%s event=%s skipped=%d", self.job, ev.event, n)
 
     def _on_started(self, ev: Event) -> bool:
@@ -223,7 +234,7 @@ class JobView:
             return False
         row = self._seen(site, ev.ts)
         if uid not in self.update_ids:  # a redelivered task re-publishes the same update id
-            self.update_ids.add(uid)
+            self.update_ids[uid] = None
             row.updates += 1
         if eps is not None:
             row.epsilon = eps
@@ -296,9 +307,14 @@ class JobView:
         task = ev.data.get("task")
         task_id = field_id(task, "task_id") if isinstance(task, dict) else None
         if task_id is not None:
-            self.issued_updates.add(update_id_for(task_id))
+            self.issued_updates[update_id_for(task_id)] = None
         self.tasks_issued += 1
         return True
+
+    def _on_summary(self, ev: Event) -> bool:
+        """A summary changes nothing here (`Monitor` starts from one); it must be the coordinator's."""
+        return ev.source == SUMMARY_SOURCE and as_int(ev.data.get("covers"), 0, 2**63) is not None \
+            and isinstance(ev.data.get("view"), dict)
 
     def _on_finishing(self, ev: Event) -> bool:
         self.status = Status.FINISHING
@@ -317,7 +333,7 @@ class JobView:
         """Over the last `window` seconds while running; over the whole run once it ended."""
         if self.finished_at is not None and self.started_at is not None:
             span = max(self.finished_at - self.started_at, 1e-9)
-            return round(len(self.version_times) * 60.0 / span, 2)
+            return round((self.versions_before + len(self.version_times)) * 60.0 / span, 2)
         recent = sum(1 for ts, _ in self.version_times if ts >= now - window)
         if self.started_at is not None:
             window = min(window, max(now - self.started_at, 1e-9))
@@ -329,8 +345,16 @@ class JobView:
             return self.version_times[-1][0]
         return self.started_at
 
+    @property
+    def updates_published(self) -> int:
+        return self.updates_before + len(self.update_ids)
+
+    @property
+    def dead_letter_count(self) -> int:
+        return sum(self.dead_before.values()) + len(self.dead_letters)
+
     def dead_reasons(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.dead_before)
         for _, reason in self.dead_letters:
             out[reason] = out.get(reason, 0) + 1
         return out
@@ -348,7 +372,317 @@ _HANDLERS: dict[str, Callable[[JobView, Event], bool]] = {
     EventKind.AGGREGATOR_ACTIVE: JobView._on_active,
     EventKind.JOB_FINISHING: JobView._on_finishing,
     EventKind.JOB_FINISHED: JobView._on_finished,
+    EventKind.JOB_SUMMARY: JobView._on_summary,
 }
+
+
+# ----------------------------------------------------------------------------- summaries
+#
+# Why: folding the events stream from its first entry costs ~0.4 ms an entry (pika's frames, the
+# strict decode, the fold), so on a job of 1,000 versions (10,000 entries) `monitor --once` took
+# 4-6 s and kept growing. The coordinator, which reads every entry anyway, folds them into a
+# JobView too and every `SUMMARY_EVERY` entries journals it as a JOB_SUMMARY event ("this is the
+# view of entries up to offset `covers`"); a monitor restores the newest one and folds only what
+# follows. Only the coordinator's own entries are believed: a bare routing key (no site can write
+# one where per-site permissions are set, `read_event`) and source "coordinator"; anything else
+# under that kind, or a summary that does not parse, is skipped and counted like any poison entry.
+# A job without summaries (older releases, a coordinator that never ran) is read from "first".
+
+#: entries of the events stream between two summaries (at least `SUMMARY_PER_SITE` per site, so
+#: a summary of a big fleet is never most of the stream's bytes)
+SUMMARY_EVERY = 500
+SUMMARY_PER_SITE = 4
+#: what a summary keeps of what grows with the job: the newest accuracy/metric points and dead
+#: letters (the JSON shows 200), published ids (a republished event within this many is no double
+#: count), issued ids not answered yet, version times (versions/min)
+KEEP_RECENT = 200
+KEEP_PUBLISHED = 256      # at least; twice the ids pending when more tasks are in flight
+KEEP_PENDING = 8192
+KEEP_VERSION_TIMES = 1000
+VERSION_TIMES_SECONDS = 600.0  # no --window looks back further than this
+#: a summary holds at most this many values (Event data allows 100,000): a bigger one is not written
+MAX_SUMMARY_VALUES = 90_000
+SUMMARY_SOURCE = "coordinator"
+SUMMARY_SCHEMA = 1
+
+
+def _row_out(row: SiteRow) -> list[Any]:
+    ev = row.evaluation
+    return [row.updates, row.applied, row.staleness_sum, row.last_seen, row.epsilon, row.refused, row.failed,
+            row.last_failure, row.last_error,
+            None if ev is None else {"version": ev.version, "samples": ev.samples, "metrics": dict(ev.metrics)}]
+
+
+def _nonneg(value: Any) -> int | None:
+    return as_int(value, 0, MAX_STALENESS * 2**21)
+
+
+def _all_counts(values: Sequence[Any]) -> list[int] | None:
+    out = [_nonneg(v) for v in values]
+    return None if any(c is None for c in out) else [c for c in out if c is not None]
+
+
+def _time(value: Any) -> float | None:
+    return value if value is None else (float(value) if type(value) in (int, float) and 0 <= value < 1e11 else None)
+
+
+def _row_in(name: str, raw: Any) -> SiteRow | None:
+    if type(raw) is not list or len(raw) != 10:
+        return None
+    counts = _all_counts([raw[i] for i in (0, 1, 2, 5, 6)])
+    if counts is None:
+        return None
+    eps = raw[4]
+    if eps is not None and (type(eps) not in (int, float) or not 0 <= eps <= MAX_EPSILON):
+        return None
+    error = raw[8]
+    if error is not None and (type(error) is not str or len(error) > 500):
+        return None
+    report = None if raw[9] is None else read_report(raw[9])
+    if raw[9] is not None and report is None:
+        return None
+    last_seen, last_failure = _time(raw[3]), _time(raw[7])
+    if (last_seen is None) != (raw[3] is None) or (last_failure is None) != (raw[7] is None):
+        return None
+    updates, applied, stale, refused, failed = counts
+    return SiteRow(name, updates, applied, stale, last_seen, None if eps is None else float(eps), refused,
+                   failed, last_failure, error, report)
+
+
+def _evaluated_out(e: Evaluated) -> list[Any]:
+    return [e.version, e.t, e.scope, dict(e.metrics), e.sites]
+
+
+def _evaluated_in(raw: Any) -> Evaluated | None:
+    if type(raw) is not list or len(raw) != 5:
+        return None
+    return read_evaluated(dict(zip(("version", "t", "scope", "metrics", "sites"), raw, strict=True)))
+
+
+def _times_out(times: list[tuple[float, int]]) -> dict[str, Any]:
+    """Version times as the first (ts, version) and millisecond / version steps: 2-3 bytes an entry."""
+    if not times:
+        return {"t0": 0.0, "v0": 0, "dt": [], "dv": []}
+    t0, v0 = times[0]
+    ms = [round((ts - t0) * 1000) for ts, _ in times]
+    return {"t0": t0, "v0": v0, "dt": [b - a for a, b in zip(ms, ms[1:], strict=False)],
+            "dv": [b[1] - a[1] for a, b in zip(times, times[1:], strict=False)]}
+
+
+def _times_in(raw: Any) -> list[tuple[float, int]] | None:
+    if not isinstance(raw, dict):
+        return None
+    t0, v0, dt, dv = _time(raw.get("t0")), as_int(raw.get("v0")), raw.get("dt"), raw.get("dv")
+    if (t0 is None or v0 is None or type(dt) is not list or type(dv) is not list or len(dt) != len(dv)
+            or len(dt) >= KEEP_VERSION_TIMES or not all(type(x) is int and -2**40 < x < 2**40 for x in dt + dv)):
+        return None
+    if not dt and raw.get("t0") == 0.0 and v0 == 0:
+        return []
+    out, ms, v = [(t0, v0)], 0, v0
+    for a, b in zip(dt, dv, strict=True):
+        ms, v = ms + a, v + b
+        if v < 0:
+            return None
+        out.append((t0 + ms / 1000, v))
+    return out
+
+
+def checkpoint(view: JobView) -> dict[str, Any]:
+    """The view as a JOB_SUMMARY carries it: every count whole, of what grows only the newest."""
+    pending = [u for u in view.issued_updates if u not in view.update_ids][-KEEP_PENDING:]
+    published = list(view.update_ids)
+    kept = published[-max(KEEP_PUBLISHED, 2 * len(pending)):]
+    times = view.version_times[-KEEP_VERSION_TIMES:]
+    if times:
+        recent = times[-1][0] - VERSION_TIMES_SECONDS
+        times = [vt for vt in times if vt[0] >= recent] or times[-1:]
+    dead_before = dict(view.dead_before)
+    for _, reason in view.dead_letters[:-KEEP_RECENT]:
+        dead_before[reason] = dead_before.get(reason, 0) + 1
+    return {
+        "schema": SUMMARY_SCHEMA, "status": view.status.value, "strategy": view.strategy,
+        "params": dict(view.params), "started_at": view.started_at, "finished_at": view.finished_at,
+        "stop_reason": view.stop_reason, "latest_version": view.latest_version,
+        "versions_before": view.versions_before + len(view.version_times) - len(times),
+        "version_times": _times_out(times),
+        "accuracy": [[v, t, a] for v, t, a in view.accuracy[-KEEP_RECENT:]],
+        "evaluations": {k: _evaluated_out(e) for k, e in view.evaluations.items()},
+        "metric_history": [_evaluated_out(e) for e in list(view.metric_history)[-KEEP_RECENT:]],
+        "sites": {name: _row_out(row) for name, row in view.sites.items()},
+        "updates_before": view.updates_before + len(published) - len(kept), "published": kept,
+        "pending": pending, "updates_applied": view.updates_applied, "tasks_issued": view.tasks_issued,
+        "dead_before": dead_before, "dead_letters": [[ts, r] for ts, r in view.dead_letters[-KEEP_RECENT:]],
+        "active_aggregator": view.active_aggregator, "active_since": view.active_since,
+        "takeovers": view.takeovers, "events": view.events, "poison": dict(view.poison),
+    }
+
+
+def _pairs(raw: Any, first: Callable[[Any], Any], second: Callable[[Any], Any], limit: int) -> list[Any] | None:
+    if type(raw) is not list or len(raw) > limit:
+        return None
+    out = []
+    for item in raw:
+        if type(item) is not list or len(item) != 2:
+            return None
+        a, b = first(item[0]), second(item[1])
+        if a is None or b is None:
+            return None
+        out.append((a, b))
+    return out
+
+
+def _counts(raw: Any, key: Callable[[Any], Any]) -> dict[str, int] | None:
+    if type(raw) is not dict or len(raw) > 1000:
+        return None
+    out = {key(k): _nonneg(v) for k, v in raw.items()}
+    return None if None in out or None in out.values() else out  # type: ignore[return-value]
+
+
+def _ids(raw: Any, limit: int) -> dict[str, None] | None:
+    if type(raw) is not list or len(raw) > limit or any(as_id(u) is None for u in raw):
+        return None
+    return dict.fromkeys(raw)
+
+
+def _reason(value: Any) -> str | None:
+    return value if type(value) is str and DEAD_REASON_RE.match(value) else None
+
+
+def restore(job: str, data: Any, roster: set[str] | None = None) -> JobView | None:
+    """The JobView a `checkpoint` describes, or None when any part of it does not parse (the
+    monitor then reads the stream from an earlier summary or from its first entry)."""
+    if not isinstance(data, dict) or data.get("schema") != SUMMARY_SCHEMA:
+        return None
+    try:
+        status = Status(str(data.get("status")))
+    except ValueError:
+        return None
+    sites_raw = data.get("sites")
+    if not isinstance(sites_raw, dict) or len(sites_raw) > MAX_ROSTER:
+        return None
+    sites = {}
+    for name, raw in sites_raw.items():
+        row = _row_in(name, raw) if as_site(name) is not None else None
+        if row is None:
+            return None
+        sites[name] = row
+    times = _times_in(data.get("version_times"))
+    dead = _pairs(data.get("dead_letters"), _time, _reason, KEEP_RECENT)
+    accuracy = data.get("accuracy")
+    acc_ok = type(accuracy) is list and len(accuracy) <= KEEP_RECENT and all(
+        type(a) is list and len(a) == 3 and as_int(a[0]) is not None and _time(a[1]) is not None
+        and type(a[2]) in (int, float) and math.isfinite(a[2]) for a in accuracy)
+    evals = data.get("evaluations")
+    history = data.get("metric_history")
+    if not isinstance(evals, dict) or type(history) is not list or len(history) > KEEP_RECENT:
+        return None
+    evaluations = {k: _evaluated_in(v) for k, v in evals.items()}
+    metric_history = [_evaluated_in(v) for v in history]
+    published, pending = _ids(data.get("published"), 2 * KEEP_PENDING), _ids(data.get("pending"), KEEP_PENDING)
+    dead_before, poison = _counts(data.get("dead_before"), _reason), _counts(data.get("poison"), _reason)
+    counts = _all_counts([data.get(k) for k in ("versions_before", "updates_before", "updates_applied",
+                                                "tasks_issued", "takeovers", "events")])
+    latest = data.get("latest_version")
+    params = data.get("params")
+    texts = [data.get(k) for k in ("strategy", "stop_reason", "active_aggregator")]
+    stamps = [data.get(k) for k in ("started_at", "finished_at", "active_since")]
+    if (times is None or dead is None or not acc_ok or None in evaluations.values() or None in metric_history
+            or published is None or pending is None or dead_before is None or poison is None
+            or counts is None or not isinstance(params, dict) or type(accuracy) is not list
+            or (latest is not None and as_int(latest) is None)
+            or any(t is not None and (type(t) is not str or len(t) > 128) for t in texts)
+            or any(t is not None and _time(t) is None for t in stamps)
+            or any(k not in (EvalSource.CENTRAL.value, EvalSource.FEDERATED.value) for k in evaluations)):
+        return None
+    versions_before, updates_before, applied, issued, takeovers, events = counts
+    view = JobView(job, status=status, strategy=texts[0], params=dict(params), started_at=_time(stamps[0]),
+                   finished_at=_time(stamps[1]), stop_reason=texts[1], latest_version=latest,
+                   version_times=times, accuracy=[(a[0], float(a[1]), float(a[2])) for a in accuracy],
+                   sites=sites, update_ids=published, issued_updates={**pending, **published},
+                   updates_applied=applied, tasks_issued=issued, dead_letters=dead,
+                   active_aggregator=texts[2], active_since=_time(stamps[2]), takeovers=takeovers, events=events,
+                   poison=poison, roster=set(roster or ()), versions_before=versions_before,
+                   updates_before=updates_before, dead_before=dead_before)
+    view.evaluations = {k: e for k, e in evaluations.items() if e is not None}
+    view.metric_history.extend(e for e in metric_history if e is not None)
+    return view
+
+
+def summary_of(sev: SourcedEvent) -> tuple[int, dict[str, Any]] | None:
+    """(covers, view data) of a JOB_SUMMARY the coordinator wrote; None for any other entry."""
+    ev = sev.event
+    if ev.event != EventKind.JOB_SUMMARY or sev.site is not None or ev.source != SUMMARY_SOURCE:
+        return None
+    covers, data = as_int(ev.data.get("covers"), 0, 2**63), ev.data.get("view")
+    if covers is None or not isinstance(data, dict):
+        return None
+    return covers, data
+
+
+def fold_entry(view: JobView, d: Delivery) -> SourcedEvent | None:
+    """One entry of the events stream into `view`: skipped and counted unless its routing key
+    vouches for it (`read_event_delivery`); the event read, or None when skipped."""
+    try:
+        sev = read_event_delivery(d)
+    except MalformedMessageError as exc:  # junk, or not vouched for by its routing key
+        view.skip(exc.reason)
+        if view.log_skips:
+            log.warning("event skipped job=%s offset=%s reason=%s error=%s", view.job, d.stream_offset,
+                        exc.reason, str(exc)[:200])
+        return None
+    view.apply(sev.event)
+    return sev
+
+
+class SummaryJournal:
+    """The coordinator's side: fold every entry it reads, journal the view every `every` entries.
+
+    After each summary the coordinator's view is replaced by the one restored from it, so the
+    next summary continues from exactly what a monitor restores, and its memory stays bounded."""
+
+    def __init__(self, job: str, every: int | None = None) -> None:
+        self.job = job
+        self.every = every or SUMMARY_EVERY
+        self.view = JobView(job, log_skips=False)
+        self.covers: int | None = None      # offset of the newest entry folded
+        self.summarized = -1                # `covers` of the newest summary journaled (or read back)
+        self.written = 0
+
+    def fold(self, d: Delivery) -> None:
+        offset = d.stream_offset
+        if offset is None or (self.covers is not None and offset <= self.covers):
+            return  # not a stream entry, or one folded already (a reader re-attached)
+        sev = fold_entry(self.view, d)
+        self.covers = offset
+        got = summary_of(sev) if sev is not None else None
+        if got is not None:
+            self.summarized = max(self.summarized, got[0])
+
+    def due(self) -> bool:
+        every = max(self.every, SUMMARY_PER_SITE * len(self.view.sites))
+        return self.covers is not None and self.covers - self.summarized >= every
+
+    def emit(self, conn: Connection, names: JobNames) -> bool:
+        """Journal the view (confirmed); False when it is too big to be one event (never expected)."""
+        if self.covers is None:
+            return False
+        data = checkpoint(self.view)
+        restored = restore(self.job, data)
+        size = 40 + 12 * len(data["sites"]) + len(data["published"]) + len(data["pending"]) + \
+            2 * len(data["version_times"]["dt"]) + 8 * (len(data["accuracy"]) + len(data["metric_history"]))
+        if restored is None or size > MAX_SUMMARY_VALUES:
+            log.warning("job summary not written job=%s covers=%d values=%d", self.job, self.covers, size)
+            self.summarized = self.covers
+            return False
+        emit(conn, names, SUMMARY_SOURCE, EventKind.JOB_SUMMARY, covers=self.covers, view=data)
+        restored.log_skips = False
+        self.view, self.summarized = restored, self.covers
+        self.written += 1
+        return True
+
+    def maybe_emit(self, conn: Connection, names: JobNames) -> None:
+        if self.due():
+            self.emit(conn, names)
 
 
 # ----------------------------------------------------------------------------- snapshot
@@ -501,9 +835,9 @@ class Snapshot:
             "metrics_history": [{"version": e.version, "t": round(e.t, 3), "scope": e.scope, "metrics": e.metrics}
                                 for e in list(v.metric_history)[-200:]],
             "tasks_issued": v.tasks_issued,
-            "updates_published": len(v.update_ids),
+            "updates_published": v.updates_published,
             "updates_applied": v.updates_applied,
-            "dead_letters": len(v.dead_letters),
+            "dead_letters": v.dead_letter_count,
             "dead_letter_reasons": v.dead_reasons(),
             "poison_events": sum(v.poison.values()),
             "poison_reasons": dict(sorted(v.poison.items())),
@@ -553,8 +887,10 @@ class Monitor:
     QUEUES = ("tasks", "updates", "dead")
 
     def __init__(self, url: str, job: str, *, limits: Thresholds | None = None,
-                 management_url: str | None = None, expect_sites: Sequence[str] = ()) -> None:
+                 management_url: str | None = None, expect_sites: Sequence[str] = (),
+                 summaries: bool = True) -> None:
         self.url = url
+        self.summaries = summaries  # False: fold the events stream from its first entry (a recount)
         self.names = JobNames(job)
         self.limits = limits or Thresholds()
         self.view = JobView(job, roster=set(expect_sites))
@@ -562,6 +898,12 @@ class Monitor:
         self._conn: Connection | None = None
         self._events: StreamReader | None = None
         self._events_next: int | str = "first"  # resume point after a reconnect: no event twice
+        self._events_last: int | None = None    # offset of the newest entry folded
+        self._tail: int | None = None           # the first snapshot reads up to this offset
+        self._bootstrapped = False
+        self._since_compact = 0
+        #: `covers` of the summary the view was restored from (None: folded from the first entry)
+        self.restored_from: int | None = None
         self._models_offset: int | None = None
         self._dead_depths: deque[tuple[float, int]] = deque()
         self._api_error: str | None = None
@@ -590,6 +932,11 @@ class Monitor:
         if self._conn is None or not self._conn.is_open:
             self._conn = Connection(self.url, name=f"fedmq-monitor-{self.names.job}").open()
         if self._events is None:
+            if not self._bootstrapped:
+                try:
+                    self._bootstrap()
+                except JobNotFoundError:
+                    return None
             reader = StreamReader(self.url, self.names.events, name=f"fedmq-monitor-events-{self.names.job}")
             try:
                 reader.start(self._events_next)
@@ -599,10 +946,89 @@ class Monitor:
             self._events = reader
         return self._conn, self._events
 
+    def _bootstrap(self) -> None:
+        """Before following the events stream: find its tail, restore the newest summary near it
+        and fold what follows the summary, up to the tail. The follower then starts after the
+        tail. Without a usable summary (an older job, a short one) it starts at "first"."""
+        self._tail = self._events_tail()
+        self._bootstrapped = True
+        if not self.summaries or self._tail is None or self._tail < 2 * SUMMARY_EVERY:
+            return
+        # summaries lie about SUMMARY_EVERY entries apart (plus the coordinator's lag); a fleet's
+        # are further apart (SUMMARY_PER_SITE), and a coordinator that was down wrote none for a while
+        for window in (SUMMARY_EVERY * 5 // 4, 16 * SUMMARY_EVERY):
+            start = self._tail - window
+            if start <= 0:
+                return
+            entries = self._read_range(start, self._tail)
+            if entries and self._restore_from(entries, start):
+                return
+
+    def _events_tail(self, first_wait: float = 0.3, idle: float = 0.05, most: float = 0.5) -> int | None:
+        """The newest offset of the events stream (None: empty): a "last" consumer gets the last
+        chunk at once; on a busy stream it never goes quiet, so `most` s bound the read."""
+        with StreamReader(self.url, self.names.events, name=f"fedmq-monitor-tail-{self.names.job}",
+                          prefetch=256) as reader:
+            reader.start("last")
+            tail: int | None = None
+            began = time.monotonic()
+            deadline = began + first_wait
+            while time.monotonic() < min(deadline, began + most):
+                offsets = [d.stream_offset for d in reader.poll(0.02) if d.stream_offset is not None]
+                if offsets:
+                    tail = max(offsets + ([] if tail is None else [tail]))
+                    deadline = time.monotonic() + idle
+            return tail
+
+    def _read_range(self, start: int, end: int, stall: float = 5.0) -> list[Delivery]:
+        """Entries `start`..`end` of the events stream (fewer if it stalls for `stall` s)."""
+        out: list[Delivery] = []
+        with StreamReader(self.url, self.names.events, name=f"fedmq-monitor-scan-{self.names.job}",
+                          prefetch=512) as reader:
+            reader.start(start)
+            quiet_since = time.monotonic()
+            while time.monotonic() - quiet_since < stall:
+                got = reader.poll(0.05)
+                if got:
+                    quiet_since = time.monotonic()
+                out.extend(d for d in got if (d.stream_offset or 0) >= start)
+                if out and (out[-1].stream_offset or 0) >= end:
+                    break
+        return [d for d in out if (d.stream_offset or 0) <= end]
+
+    def _restore_from(self, entries: list[Delivery], start: int) -> bool:
+        """Restore the newest valid coordinator summary among `entries` whose fold begins within
+        them, then fold the entries after it; False when there is none."""
+        found: tuple[int, JobView] | None = None
+        for d in entries:
+            if d.routing_key != EventKind.JOB_SUMMARY:
+                continue  # the cheap test first: only a bare "job_summary" key can carry one
+            try:
+                got = summary_of(read_event_delivery(d))
+            except MalformedMessageError:
+                continue
+            if got is None or not start - 1 <= got[0] <= (d.stream_offset or 0):
+                continue
+            view = restore(self.names.job, got[1], self.view.roster)
+            if view is not None:
+                found = (got[0], view)
+        if found is None:
+            return False
+        covers, self.view = found
+        self.restored_from = covers
+        for d in entries:
+            if (d.stream_offset or 0) > covers:
+                fold_entry(self.view, d)
+        self._events_last = entries[-1].stream_offset
+        self._events_next = (self._events_last or 0) + 1
+        log.info("monitor restored a job summary job=%s covers=%d folded_after=%d", self.names.job, covers,
+                 sum(1 for d in entries if (d.stream_offset or 0) > covers))
+        return True
+
     def _read_models_head(self) -> None:
         """Newest version from the models stream: authoritative even if its event was never emitted."""
         try:
-            last = read_last(self.url, self.names.models)
+            last = read_last(self.url, self.names.models, idle=0.05)  # the last chunk comes at once
         except JobNotFoundError:
             return
         if last is None:
@@ -621,24 +1047,36 @@ class Monitor:
             self.view.roster.update(s for s in map(as_site, list(registry)[:MAX_ROSTER]) if s is not None)
 
     def _drain_events(self, reader: StreamReader, idle: float, budget: float) -> None:
-        """Apply new events until the stream is quiet for `idle` s (or `budget` s have passed)."""
+        """Apply new events up to the tail found at attach time (first snapshot), else until the
+        stream is quiet for `idle` s; at most `budget` s either way."""
         end = time.monotonic() + budget
         quiet_since = time.monotonic()
+        until, self._tail = self._tail, None
+        if until is not None and self._events_last is not None and self._events_last >= until:
+            return  # the bootstrap read up to the tail already
         while time.monotonic() < end:
             got = reader.poll(0.05)
             if got:
                 quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= idle:
+            elif until is None and time.monotonic() - quiet_since >= idle:
                 return
             for d in got:
-                try:
-                    sev = read_event_delivery(d)
-                except MalformedMessageError as exc:  # junk, or not vouched for by its routing key
-                    self.view.skip(exc.reason)
-                    log.warning("event skipped job=%s offset=%s reason=%s error=%s", self.names.job,
-                                d.stream_offset, exc.reason, str(exc)[:200])
-                    continue
-                self.view.apply(sev.event)
+                fold_entry(self.view, d)
+            if got:
+                self._events_last = got[-1].stream_offset
+                self._since_compact += len(got)
+            if until is not None and self._events_last is not None and self._events_last >= until:
+                return
+
+    def _compact(self) -> None:
+        """A live monitor's view, summarized now and then like the coordinator's: memory and the
+        cost of a refresh stay bounded on an endless job."""
+        if self._since_compact < 20 * SUMMARY_EVERY:
+            return
+        restored = restore(self.names.job, checkpoint(self.view), self.view.roster)
+        if restored is not None:
+            self.view = restored
+        self._since_compact = 0
 
     def _queue_state(self, conn: Connection, role: str) -> QueueState:
         name = self._queue_name(role)
@@ -675,6 +1113,7 @@ class Monitor:
                                    "(check --job and --broker)")
         conn, reader = attached
         self._drain_events(reader, idle, budget)
+        self._compact()
         if self._models_offset is None:
             self._read_models_head()
         queues = {role: self._queue_state(conn, role) for role in self.QUEUES}
@@ -683,7 +1122,7 @@ class Monitor:
         if self._api_error:
             found.append(Alert(Level.WARNING, "management_api", f"management API failed, using AMQP: "
                                f"{self._api_error}"))
-        streams = {"models_last_offset": self._models_offset, "events_last_offset": reader.last_offset}
+        streams = {"models_last_offset": self._models_offset, "events_last_offset": self._events_last}
         return Snapshot(self.names.job, now, self.view, queues, streams, found, self.limits.window,
                         management=self.api is not None and self._api_error is None)
 

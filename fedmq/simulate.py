@@ -36,8 +36,6 @@ from fedmq.shared.codec import Weights
 from fedmq.shared.config import EncryptionScheme, JobConfig, PrivacyMechanism, StrategyName
 from fedmq.shared.datasets import fit_to_model, load_site
 from fedmq.shared.errors import ConfigError, OutlierError
-from fedmq.shared.models import build_model, evaluate, get_weights, model_spec, set_weights
-from fedmq.worker.train import task_seed, train_local
 
 
 @dataclass(frozen=True)
@@ -103,6 +101,8 @@ class Simulation:
     """The event loop: sites, outstanding tasks, the aggregator's buffer, the simulated clock."""
 
     def __init__(self, cfg: JobConfig, sites: Sequence[SimSite], *, device: Any = None) -> None:
+        from fedmq.shared.models import build_model, get_weights, model_spec  # torch: only when simulating
+
         check_simulable(cfg)
         if not sites:
             raise ConfigError("simulate needs at least one site")
@@ -189,6 +189,8 @@ class Simulation:
 
     def _start(self, i: int, task: _Task) -> None:
         """Train now (on the task's version), finish after the site's simulated duration."""
+        from fedmq.worker.train import task_seed, train_local
+
         site, (x, y) = self.sites[i], self.data[i]
         base = self.weights if task.version == self.version else self.kept[task.version]
         t = self.cfg.training
@@ -246,6 +248,8 @@ class Simulation:
         self.curve.append((self.version, self.now, self._accuracy()))
 
     def _accuracy(self) -> float:
+        from fedmq.shared.models import evaluate, set_weights
+
         set_weights(self.model, self.weights)
         return evaluate(self.model, self.x_test, self.y_test)[0]
 

@@ -448,6 +448,9 @@ class EventKind(StrEnum):
     AGGREGATE_PUBLISHED = "aggregate_published"
     JOB_FINISHING = "job_finishing"
     JOB_FINISHED = "job_finished"
+    #: the coordinator's fold of the events stream so far (fedmq.monitor.JobView.checkpoint), every
+    #: few hundred entries: a monitor starts from the newest instead of the stream's first entry
+    JOB_SUMMARY = "job_summary"
 
 
 @dataclass(frozen=True, slots=True)

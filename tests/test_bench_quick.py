@@ -20,6 +20,8 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "aggregator": (True, False, ["aggregator / consume+ack", "| digits MLP", "| MNIST MLP"]),
     "overhead": (True, False, ["| digits MLP", "| MNIST MLP"]),
     "replay": (True, True, ["| demo job (", "| synthetic, 200,000 float32 params"]),
+    "ops": (True, False, ["| `fedmq monitor --once --json` (child process", "| live `fedmq monitor` refresh",
+                          "| `fedmq replay --json` (every version recomputed", "updates/s"]),
     "he": (False, True, ["decrypt + apply (key holder, per version)", "| 1,000,000 | encrypt (site)"]),
     "he_tta": (True, True, ["| none |", "| he |", "ratio he / none"]),
     "dp": (True, True, ["| no DP |", "| DP-SGD, epsilon 4 |"]),
