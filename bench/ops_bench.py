@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import run_group
 from fedmq.aggregator.strategy import Accumulator
-from fedmq.monitor import Monitor, Snapshot, SummaryJournal, _refresh
+from fedmq.monitor import Monitor, Snapshot, _refresh
 from fedmq.shared.broker import (
     DEFAULT_URL,
     DETAIL_HEADER,
@@ -56,6 +56,7 @@ from fedmq.shared.broker import (
 )
 from fedmq.shared.config import StrategyConfig
 from fedmq.shared.jobstate import site_event_key
+from fedmq.shared.jobview import SummaryJournal
 from fedmq.shared.messages import Event, EventKind, ModelVersion, Task, Update, make_version
 from fedmq.shared.signing import META_REGISTRY, META_TASK_KEY, public_hex, sign_task, sign_update
 

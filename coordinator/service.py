@@ -33,7 +33,6 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.coordinator.keys import HostedKeyHolder, genesis_meta
-from fedmq.monitor import SummaryJournal
 from fedmq.shared import faults, metrics
 from fedmq.shared.broker import (
     Connection,
@@ -73,6 +72,7 @@ from fedmq.shared.jobstate import (
     find_version,
     read_event_delivery,
 )
+from fedmq.shared.jobview import SummaryJournal
 from fedmq.shared.ledger import credible_update, read_dead_letter
 from fedmq.shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
 from fedmq.shared.models import build_model, check_forward, get_weights, model_spec, set_weights
@@ -183,7 +183,7 @@ class Coordinator:
         self.job_started = False
         self.finishing: str | None = None  # stop reason, once JOB_FINISHING is journaled
         self.finished: dict[str, Any] | None = None  # JOB_FINISHED data: nothing left to do
-        self.job_summary = SummaryJournal(cfg.job)  # what JOB_SUMMARY journals (fedmq.monitor)
+        self.job_summary = SummaryJournal(cfg.job)  # what JOB_SUMMARY journals (fedmq.shared.jobview)
 
     def _reset(self) -> None:
         """Forget all that the streams hold: each (re)connection reads it back (`_resume`)."""
@@ -410,8 +410,14 @@ class Coordinator:
 
     def _issue(self, conn: Connection) -> None:
         """Top up to `concurrency` outstanding tasks. The publish itself journals the task (tasks.log);
-        TASK_ISSUED follows for the monitor. A lost confirm ends the session, and `_resume` then finds
-        the task in the log or not: either way it is issued once."""
+        a lost confirm ends the session, and `_resume` then finds the task in the log or not: either
+        way it is issued once.
+
+        TASK_ISSUED (for the monitor) goes out first: a site takes a task within milliseconds, and
+        its task_failed or update_published must not reach the events stream before the issue it
+        answers (readers drop answers to tasks they never saw issued). A coordinator killed in
+        between leaves one TASK_ISSUED for a task that never went out; the monitor counts it
+        unanswered, and nothing else reads it."""
         assert self.latest is not None
         c, t = self.cfg.coordinator, self.cfg.training
         if self.cfg.strategy.name is StrategyName.FEDAVG:
@@ -429,9 +435,9 @@ class Coordinator:
                 model_offset=self.latest_offset, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, mu=t.mu,
                 issued_at=now, deadline=now + c.task_deadline,
                 options=self._task_options()), self._signing_key())
+            emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
             conn.publish(self.names.tasks_exchange, "task", task.encode(), message_id=task.task_id)
             faults.point("coordinator.after_task_publish")
-            emit(conn, self.names, "coordinator", EventKind.TASK_ISSUED, task=task.to_dict())
             self.outstanding[task.task_id] = task
             metrics.tasks_issued(self.cfg.job, 1, len(self.outstanding))
 

@@ -16,15 +16,23 @@ import pytest
 
 from bench.ops_bench import JobWriter, extend
 from fedmq import monitor as mon_mod
-from fedmq.monitor import JobView, Monitor, Snapshot, SummaryJournal, checkpoint, restore
+from fedmq.monitor import Monitor, Snapshot
+from fedmq.shared import jobview
 from fedmq.shared.broker import Connection, JobNames, StreamReader, read_stream
 from fedmq.shared.jobstate import read_event_delivery, site_event_key
+from fedmq.shared.jobview import JobView, SummaryJournal, checkpoint, restore
 from fedmq.shared.messages import Event, EventKind
 
 #: the fields that must not depend on where the fold started
 COUNTS = ("latest_version", "status", "strategy", "tasks_issued", "updates_published", "updates_applied",
           "dead_letters", "dead_letter_reasons", "poison_events", "poison_reasons", "active_aggregator",
           "latest_accuracy", "accuracy_history", "metrics", "metrics_history", "roster")
+
+
+def _summary_every(monkeypatch: pytest.MonkeyPatch, entries: int) -> None:
+    """Summaries every `entries` entries: where the coordinator writes them and where the monitor looks."""
+    monkeypatch.setattr(jobview, "SUMMARY_EVERY", entries)
+    monkeypatch.setattr(mon_mod, "SUMMARY_EVERY", entries)
 
 
 def _site_counts(d: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +75,7 @@ def _writer_job(url: str, job: str, versions: int, **kw: Any) -> dict[str, int]:
 @pytest.mark.timeout(300)
 def test_monitor_from_the_newest_summary_reports_what_the_whole_stream_says(broker_url: str, job: str,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mon_mod, "SUMMARY_EVERY", 100)
+    _summary_every(monkeypatch, 100)
     counts = _writer_job(broker_url, job, 90)  # ~900 entries, 8 summaries, hostile entries between them
     assert counts["summaries"] >= 5 and counts["poison"] > 0
     fast, full, restored = _snapshots(broker_url, job)
@@ -86,7 +94,7 @@ def test_no_summary_but_the_coordinators_is_believed(broker_url: str, job: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A site's job_summary (own key: forged) and one under the bare key from another source (a
     setup without per-site permissions) claim 10**6 tasks: both are skipped and counted."""
-    monkeypatch.setattr(mon_mod, "SUMMARY_EVERY", 100)
+    _summary_every(monkeypatch, 100)
     names = JobNames(job)
     with Connection(broker_url, name="fedmq-test-writer").open() as conn:
         w = JobWriter(conn, job)
@@ -120,7 +128,7 @@ def test_summaries_stay_right_across_a_coordinator_restart_and_without_any(broke
     """A restarted coordinator folds the stream from its first entry again (`_resume`), its own
     old summaries included, and journals on from there; a job of a release before summaries is
     read from the first entry."""
-    monkeypatch.setattr(mon_mod, "SUMMARY_EVERY", 100)
+    _summary_every(monkeypatch, 100)
     old = f"{job}-old"
     try:
         counts = _writer_job(broker_url, old, 40, summaries=False)
@@ -204,7 +212,7 @@ def test_a_real_coordinator_journals_summaries_the_monitor_starts_from(broker_ur
     from fedmq.worker.service import Worker, WorkerOptions
     from tests.jobkit import run_threaded_job
 
-    monkeypatch.setattr(mon_mod, "SUMMARY_EVERY", 30)
+    _summary_every(monkeypatch, 30)
     part = write_partition(tmp_path / "data", "digits", 2, scheme="iid", seed=0)
     cfg = load_job_config(overrides={
         "job": job, "data": {"test": str(part.test_file)}, "model": {"name": "logreg"},
