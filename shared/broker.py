@@ -614,6 +614,13 @@ class Connection:
     def is_open(self) -> bool:
         return self._conn is not None and self._conn.is_open
 
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read off the socket so far: grows while a large message is still arriving,
+        before any delivery is dispatched (pika's connection counts every frame it parses)."""
+        impl = getattr(self._conn, "_impl", None)
+        return int(getattr(impl, "bytes_received", 0) or 0)
+
     def _require(self) -> pika.BlockingConnection:
         if self._conn is None or not self._conn.is_open:
             raise ConnectionLostError(f"connection {self.name} to {mask_url(self.url)} is not open")
@@ -902,9 +909,13 @@ class StreamReader:
         self.start(offset)
         deadline = time.monotonic() + max_seconds
         quiet_since = time.monotonic()
+        arrived = self._conn.bytes_received
         while time.monotonic() < deadline:
             got = self.poll(0.05)
-            if got:
+            # quiet = no delivery and no bytes: a 40 MB version takes longer than `idle` to arrive
+            # whole, and ending the read meanwhile found no version at all (measured, 10.7M params)
+            if got or self._conn.bytes_received != arrived:
+                arrived = self._conn.bytes_received
                 quiet_since = time.monotonic()
                 yield from got
             elif time.monotonic() - quiet_since >= idle:
