@@ -345,8 +345,10 @@ def test_compose_commands_run_a_job_outside_containers(broker_url: str, job: str
     logs = tmp_path / "logs"
     logs.mkdir()
     common = {"FEDMQ_BROKER_URL": broker_url}
-    # no accuracy target: the job runs its 40 s, long enough to watch every role at work
+    # no accuracy target and no version limit in reach: the job runs its 40 s, long enough to watch
+    # every role at work (init's 200 versions took 6 s once a task cost 9 ms beyond its compute)
     fast = {"FEDMQ_COORDINATOR_TARGET_ACCURACY": "0", "FEDMQ_COORDINATOR_MAX_SECONDS": "40",
+            "FEDMQ_COORDINATOR_MAX_VERSIONS": "10000000",
             "FEDMQ_COORDINATOR_CONCURRENCY": "4", "FEDMQ_STRATEGY_BUFFER_SIZE": "2",
             "FEDMQ_STRATEGY_FLUSH_TIMEOUT": "2", "FEDMQ_TRAINING_LR": "0.1", "FEDMQ_TRAINING_BATCH_SIZE": "16"}
     ports = {n: free_port() for n in ("coordinator", "aggregator", "aggregator-standby", "worker-1", "worker-2")}
