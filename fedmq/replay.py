@@ -255,7 +255,9 @@ def _ordered_candidates(version: ModelVersion, candidates: Mapping[str, Sequence
             c = recorded[i]
             match = [u for u in copies if (u.site, u.base_version, u.num_samples)
                      == (c.get("site"), c.get("base_version"), c.get("num_samples"))]
-            copies = match + [u for u in copies if u not in match]
+            # by identity: two copies of one update (a site that published it twice) compare
+            # their tensors under ==, which is ambiguous for arrays
+            copies = match + [u for u in copies if not any(u is m for m in match)]
         out.append(copies)
     return out
 
