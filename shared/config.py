@@ -393,6 +393,9 @@ class CoordinatorConfig(Section):
     #: "target": export the version that met the target (versions folded from updates still in
     #: flight at the stop are kept in the stream, but can be worse); "last": the newest version
     export: ExportPolicy = ExportPolicy.TARGET
+    #: updates one site of the registry may have waiting in its own queue; past it the broker
+    #: refuses that site's publishes (its worker waits), so a flooding site fills only its own share
+    site_queue_limit: Annotated[int, In("[1, 1_000_000]")] = 64
 
 
 _MAX_AGE_RE = re.compile(r"^[0-9]+[YMDhms]$")  # RabbitMQ's x-max-age syntax

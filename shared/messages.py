@@ -38,6 +38,9 @@ MAX_INT = 2**53  # counts and versions; also exact in a float64 (JSON readers, P
 MAX_LIST = 100_000
 MAX_DEPTH = 8
 MB = 2**20
+#: v0's meta: the site registry {site: Ed25519 public key hex} (shared/signing.py verifies with
+#: it; shared/broker.py gives each of its sites an updates queue)
+META_REGISTRY = "site_keys"
 
 
 # --------------------------------------------------------------------------- field checks
@@ -293,6 +296,12 @@ class ModelVersion(_Message):
 
     def verify_hash(self) -> bool:
         return weights_sha256(self.weights) == self.sha256
+
+    @property
+    def listed_sites(self) -> list[str]:
+        """The sites of the registry in meta (sorted); what each name is, the caller validates."""
+        registry = self.meta.get(META_REGISTRY)
+        return sorted(registry) if isinstance(registry, dict) else []
 
 
 @dataclass(frozen=True, slots=True)

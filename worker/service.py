@@ -30,6 +30,7 @@ from fedmq.shared.broker import (
     Connection,
     Delivery,
     JobNames,
+    PublishRefusedError,
     run_forever,
     validate_site,
 )
@@ -86,6 +87,8 @@ class WorkerOptions:
 
 #: how much of a training error's text a task_failed event carries (readers bound it too)
 ERROR_TEXT = 500
+#: seconds a site keeps publishing an update the broker refuses (its own queue full) on one connection
+REFUSED_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -342,8 +345,7 @@ class Worker:
         self._outbox[out.task_id] = out
         faults.point("worker.before_publish")
         try:
-            conn.publish(self.names.updates_exchange, self.site, out.body,
-                         headers={UPDATE_ID_HEADER: out.update_id}, message_id=out.update_id)
+            self._publish_update(conn, out)
         except JobNotFoundError:
             # the coordinator deletes the updates exchange once the job's last updates are in
             self._outbox.clear()
@@ -355,6 +357,25 @@ class Worker:
         while len(self._delivered) > 1000:
             self._delivered.popitem(last=False)
         return True
+
+    def _publish_update(self, conn: Connection, out: _Outgoing) -> None:
+        """Publish, waiting while the broker refuses: this site's own updates queue is at its
+        length limit (the aggregator is behind, or away). Waiting keeps the connection and so the
+        task; only past REFUSED_WAIT does the refusal count as a lost connection (reconnect)."""
+        deadline = time.monotonic() + REFUSED_WAIT
+        pause = 0.1
+        while True:
+            try:
+                conn.publish(self.names.updates_exchange, self.site, out.body,
+                             headers={UPDATE_ID_HEADER: out.update_id}, message_id=out.update_id)
+                return
+            except PublishRefusedError:
+                if time.monotonic() + pause > deadline or self.stop.is_set():
+                    raise
+                log.warning("update refused by the broker, waiting", extra={
+                    "job": self.names.job, "site": self.site, "update": out.update_id, "pause": pause})
+                conn.sleep(pause)
+                pause = min(2 * pause, 5.0)
 
     def _resend(self, conn: Connection) -> None:
         for out in list(self._outbox.values()):
