@@ -451,7 +451,7 @@ class EventKind(StrEnum):
     VERSION_PUBLISHED = "version_published"
     VERSION_EVALUATED = "version_evaluated"
     DEAD_LETTERED = "dead_lettered"
-    #: a replica started receiving updates (single-active-consumer chose it); data: replica, takeover
+    #: a replica became the active aggregator (the lock's token reached it); data: replica, takeover
     AGGREGATOR_ACTIVE = "aggregator_active"
     #: homomorphic jobs: the aggregator handed an encrypted sum to the key holder
     AGGREGATE_PUBLISHED = "aggregate_published"
