@@ -3,13 +3,17 @@ decides which replica consumes them all: real broker, real connections."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import numpy as np
 import pytest
 
 from fedmq.shared.broker import Connection, Delivery, JobNames, PublishRefusedError, TopologyConfig
+from fedmq.worker.service import Worker, _Outgoing
 
 T = TypeVar("T")
 SITES = ("site-a", "site-b")
@@ -84,3 +88,43 @@ def test_the_lock_token_goes_to_one_replica_then_to_the_next(owner: Connection, 
         r2.close()
     # one token, back in the queue once the broker has seen both connections go
     _until(lambda: owner.queue_stats(names.aggregator_lock) == (1, 0), owner, 10, "the token back, alone")
+
+
+def test_an_honest_worker_refused_at_its_limit_waits_and_publishes_once_there_is_room(
+        owner: Connection, job: str, broker_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The refusal is back-pressure, not a lost connection: the site keeps its connection (and so
+    its task) and publishes again once the aggregator has taken updates off its queue."""
+    names = JobNames(job)
+    full = _fill(owner, names, "site-a", 100)
+    rng = np.random.default_rng(0)
+    worker = Worker(broker_url, job, "site-a", (rng.normal(size=(8, 4)).astype(np.float32), np.zeros(8, np.int64)))
+    failed: list[BaseException] = []
+    site = Connection(broker_url, name="fedmq-test-share-site").open()
+
+    def publish() -> None:
+        try:
+            worker._publish_update(site, _Outgoing("t1", "u-t1", b"the honest update", {}))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failed.append(exc)
+
+    caplog.set_level(logging.WARNING, logger="fedmq.worker.service")
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        _until(lambda: any("refused" in r.getMessage() for r in caplog.records) or failed, owner, 20,
+               "the worker to be refused")
+        assert not failed, failed
+        taken: list[bytes] = []
+
+        def take(d: Delivery) -> None:  # the aggregator's part: take updates off the site's queue
+            taken.append(d.body)
+            d.ack()
+
+        owner.consume(names.site_updates("site-a"), take, prefetch=100)
+        _until(lambda: b"the honest update" in taken or failed, owner, 30, "the honest update to arrive")
+        thread.join(30)
+        assert not thread.is_alive() and not failed, failed
+        assert len(taken) == full + 1 and taken[-1] == b"the honest update"  # published once, last
+    finally:
+        thread.join(30)
+        site.close()
