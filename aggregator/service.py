@@ -35,7 +35,7 @@ from fedmq.aggregator.strategy import (
     recorded_norms,
     strategy_source_sha256,
 )
-from fedmq.aggregator.validate import validate_update
+from fedmq.aggregator.validate import validated_delta
 from fedmq.shared import faults, metrics
 from fedmq.shared.broker import (
     DETAIL_HEADER,
@@ -391,12 +391,10 @@ class _Session:
     def _fold(self, update: Update, routing_key: str | None) -> int:
         """Validate and fold one plaintext update; returns its staleness, raises what dead-letters it."""
         uid = update.update_id
-        tau = validate_update(update, job=self.names.job, current_version=self.current.version,
-                              template=self.current.weights, cfg=self.cfg, trust=self.trust,
-                              routing_key=routing_key)
-        delta = update.delta
-        if delta is None:  # validate_update refuses these; keeps the type checker honest
-            raise InvalidUpdateError(f"update {uid} has no plaintext delta")
+        # the dense delta: decompressed (strategy.compression) after the signature check, then validated
+        tau, delta = validated_delta(update, job=self.names.job, current_version=self.current.version,
+                                     template=self.current.weights, cfg=self.cfg, trust=self.trust,
+                                     routing_key=routing_key)
         if self.dp is not None:  # central noise: an update past its site's budget is refused here
             delta = self.dp.admit(update, delta, [c.site for c in self.acc.contributions])
         self.folding = True

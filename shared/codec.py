@@ -27,6 +27,7 @@ DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
+    "uint16": np.dtype("<u2"),  # bfloat16 updates: the upper 16 bits of each float32 (shared/compression.py)
 }
 _WIRE_NAME = {dt: name for name, dt in DTYPES.items()}
 

@@ -90,6 +90,15 @@ class ServerOptimizer(StrEnum):
     ADAGRAD = "adagrad"  # FedAdagrad
 
 
+class Compression(StrEnum):
+    """How a site's delta travels (shared/compression.py); the aggregator decompresses it."""
+
+    NONE = "none"          # float32 as trained
+    FLOAT16 = "float16"    # half the bytes, IEEE half precision (range +-65504)
+    BFLOAT16 = "bfloat16"  # half the bytes, float32's range with 8 bits of mantissa
+    TOPK = "topk"          # the largest topk_fraction of each tensor, with error feedback at the site
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -247,6 +256,8 @@ class StrategyConfig(Section):
     server_beta1: Annotated[float, In("[0, 1)")] = 0.9   # momentum of the pseudo-gradient
     server_beta2: Annotated[float, In("[0, 1)")] = 0.99  # second-moment decay (adam, yogi)
     server_tau: Annotated[float, In("(0, 1]")] = 1e-3    # adaptivity: sqrt(v) + tau in the denominator
+    compression: Compression = Compression.NONE  # how sites send deltas: none, float16, bfloat16 or topk
+    topk_fraction: Annotated[float, In("(0, 1]")] = 0.01  # topk: share of each tensor's entries a site sends
 
     def check(self) -> None:
         if self.name is StrategyName.FEDAVG:
@@ -267,6 +278,10 @@ class StrategyConfig(Section):
                      and self.clip_center is ClipCenter.ZERO, "strategy.name",
                      f"a user strategy ({self.name.value}) does its own folding: set robust = none, "
                      "server_optimizer = none and clip_center = zero (clip_norm and the median clip still apply)")
+        _require(self.compression is not Compression.TOPK or self.robust is Robust.NONE, "strategy.compression",
+                 f"topk deltas are zero outside each site's own largest entries, so robust = {self.robust.value} "
+                 "would take the median or trimmed mean of mostly zeros: use robust = none with topk "
+                 "(clip_median_factor and outlier_factor still apply), or float16 / bfloat16")
         if self.server_optimizer is not ServerOptimizer.NONE:
             _require(self.name is not StrategyName.FEDASYNC, "strategy.server_optimizer",
                      "fedasync mixes each update in with alpha; a server optimizer needs a buffered mean "

@@ -24,9 +24,11 @@ from fedmq.shared.errors import MalformedMessageError
 
 #: the newest schema this fedmq reads. A message is written with the oldest schema that holds it,
 #: so a reader one release behind still reads every message that uses nothing new: 1 is the base,
-#: 2 a ModelVersion with a server optimizer's state (`server_state`, absent from the body otherwise)
-SCHEMA = 2
+#: 2 a ModelVersion with a server optimizer's state (`server_state`, absent from the body otherwise),
+#: 3 an Update with a compressed delta (`compression`, absent otherwise)
+SCHEMA = 3
 BASE_SCHEMA = 1
+COMPRESSED_UPDATE_SCHEMA = 3
 
 T = TypeVar("T", bound="_Message")
 
@@ -371,16 +373,20 @@ class Update(_Message):
     signature: bytes = b""
     #: the task's signature from the coordinator (Task.signature), proof this answers an issued task
     task_proof: bytes = b""
+    #: how `delta` travels (the job's strategy.compression: "float16", "bfloat16", "topk"; None =
+    #: dense as trained); the aggregator decompresses it (shared/compression.py)
+    compression: str | None = None
     schema: int = BASE_SCHEMA
 
     kind: ClassVar[str] = "update"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("delta",)
+    _since_schema_2: ClassVar[tuple[str, ...]] = ("compression",)
     _fields: ClassVar[dict[str, Check]] = {
         "job": text(NAME_RE), "update_id": text(ID_RE), "task_id": text(ID_RE), "site": text(NAME_RE),
         "base_version": integer(0), "num_samples": integer(0, 2**40), "delta": optional(tensors),
         "metrics": plain(256, allow_bytes=False), "privacy": plain(256, allow_bytes=False),
         "ciphertext": optional(plain()), "created_at": _ANY_TIME, "signature": binary(64),
-        "task_proof": binary(64), "schema": integer(0, SCHEMA),
+        "task_proof": binary(64), "compression": optional(text(NAME_RE, 32)), "schema": integer(0, SCHEMA),
     }
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ keep flowing through minutes of local compute.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -34,7 +35,8 @@ from fedmq.shared.broker import (
     run_forever,
     validate_site,
 )
-from fedmq.shared.config import PrivacyMechanism
+from fedmq.shared.compression import CompressionSpec, ErrorFeedback
+from fedmq.shared.config import Compression, PrivacyMechanism, StrategyConfig
 from fedmq.shared.datasets import check_site_data, fit_data, load_site
 from fedmq.shared.errors import (
     BrokerUnavailableError,
@@ -47,7 +49,7 @@ from fedmq.shared.errors import (
 )
 from fedmq.shared.evaluation import make_report, parse_metrics, task_of
 from fedmq.shared.jobstate import ModelFeed, emit_site, find_version
-from fedmq.shared.messages import EventKind, ModelVersion, Task, Update
+from fedmq.shared.messages import COMPRESSED_UPDATE_SCHEMA, EventKind, ModelVersion, Task, Update
 from fedmq.shared.models import pick_device
 from fedmq.shared.signing import load_private_key, sign_update
 from fedmq.worker.privacy import DpPlan, SitePrivacy
@@ -145,6 +147,8 @@ class Worker:
         self.device = pick_device(self.options.device)
         self.key = load_private_key(self.options.key) if self.options.key else None
         self._he_context: tuple[str, Any] | None = None  # (context sha256, public TenSEAL context)
+        #: top-k's residual (what this site has not sent yet) for this job; lost when the process ends
+        self.feedback = ErrorFeedback()
         self.stop = stop or threading.Event()
         self.finished = False
         self.stats = WorkerStats()
@@ -396,8 +400,9 @@ class Worker:
         self.stop.set()
 
     def _seal(self, update: Update, base: ModelVersion) -> Update:
-        """Encrypt (encrypted jobs), then sign, so the signature covers what travels. Runs on the
-        training thread: a 1M-parameter delta takes about a second to encrypt."""
+        """Compress or encrypt, as the job says, then sign, so the signature covers what travels.
+        Runs on the training thread: a 1M-parameter delta takes about a second to encrypt."""
+        update = self._compress(update, base)
         if he.is_encrypted(base.meta):
             enc = base.meta[he.META_ENCRYPTION]
             sha = str(enc["context_sha256"])
@@ -406,6 +411,15 @@ class Worker:
                 self._he_context = (sha, he.public_context_from_meta(v0.meta, sha))
             update = he.encrypt_update(update, self._he_context[1], sha, int(enc["slots"]))
         return sign_update(update, self.key) if self.key is not None else update
+
+    def _compress(self, update: Update, base: ModelVersion) -> Update:
+        """The delta in the job's wire form (strategy.compression, read from the version's params like
+        the aggregator reads it): whatever the trainer returned, the bundled loop's or the site's own."""
+        spec = CompressionSpec.of(StrategyConfig.from_params(base.params))
+        if spec.kind is Compression.NONE or update.delta is None:
+            return update
+        wire = self.feedback.compress(update.delta, spec)
+        return dataclasses.replace(update, delta=wire, compression=spec.tag, schema=COMPRESSED_UPDATE_SCHEMA)
 
     def _model(self, task: Task) -> ModelVersion:
         mv = self._models.get(task.version)
