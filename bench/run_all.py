@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "byzantine": ("bench.byzantine", "Byzantine robustness"),
     "many_jobs": ("bench.many_jobs", "Many jobs on one broker"),
     "fleet": ("bench.fleet", "Fleet"),
+    "compression": ("bench.compression", "Update compression"),
 }
 RUN_TITLE = "Last run"
 
