@@ -323,6 +323,9 @@ def run_demo(args: argparse.Namespace) -> int:
     extra = apply_example(args) if args.example else None  # a bad example exits 2 before the broker is tried
     if not 0 <= args.slow <= args.sites:
         raise ConfigError(f"--slow must be between 0 and --sites ({args.sites}), got {args.slow}")
+    if args.privacy == "he" and args.compression != "none":
+        raise ConfigError(f"--compression {args.compression}: --privacy he sends CKKS ciphertexts, which "
+                          "compression does not shrink; use --compression none")
     console = Console(stderr=True)
     url = args.broker
     Connection(url, name="fedmq-demo-check").open().close()  # exit 3 now, not in a child

@@ -240,6 +240,13 @@ def test_init_check_exits_2_with_one_line_for_a_bad_compression(tmp_path: Path) 
     assert "strategy.topk_fraction" in res.stderr
 
 
+def test_demo_refuses_compression_with_homomorphic_aggregation_before_starting_anything() -> None:
+    res = run_fedmq("demo", "--privacy", "he", "--compression", "topk", "--broker",
+                    "amqp://guest:guest@127.0.0.1:1/%2F", timeout=60)  # nothing listens: refused before connecting
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--compression topk: --privacy he" in res.stderr
+
+
 # ---------------------------------------------------------------------------- the aggregator's check
 
 
@@ -355,3 +362,35 @@ def test_a_compressed_job_reaches_its_versions_and_replays_bit_for_bit(
     d = report.to_dict()
     assert d["mismatches"] == 0 and d["first_mismatch"] is None, d
     assert report.count(Status.OK) == result.versions
+
+
+def test_decompress_is_total_on_random_wire_forms() -> None:
+    """Whatever tensors a site sends (random names, dtypes, shapes, indices), decompress returns the
+    model's dense shapes or raises CompressionError: never another exception, never a wrong shape."""
+    from fedmq.shared.codec import DTYPES
+
+    rng = np.random.default_rng(11)
+    template = {"w": np.zeros((6, 5), np.float32), "s": np.zeros((), np.float32), "e": np.zeros(0, np.float32),
+                "n": np.zeros(3, np.int64)}
+    dtypes = list(DTYPES.values())
+    for spec in (TOPK, F16, BF16):
+        good = compress({k: rng.normal(size=v.shape).astype(v.dtype) for k, v in template.items()}, spec)
+        for _ in range(400):
+            wire = dict(good)
+            name = list(wire)[rng.integers(len(wire))]
+            size = int(rng.integers(0, 40))
+            kind = rng.integers(4)
+            if kind == 0:
+                wire[name] = rng.integers(-50, 50, size).astype(dtypes[rng.integers(len(dtypes))])
+            elif kind == 1:
+                wire[name] = np.sort(rng.integers(-2, 35, size)).astype(wire[name].dtype)
+            elif kind == 2:
+                wire.pop(name)
+            else:
+                wire[name] = wire[name].reshape(-1)[: max(0, wire[name].size - 1)]
+            try:
+                out = decompress(wire, spec, template, "u-fuzz")
+            except CompressionError:
+                continue
+            assert {k: (v.shape, v.dtype) for k, v in out.items()} == \
+                {k: (v.shape, v.dtype) for k, v in template.items()}
