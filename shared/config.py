@@ -294,8 +294,14 @@ class StrategyConfig(Section):
     def effective_buffer(self) -> int:
         return 1 if self.name is StrategyName.FEDASYNC else self.buffer_size
 
+    #: keys left out of `to_params` at their defaults: the versions of a job that does not use them
+    #: read as before in a release that predates them (`from_params` restores the defaults)
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("compression", "topk_fraction")
+
     def to_params(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()
+                if not (k in self.OMIT_AT_DEFAULT and v == defaults[k])}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> StrategyConfig:

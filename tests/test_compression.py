@@ -226,6 +226,16 @@ def test_bad_compression_settings_are_config_errors(strategy: dict[str, Any], wo
     assert str(err.value).startswith(words), err.value
 
 
+def test_params_of_a_job_without_compression_are_what_they_were_before_it() -> None:
+    """Versions carry the strategy's params: without compression they hold no new key, so a release
+    that predates compression still reads them; with it, both keys travel and read back."""
+    assert not {"compression", "topk_fraction"} & set(StrategyConfig().to_params())
+    cfg = StrategyConfig(compression=Compression.TOPK, topk_fraction=0.05)
+    assert cfg.to_params()["compression"] == "topk" and StrategyConfig.from_params(cfg.to_params()) == cfg
+    half = StrategyConfig(compression=Compression.BFLOAT16)
+    assert "topk_fraction" not in half.to_params() and StrategyConfig.from_params(half.to_params()) == half
+
+
 def test_an_encrypted_job_refuses_compression() -> None:
     with pytest.raises(ConfigError, match="strategy.compression = bfloat16: an encrypted job"):
         he.check_strategy(StrategyConfig(compression=Compression.BFLOAT16))
@@ -394,3 +404,25 @@ def test_decompress_is_total_on_random_wire_forms() -> None:
                 continue
             assert {k: (v.shape, v.dtype) for k, v in out.items()} == \
                 {k: (v.shape, v.dtype) for k, v in template.items()}
+
+
+def test_what_if_replay_decompresses_with_the_jobs_recorded_compression() -> None:
+    """What-if feeds the logged (compressed) updates to another strategy: they are decompressed as the
+    job sent them, whatever the what-if's own params say; a tampered one is skipped and counted."""
+    from fedmq.replay import WhatIf
+    from fedmq.shared.config import StrategyName
+    from fedmq.shared.messages import make_version
+
+    job_cfg = StrategyConfig(buffer_size=2, compression=Compression.TOPK, topk_fraction=0.1)
+    d0 = _delta(seed=8)
+    v0 = make_version(job="j", version=0, parent=-1, weights={k: np.zeros_like(v) for k, v in d0.items()},
+                      included=[], strategy="fedbuff", params=job_cfg.to_params(), model={})
+    wi = WhatIf(StrategyConfig(name=StrategyName.FEDASYNC), v0, lambda w: 0.0)  # what-if: no compression set
+    ef = ErrorFeedback()
+    for i in range(3):
+        wi.feed(_update("j", f"u{i}", ef.compress(_delta(seed=20 + i), TOPK), "topk"))
+    d, wire = _topk_wire()
+    wi.feed(_update("j", "u-bad", HOSTILE["duplicate index"](wire), "topk"))
+    wi.feed(_update("j", "u-dense", d, None))
+    assert wi.skipped["bad_compression"] == 2 and len(wi.contributions) == 3
+    assert np.count_nonzero(wi.weights["w"]) <= 3 * 64 and np.count_nonzero(wi.weights["w"]) > 64
