@@ -426,3 +426,24 @@ def test_what_if_replay_decompresses_with_the_jobs_recorded_compression() -> Non
     wi.feed(_update("j", "u-dense", d, None))
     assert wi.skipped["bad_compression"] == 2 and len(wi.contributions) == 3
     assert np.count_nonzero(wi.weights["w"]) <= 3 * 64 and np.count_nonzero(wi.weights["w"]) > 64
+
+
+def test_simulate_compresses_each_sites_updates_as_the_aggregator_would_read_them(tmp_path: Path) -> None:
+    """`fedmq simulate` shares the math: each simulated site compresses (own residual), the fold
+    decompresses; top-k at 1 % moves only ~1 % of each tensor per update, so the runs differ."""
+    from fedmq.simulate import SimSite, Simulation
+
+    part = write_partition(tmp_path / "d", "digits", 3, scheme="iid", seed=0)
+    weights = {}
+    for c in ("none", "bfloat16", "topk"):
+        cfg = load_job_config(overrides={"job": "s", "data": {"test": str(part.test_file)}, "model": {"name": "logreg"},
+                                         "strategy": {"compression": c, "topk_fraction": 0.01, "buffer_size": 1},
+                                         "coordinator": {"max_versions": 1}}, environ={})
+        sim = Simulation(cfg, [SimSite(f"s{i}", Path(f), task_seconds=1.0) for i, f in enumerate(part.site_files)])
+        v0 = {k: v.copy() for k, v in sim.weights.items()}
+        assert sim.run().versions == 1
+        weights[c] = {k: sim.weights[k] - v0[k] for k in v0}
+    moved = {c: int(np.count_nonzero(w["1.weight"])) for c, w in weights.items()}
+    assert moved["topk"] == math.ceil(0.01 * 640) and moved["none"] > 500, moved  # digits: some pixels are always 0
+    assert not np.array_equal(weights["bfloat16"]["1.weight"], weights["none"]["1.weight"])
+    assert np.allclose(weights["bfloat16"]["1.weight"], weights["none"]["1.weight"], rtol=2**-7, atol=1e-7)
