@@ -109,13 +109,14 @@ class Aggregator:
             session.activate(takeover=token.redelivered)
             pending = FairQueue()
             try:
-                for queue in self.names.update_queues(session.sites):
-                    # deleting the shared queue is the coordinator's "job finished"
-                    conn.consume(queue, pending.append, prefetch=session.prefetch,
-                                 on_cancel=self._job_finished if queue == self.names.updates else None)
+                # deleting the shared queue is the coordinator's "job finished"
+                conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
+                             on_cancel=self._job_finished)
             except JobNotFoundError:
-                self._job_finished()  # v0 exists, so the queues did: the coordinator deleted them
+                self._job_finished()  # v0 exists, so the queue did: the coordinator deleted it
                 return
+            for queue in self._site_queues(conn, session.sites):
+                conn.consume(queue, pending.append, prefetch=session.prefetch)
             log.info("aggregator ready job=%s version=%d dedup=%d sites=%d", self.names.job,
                      session.current.version, len(session.seen), len(session.sites))
             while not self.stop.is_set():
@@ -129,6 +130,25 @@ class Aggregator:
             if session is not None:
                 session.close()
             conn.close()
+
+    def _site_queues(self, conn: Connection, sites: list[str]) -> list[str]:
+        """The per-site queues that exist. A registry site without one (a job declared without
+        its registry, by hand or by an earlier release) has its updates routed to the shared
+        queue instead (the sites exchange's alternate exchange), so skipping it loses nothing;
+        consuming a missing queue would close the channel the other consumers share."""
+        queues, missing = [], []
+        for site in sites:
+            queue = self.names.site_updates(site)
+            try:
+                conn.queue_stats(queue)
+            except JobNotFoundError:
+                missing.append(site)
+                continue
+            queues.append(queue)
+        if missing:
+            log.warning("registry sites without an updates queue, theirs come through the shared queue "
+                        "job=%s count=%d first=%s", self.names.job, len(missing), missing[0])
+        return queues
 
     def _wait_for_lock(self, conn: Connection) -> Delivery | None:
         """Stand by until the aggregator lock's token is delivered to this replica (it is then the
