@@ -4,6 +4,15 @@ Each is a frozen dataclass with a ``schema`` number and strict ``decode``: a mis
 unknown field, a wrong type or a newer schema raises `MalformedMessageError` naming the field, so
 the aggregator can dead-letter it with a precise reason. Every message carries what a replay needs
 (no process memory): a version names its parent, its strategy and the ordered update ids folded in.
+
+Two wire forms (shared.codec): a ModelVersion or Update of schema 3 (`FRAMED_SCHEMA`, what this
+release writes) travels framed, a msgpack header then the raw tensor bytes, decoded to zero-copy
+views; every other message, and every message the previous release wrote (schema 1 and 2), is
+one msgpack map. `decode` reads both, and the form is bound to the schema (a framed body must
+say schema 3, a map body of these two kinds must not), so a decoded message's schema tells how
+it travelled and which signing bytes its signature covers (`Update.signing_bytes`). A reader of
+the previous release cannot read a framed body (it dead-letters it as "not msgpack"): upgrade
+every role of a job together; jobs it wrote replay and resume as they are.
 """
 
 from __future__ import annotations
@@ -19,14 +28,29 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from fedmq.shared.codec import Weights, decode_tensors, encode_tensors, pack, unpack, weights_sha256
+from fedmq.shared.codec import (
+    Weights,
+    decode_tensors,
+    encode_tensors,
+    is_framed,
+    pack,
+    pack_frame,
+    tensor_digests,
+    unpack,
+    unpack_frame,
+    weights_sha256,
+)
 from fedmq.shared.errors import MalformedMessageError
 
 #: the newest schema this fedmq reads. A message is written with the oldest schema that holds it,
 #: so a reader one release behind still reads every message that uses nothing new: 1 is the base,
-#: 2 a ModelVersion with a server optimizer's state (`server_state`, absent from the body otherwise)
-SCHEMA = 2
+#: 2 a ModelVersion with a server optimizer's state (`server_state`, absent from the body otherwise),
+#: 3 (`FRAMED_SCHEMA`) a ModelVersion or Update in the framed form (tensors as raw bytes after a
+#: header, shared.codec), which is what this release writes for both: a reader of schema <= 2
+#: cannot read it. Task, Event and EncryptedAggregate stay schema 1 maps.
+SCHEMA = 3
 BASE_SCHEMA = 1
+FRAMED_SCHEMA = 3
 
 T = TypeVar("T", bound="_Message")
 
@@ -206,24 +230,43 @@ class _Message:
     max_body: ClassVar[int] = 128 * MB
     kind: ClassVar[str]
 
-    def to_dict(self) -> dict[str, Any]:
+    def _fields_in_order(self, *, tensors_as: Callable[[Weights], Any] | None) -> dict[str, Any]:
+        """The message's map: tuples as lists, unset newer fields left out, each tensor field's
+        value passed through `tensors_as` (None: left as arrays, for `pack_frame`)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
             if value is None and f.name in self._since_schema_2:
                 continue  # absent, so a schema-1 reader reads the message
             if f.name in self._tensor_fields and value is not None:
-                value = encode_tensors(value)
+                value = value if tensors_as is None else tensors_as(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """The map form's content (tensors as `{dtype, shape, data}` specs viewing the arrays)."""
+        return self._fields_in_order(tensors_as=encode_tensors)
+
+    @property
+    def framed(self) -> bool:
+        """True if this message travels (or travelled) in the framed form."""
+        return bool(self._tensor_fields) and self.schema >= FRAMED_SCHEMA  # type: ignore[attr-defined]
+
     def encode(self) -> bytes:
+        if self.framed:
+            return pack_frame(self._fields_in_order(tensors_as=None), self._tensor_fields)
         return pack(self.to_dict())
 
     @classmethod
     def from_dict(cls: type[T], obj: dict[str, Any]) -> T:
+        """A message from the map form's content (tensor fields as specs)."""
+        return cls._from_fields(obj, framed=False)
+
+    @classmethod
+    def _from_fields(cls: type[T], obj: dict[str, Any], *, framed: bool) -> T:
+        """`framed`: `obj` is a frame's header, its tensor fields already decoded and checked."""
         name = cls.__name__
         if not all(type(k) is str for k in obj):
             raise MalformedMessageError(f"{name}: a top-level key is not a string")
@@ -234,6 +277,14 @@ class _Message:
             raise MalformedMessageError(
                 f"{name}: schema {schema} is newer than this fedmq understands ({SCHEMA}); upgrade fedmq"
             )
+        # the form is bound to the schema: a decoded message's schema says how it travelled, and so
+        # which bytes its signature covers (Update.signing_bytes)
+        if framed and schema < FRAMED_SCHEMA:
+            raise MalformedMessageError(f"{name}: a framed body says schema {schema}; framed bodies are "
+                                        f"schema {FRAMED_SCHEMA} or newer")
+        if not framed and cls._tensor_fields and schema >= FRAMED_SCHEMA:
+            raise MalformedMessageError(f"{name}: a msgpack map body says schema {schema}; from schema "
+                                        f"{FRAMED_SCHEMA} on a {name} travels framed")
         known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = set(obj) - set(known)
         if unknown:
@@ -244,7 +295,10 @@ class _Message:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                     raise MalformedMessageError(f"{name}: field {fname!r} is missing")
                 continue
-            kwargs[fname] = cls._fields[fname](name, fname, obj[fname])
+            if framed and fname in cls._tensor_fields:
+                kwargs[fname] = obj[fname]  # views checked by unpack_frame (or None)
+            else:
+                kwargs[fname] = cls._fields[fname](name, fname, obj[fname])
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
@@ -252,6 +306,9 @@ class _Message:
 
     @classmethod
     def decode(cls: type[T], body: bytes) -> T:
+        """Either form, by the body's first bytes; the framed form only for kinds with tensors."""
+        if cls._tensor_fields and is_framed(body):
+            return cls._from_fields(unpack_frame(body, cls._tensor_fields, cls.max_body), framed=True)
         return cls.from_dict(unpack(body, cls.max_body))
 
 
@@ -275,7 +332,7 @@ class ModelVersion(_Message):
     #: a server optimizer's moments after this version's step (`m:<param>`, `v:<param>`), so a
     #: replica taking over and replay continue from the published state; None without one
     server_state: Weights | None = None
-    schema: int = BASE_SCHEMA
+    schema: int = FRAMED_SCHEMA
 
     kind: ClassVar[str] = "model_version"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("weights", "server_state")
@@ -343,6 +400,10 @@ def task_proof_bytes(job: str, task_id: str, version: int) -> bytes:
     return pack({"kind": "fedmq-task", "job": job, "task_id": task_id, "version": version})
 
 
+#: prefix of a framed update's signing bytes (0xc1: never the first byte of a msgpack map)
+SIGNING_DOMAIN = b"\xc1fedmq-update-signature-v3\n"
+
+
 @dataclass(frozen=True, slots=True)
 class Update(_Message):
     """A site's contribution: delta = local weights - base weights (or its ciphertext)."""
@@ -362,7 +423,7 @@ class Update(_Message):
     signature: bytes = b""
     #: the task's signature from the coordinator (Task.signature), proof this answers an issued task
     task_proof: bytes = b""
-    schema: int = BASE_SCHEMA
+    schema: int = FRAMED_SCHEMA
 
     kind: ClassVar[str] = "update"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("delta",)
@@ -381,10 +442,25 @@ class Update(_Message):
             raise ValueError("exactly one of delta and ciphertext must be set")
 
     def signing_bytes(self) -> bytes:
-        """What the site signs: the whole message except the signature itself."""
-        d = self.to_dict()
+        """What the site signs: every field but the signature itself, every tensor byte.
+
+        Map form (schema <= 2, what the previous release wrote and signed): the map without the
+        signature, tensor bytes included, exactly as that release computed it, so its jobs' updates
+        still verify on replay. Framed form (schema 3): `SIGNING_DOMAIN` + the map without the
+        signature, each tensor field as its ordered [name, dtype, shape, SHA-256] list: names,
+        order, dtypes, shapes and bytes are all covered, and the payload is hashed in place, not
+        packed again. Which of the two applies follows from the schema, which both cover, and
+        which `decode` binds to the body's form; the domain prefix is no msgpack map's first
+        byte, so no update's bytes of one form equal another's of the other: re-framing a signed
+        update (either way) breaks its signature, and a site that writes the map form is verified
+        over all of its bytes too."""
+        if not self.framed:
+            d = self.to_dict()
+            d.pop("signature")
+            return pack(d)
+        d = self._fields_in_order(tensors_as=tensor_digests)
         d.pop("signature")
-        return pack(d)
+        return SIGNING_DOMAIN + pack(d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,5 +568,5 @@ def make_version(
         job=job, version=version, parent=parent, weights=weights, included=tuple(included),
         strategy=strategy, params=dict(params), model=dict(model), sha256=weights_sha256(weights),
         contributions=tuple(contributions), meta=dict(meta or {}), server_state=server_state or None,
-        schema=2 if server_state else BASE_SCHEMA,
+        schema=FRAMED_SCHEMA,
     )
