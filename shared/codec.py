@@ -190,6 +190,10 @@ def _raw_bytes(arr: np.ndarray) -> memoryview | bytes:
 
 def _wire_array(arr: Any) -> tuple[np.ndarray, str]:
     """`arr` as the wire holds it: C order, little-endian (a copy only if it is not already)."""
+    if type(arr) is np.ndarray and arr.flags.c_contiguous:
+        wire = _WIRE_NAME.get(arr.dtype)  # exactly a wire dtype (little-endian): nothing to convert
+        if wire is not None:
+            return arr, wire
     arr = np.asarray(arr)
     wire = _wire_dtype(arr)
     return np.asarray(arr, dtype=DTYPES[wire], order="C"), wire
@@ -338,9 +342,10 @@ def _frame_tensors(field: str, raw: Any, view: memoryview, start: int, end: int)
                              "(truncated body)")
         if any(view[start + end:start + offset]):
             raise CodecError(f"tensor {name!r}: the padding before it is not zero")
-        arr = (np.frombuffer(view, dtype=dtype, count=count, offset=start + offset) if count
-               else np.frombuffer(b"", dtype=dtype)).reshape(shape)
-        arr.flags.writeable = False  # a view on the body: bytearray bodies too must not be written through
+        # one constructor call makes the view (bounds checked above; numpy checks them again)
+        arr = np.ndarray(shape, dtype, buffer=view if count else b"", offset=start + offset if count else 0)
+        if arr.flags.writeable:
+            arr.flags.writeable = False  # a view on a bytearray body: must not be written through either
         out[name] = arr
         end = offset + nbytes
     return out, end

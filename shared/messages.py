@@ -216,6 +216,16 @@ def optional(check: Check) -> Check:
 _ANY_TIME = number(0.0, 1e11)  # seconds since the epoch, until the year 5138
 
 
+@dataclass(frozen=True)
+class _Layout:
+    names: tuple[str, ...]
+    known: frozenset[str]
+    required: frozenset[str]
+
+
+_LAYOUTS: dict[type, _Layout] = {}
+
+
 class _Message:
     """Shared strict encode/decode; subclasses list a check per field in `_fields`.
 
@@ -230,19 +240,31 @@ class _Message:
     max_body: ClassVar[int] = 128 * MB
     kind: ClassVar[str]
 
+    @classmethod
+    def _layout(cls) -> _Layout:
+        """Field names in order and the required ones, computed once per class: `dataclasses.fields`
+        took a sixth of a small update's encode + decode."""
+        layout = _LAYOUTS.get(cls)
+        if layout is None:
+            fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+            layout = _Layout(tuple(f.name for f in fields), frozenset(f.name for f in fields), frozenset(
+                f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))
+            _LAYOUTS[cls] = layout
+        return layout
+
     def _fields_in_order(self, *, tensors_as: Callable[[Weights], Any] | None) -> dict[str, Any]:
         """The message's map: tuples as lists, unset newer fields left out, each tensor field's
         value passed through `tensors_as` (None: left as arrays, for `pack_frame`)."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is None and f.name in self._since_schema_2:
+        for name in self._layout().names:
+            value = getattr(self, name)
+            if value is None and name in self._since_schema_2:
                 continue  # absent, so a schema-1 reader reads the message
-            if f.name in self._tensor_fields and value is not None:
+            if name in self._tensor_fields and value is not None:
                 value = value if tensors_as is None else tensors_as(value)
             elif isinstance(value, tuple):
                 value = list(value)
-            out[f.name] = value
+            out[name] = value
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,8 +290,12 @@ class _Message:
     def _from_fields(cls: type[T], obj: dict[str, Any], *, framed: bool) -> T:
         """`framed`: `obj` is a frame's header, its tensor fields already decoded and checked."""
         name = cls.__name__
-        if not all(type(k) is str for k in obj):
-            raise MalformedMessageError(f"{name}: a top-level key is not a string")
+        layout = cls._layout()
+        unknown = obj.keys() - layout.known  # a key that is not a str is never known
+        if unknown:
+            if not all(type(k) is str for k in unknown):
+                raise MalformedMessageError(f"{name}: a top-level key is not a string")
+            raise MalformedMessageError(f"{name}: unknown field(s) {sorted(k[:40] for k in unknown)[:8]}")
         schema = obj.get("schema")
         if type(schema) is not int:
             raise MalformedMessageError(f"{name}: field 'schema' missing or not an int")
@@ -285,14 +311,10 @@ class _Message:
         if not framed and cls._tensor_fields and schema >= FRAMED_SCHEMA:
             raise MalformedMessageError(f"{name}: a msgpack map body says schema {schema}; from schema "
                                         f"{FRAMED_SCHEMA} on a {name} travels framed")
-        known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = set(obj) - set(known)
-        if unknown:
-            raise MalformedMessageError(f"{name}: unknown field(s) {sorted(k[:40] for k in unknown)[:8]}")
         kwargs: dict[str, Any] = {}
-        for fname, f in known.items():
+        for fname in layout.names:
             if fname not in obj:
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                if fname in layout.required:
                     raise MalformedMessageError(f"{name}: field {fname!r} is missing")
                 continue
             if framed and fname in cls._tensor_fields:
