@@ -283,12 +283,12 @@ def unpack_frame(body: Any, tensor_fields: Iterable[str], max_bytes: int = 128 *
         raise MalformedMessageError(f"frame header of {head_len} bytes (and its padding) runs past the body's "
                                     f"{size} bytes")
     header = _unpack_map(view[_PREFIX.size:used], "frame header")
-    if any(view[used:start]):
+    if view[used:start] != _ZEROS[: start - used]:
         raise MalformedMessageError("frame header padding is not zero")
     if not tensors:
         return header
     end = 0
-    names = frozenset(tensor_fields)
+    names = tuple(tensor_fields)
     for key, value in header.items():
         if key in names and value is not None:
             header[key], end = _frame_tensors(key, value, view, start, end)
@@ -340,7 +340,7 @@ def _frame_tensors(field: str, raw: Any, view: memoryview, start: int, end: int)
         if start + offset + nbytes > len(view):
             raise CodecError(f"tensor {name!r}: bytes {offset}..{offset + nbytes} run past the body's end "
                              "(truncated body)")
-        if any(view[start + end:start + offset]):
+        if offset > end and view[start + end:start + offset] != _ZEROS[: offset - end]:
             raise CodecError(f"tensor {name!r}: the padding before it is not zero")
         # one constructor call makes the view (bounds checked above; numpy checks them again)
         arr = np.ndarray(shape, dtype, buffer=view if count else b"", offset=start + offset if count else 0)
