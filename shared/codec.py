@@ -230,7 +230,7 @@ def pack_frame(fields: Mapping[str, Any], tensor_fields: Iterable[str]) -> bytes
 
     The tensor bytes are copied exactly once, by the final join (plus a conversion for an array
     that is not C-ordered little-endian of a wire dtype already)."""
-    tensor_fields = frozenset(tensor_fields)
+    tensor_fields = tuple(tensor_fields)
     header: dict[str, Any] = {}
     segments: list[memoryview | bytes] = []
     end = 0

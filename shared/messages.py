@@ -220,7 +220,11 @@ _ANY_TIME = number(0.0, 1e11)  # seconds since the epoch, until the year 5138
 class _Layout:
     names: tuple[str, ...]
     known: frozenset[str]
-    required: frozenset[str]
+    #: per field in order: name, its check, required (no default), a tensor field
+    checks: tuple[tuple[str, Check, bool, bool], ...]
+
+
+_ABSENT = object()
 
 
 _LAYOUTS: dict[type, _Layout] = {}
@@ -247,8 +251,10 @@ class _Message:
         layout = _LAYOUTS.get(cls)
         if layout is None:
             fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-            layout = _Layout(tuple(f.name for f in fields), frozenset(f.name for f in fields), frozenset(
-                f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING))
+            layout = _Layout(tuple(f.name for f in fields), frozenset(f.name for f in fields), tuple(
+                (f.name, cls._fields[f.name],
+                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+                 f.name in cls._tensor_fields) for f in fields))
             _LAYOUTS[cls] = layout
         return layout
 
@@ -312,15 +318,14 @@ class _Message:
             raise MalformedMessageError(f"{name}: a msgpack map body says schema {schema}; from schema "
                                         f"{FRAMED_SCHEMA} on a {name} travels framed")
         kwargs: dict[str, Any] = {}
-        for fname in layout.names:
-            if fname not in obj:
-                if fname in layout.required:
+        for fname, check, required, is_tensor in layout.checks:
+            value = obj.get(fname, _ABSENT)
+            if value is _ABSENT:
+                if required:
                     raise MalformedMessageError(f"{name}: field {fname!r} is missing")
                 continue
-            if framed and fname in cls._tensor_fields:
-                kwargs[fname] = obj[fname]  # views checked by unpack_frame (or None)
-            else:
-                kwargs[fname] = cls._fields[fname](name, fname, obj[fname])
+            # framed: a tensor field's views were checked by unpack_frame (or it is None)
+            kwargs[fname] = value if framed and is_tensor else check(name, fname, value)
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:

@@ -217,12 +217,13 @@ def test_a_job_the_previous_release_wrote_replays_and_resumes_framed(broker_url:
             mv = dataclasses.replace(_next(chain[-1], ups), schema=schema, meta=v0.meta)  # the registry, forward
             conn.publish(names.models_exchange, "", mv.encode())
             chain.append(mv)
-        # a map-form update of v2's altered after signing, then a version that includes it
+        # a map-form update altered after signing, then a version that includes it
         tampered = dataclasses.replace(ups[0], update_id="u5x", task_id="u5x", num_samples=999)
         tampered = dataclasses.replace(sign_update(dataclasses.replace(
             tampered, schema=BASE_SCHEMA, num_samples=1), keys["site-0"]), num_samples=999)
         conn.publish(names.updates_exchange, tampered.site, tampered.encode())
-        conn.publish(names.models_exchange, "", dataclasses.replace(_next(chain[-1], [tampered]), meta=v0.meta).encode())
+        v5 = dataclasses.replace(_next(chain[-1], [tampered]), meta=v0.meta)
+        conn.publish(names.models_exchange, "", v5.encode())
     assert [f == b"\xc1" for f in forms] == [False] * 4 + [True] * 4  # the two forms, in that order
     report = replay(broker_url, job)
     assert [c.status for c in report.checks] == [Status.ROOT] + [Status.OK] * 4 + [Status.MISMATCH], \
