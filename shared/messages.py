@@ -220,11 +220,12 @@ _ANY_TIME = number(0.0, 1e11)  # seconds since the epoch, until the year 5138
 class _Layout:
     names: tuple[str, ...]
     known: frozenset[str]
-    #: per field in order: name, its check, required (no default), a tensor field
-    checks: tuple[tuple[str, Check, bool, bool], ...]
+    #: fields without a default
+    required: frozenset[str]
+    #: per field in order: name, its check, a tensor field
+    checks: tuple[tuple[str, Check, bool], ...]
 
 
-_ABSENT = object()
 
 
 _LAYOUTS: dict[type, _Layout] = {}
@@ -251,10 +252,11 @@ class _Message:
         layout = _LAYOUTS.get(cls)
         if layout is None:
             fields = dataclasses.fields(cls)  # type: ignore[arg-type]
-            layout = _Layout(tuple(f.name for f in fields), frozenset(f.name for f in fields), tuple(
-                (f.name, cls._fields[f.name],
-                 f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
-                 f.name in cls._tensor_fields) for f in fields))
+            layout = _Layout(
+                tuple(f.name for f in fields), frozenset(f.name for f in fields),
+                frozenset(f.name for f in fields
+                          if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING),
+                tuple((f.name, cls._fields[f.name], f.name in cls._tensor_fields) for f in fields))
             _LAYOUTS[cls] = layout
         return layout
 
@@ -317,15 +319,14 @@ class _Message:
         if not framed and cls._tensor_fields and schema >= FRAMED_SCHEMA:
             raise MalformedMessageError(f"{name}: a msgpack map body says schema {schema}; from schema "
                                         f"{FRAMED_SCHEMA} on a {name} travels framed")
-        kwargs: dict[str, Any] = {}
-        for fname, check, required, is_tensor in layout.checks:
-            value = obj.get(fname, _ABSENT)
-            if value is _ABSENT:
-                if required:
-                    raise MalformedMessageError(f"{name}: field {fname!r} is missing")
-                continue
-            # framed: a tensor field's views were checked by unpack_frame (or it is None)
-            kwargs[fname] = value if framed and is_tensor else check(name, fname, value)
+        missing = layout.required - obj.keys()
+        if missing:
+            first = next(f for f in layout.names if f in missing)
+            raise MalformedMessageError(f"{name}: field {first!r} is missing")
+        # one comprehension, checks in field order (framed: a tensor field's views were checked by
+        # unpack_frame, or it is None)
+        kwargs = {fname: obj[fname] if framed and is_tensor else check(name, fname, obj[fname])
+                  for fname, check, is_tensor in layout.checks if fname in obj}
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as exc:
