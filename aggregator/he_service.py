@@ -12,7 +12,7 @@ Exactly-once with two hops (docs/privacy.md, "Homomorphic aggregation"):
 * aggregate -> version: the key holder publishes version n (confirmed), then acks aggregate n; a
   redelivered aggregate whose version already exists in the models stream is acked and dropped.
 
-The replica reloads that state when it becomes active (first delivery), not when it connects: a
+The replica reloads that state when it becomes active (the lock's token reaches it), not when it connects: a
 standby may wait for hours while the active replica moves the job on. From then on it follows the
 aggregates log and never publishes a second aggregate for a version another replica already sent.
 """
@@ -29,7 +29,6 @@ from fedmq.aggregator.validate import check_header
 from fedmq.shared import faults, he
 from fedmq.shared.broker import (
     Connection,
-    Delivery,
     JobNames,
     StreamReader,
     read_last,
@@ -90,8 +89,8 @@ class HeSession(_Session):
         """Ciphertexts are ~14x their plaintext: hold little more than one buffer in flight."""
         return self.cfg.effective_buffer + 2
 
-    def _activate(self, d: Delivery) -> None:
-        super()._activate(d)
+    def activate(self, *, takeover: bool) -> None:
+        super().activate(takeover=takeover)
         state = load_model_state(self.agg.url, self.names, window=self.agg.dedup_window)
         agg_version, agg_ids, agg_offset = load_aggregate_state(self.agg.url, self.names)
         # the fence: versions come from the key holder here, so watch the aggregates log instead
@@ -110,7 +109,7 @@ class HeSession(_Session):
 
     def _fold(self, update: Update, routing_key: str | None) -> int:
         """Check the header and the ciphertext chunks, then add them to the encrypted sum."""
-        if self.keys is None:  # _activate sets it; keeps the type checker honest
+        if self.keys is None:  # activate sets it; keeps the type checker honest
             raise RuntimeError("encrypted session used before activation")
         tau = check_header(update, job=self.names.job, current_version=self.version, cfg=self.cfg,
                            trust=self.trust, routing_key=routing_key)

@@ -4,12 +4,13 @@ Stateless by construction (docs/guarantees.md, "What is exactly-once"): everythi
 comes from the models stream at (re)start, so any replica can take over at any moment.
 
 * A crash before the version's confirm: the buffered updates were never acked, the broker
-  redelivers them (to the standby, through single-active-consumer) and the version is recomputed.
+  redelivers them (to the standby that the aggregator lock's token passes to) and the version is
+  recomputed.
 * A crash after the confirm but before the acks: the redelivered ids are in the newest versions'
   `included` lists and are acked and dropped.
 
-A replica reads the state again when it becomes active (its first delivery): a standby may have
-waited for hours while another replica moved the job on. Before each publish it checks that no
+A replica reads the state again when it becomes active (the lock's token reaches it): a standby may
+have waited for hours while another replica moved the job on. Before each publish it checks that no
 other replica appended a version meanwhile (docs/guarantees.md).
 """
 
@@ -34,7 +35,7 @@ from fedmq.aggregator.strategy import (
     recorded_norms,
     strategy_source_sha256,
 )
-from fedmq.aggregator.validate import validate_update
+from fedmq.aggregator.validate import validated_delta
 from fedmq.shared import faults, metrics
 from fedmq.shared.broker import (
     DETAIL_HEADER,
@@ -73,7 +74,8 @@ class AggregatorStats:
 
 
 class Aggregator:
-    """One replica. Run several: single-active-consumer makes exactly one of them active."""
+    """One replica. Run several: the aggregator lock (one token, single-active-consumer) makes
+    exactly one of them active, and only that one consumes the updates queues."""
 
     def __init__(self, url: str, job: str, *, stop: threading.Event | None = None,
                  heartbeat: int = 10, dedup_window: int = 64, name: str = "aggregator") -> None:
@@ -100,16 +102,22 @@ class Aggregator:
         try:
             state = load_model_state(self.url, self.names, window=self.dedup_window, wait=60)
             session = _session_class(state.latest)(self, conn, state.latest, state.recent_included)
+            metrics.aggregator_active(self.names.job, False)  # a standby until the lock's token comes
+            token = self._wait_for_lock(conn)
+            if token is None:
+                return
+            session.activate(takeover=token.redelivered)
             pending = FairQueue()
             try:
-                conn.consume(self.names.updates, pending.append, prefetch=session.prefetch,
-                             on_cancel=self._job_finished)
+                for queue in self.names.update_queues(session.sites):
+                    # deleting the shared queue is the coordinator's "job finished"
+                    conn.consume(queue, pending.append, prefetch=session.prefetch,
+                                 on_cancel=self._job_finished if queue == self.names.updates else None)
             except JobNotFoundError:
-                self._job_finished()  # v0 exists, so the queue did: the coordinator deleted it
+                self._job_finished()  # v0 exists, so the queues did: the coordinator deleted them
                 return
-            log.info("aggregator ready job=%s version=%d dedup=%d", self.names.job,
-                     state.latest.version, len(state.recent_included))
-            metrics.aggregator_active(self.names.job, False)  # a standby until a delivery reaches it
+            log.info("aggregator ready job=%s version=%d dedup=%d sites=%d", self.names.job,
+                     session.current.version, len(session.seen), len(session.sites))
             while not self.stop.is_set():
                 conn.process(0.1)
                 while pending and not self.stop.is_set():
@@ -121,6 +129,21 @@ class Aggregator:
             if session is not None:
                 session.close()
             conn.close()
+
+    def _wait_for_lock(self, conn: Connection) -> Delivery | None:
+        """Stand by until the aggregator lock's token is delivered to this replica (it is then the
+        only one consuming updates, until its connection ends); None when the job ended first."""
+        tokens: list[Delivery] = []
+        try:
+            conn.open_consumer(self.names.aggregator_lock, tokens.append, prefetch=1,
+                               on_cancel=self._job_finished)
+        except JobNotFoundError:
+            self._job_finished()  # v0 exists, so the lock did: the coordinator deleted it
+            return None
+        log.info("aggregator standing by for the lock job=%s replica=%s", self.names.job, self.name)
+        while not tokens and not self.stop.is_set():
+            conn.process(0.1)
+        return tokens[0] if tokens else None
 
     def _handle(self, session: _Session, d: Delivery) -> None:
         """One delivery. An unexpected exception before the fold gives just this one back.
@@ -316,23 +339,27 @@ class _Session:
                 raise SessionAbortedError(f"version {version} was published by another replica while "
                                           f"this one was at {self.current.version}")
 
-    def _activate(self, d: Delivery) -> None:
+    @property
+    def sites(self) -> list[str]:
+        """The listed sites, each with its own updates queue (the job's registry; none without)."""
+        return sorted(self.trust.registry or ())
+
+    def activate(self, *, takeover: bool) -> None:
+        """This replica holds the lock now (`takeover`: another one held it before)."""
         # the state read at connect time may be many versions old: a standby waits while the
-        # active replica moves the job on, so read it again now that deliveries reach us
+        # active replica moves the job on, so read it again now that it is the one to move it
         self._reload()
         self.agg.active = True
-        if d.redelivered:
+        if takeover:
             self.agg.stats.takeovers += 1
         log.info("aggregator active job=%s replica=%s version=%d", self.names.job, self.agg.name,
                  self.current.version)
         metrics.aggregator_active(self.names.job, True)
         emit(self.conn, self.names, self.agg.name, EventKind.AGGREGATOR_ACTIVE, replica=self.agg.name,
-             takeover=d.redelivered)
+             takeover=takeover)
 
     def handle(self, d: Delivery) -> None:
         """Decode, drop duplicates, validate and fold one delivery; dead-letter what is invalid."""
-        if not self.agg.active:
-            self._activate(d)
         try:
             update = Update.decode(d.body)
         except MalformedMessageError as exc:
@@ -364,12 +391,10 @@ class _Session:
     def _fold(self, update: Update, routing_key: str | None) -> int:
         """Validate and fold one plaintext update; returns its staleness, raises what dead-letters it."""
         uid = update.update_id
-        tau = validate_update(update, job=self.names.job, current_version=self.current.version,
-                              template=self.current.weights, cfg=self.cfg, trust=self.trust,
-                              routing_key=routing_key)
-        delta = update.delta
-        if delta is None:  # validate_update refuses these; keeps the type checker honest
-            raise InvalidUpdateError(f"update {uid} has no plaintext delta")
+        # the dense delta: decompressed (strategy.compression) after the signature check, then validated
+        tau, delta = validated_delta(update, job=self.names.job, current_version=self.current.version,
+                                     template=self.current.weights, cfg=self.cfg, trust=self.trust,
+                                     routing_key=routing_key)
         if self.dp is not None:  # central noise: an update past its site's budget is refused here
             delta = self.dp.admit(update, delta, [c.site for c in self.acc.contributions])
         self.folding = True

@@ -6,6 +6,7 @@ import numpy as np
 
 from fedmq.aggregator.strategy import l2_norm
 from fedmq.shared.codec import Weights
+from fedmq.shared.compression import CompressionSpec, check_tag, decompress
 from fedmq.shared.config import StrategyConfig
 from fedmq.shared.errors import (
     EncryptionMismatchError,
@@ -45,7 +46,8 @@ def check_header(update: Update, *, job: str, current_version: int, cfg: Strateg
     if update.job != job:
         raise WrongJobError(f"update {uid} is for job {update.job!r}, this aggregator serves {job!r}")
     if trust is not None:
-        trust.verify(update, routing_key)
+        trust.verify(update, routing_key)  # over the wire form: the site signs what it sends
+    check_tag(update.compression, CompressionSpec.of(cfg), uid)
     if update.base_version > current_version:
         raise FutureVersionError(
             f"update {uid} starts from version {update.base_version}, newest is {current_version}"
@@ -56,17 +58,37 @@ def check_header(update: Update, *, job: str, current_version: int, cfg: Strateg
     return tau
 
 
-def validate_update(update: Update, *, job: str, current_version: int, template: Weights,
-                    cfg: StrategyConfig, trust: JobTrust | None = None, routing_key: str | None = None) -> int:
-    """Return the update's staleness tau, or raise the InvalidUpdateError that dead-letters it."""
+def dense_delta(update: Update, template: Weights, cfg: StrategyConfig) -> Weights:
+    """The update's delta as the model's dense tensors: decompressed (strategy.compression) when
+    the job compresses, as received otherwise. CompressionError for a wire form that is not the
+    job's; the caller still runs `check_delta` on the result (replay folds it without)."""
+    if update.delta is None:
+        raise EncryptionMismatchError(f"update {update.update_id} is encrypted but job {update.job} "
+                                      "aggregates in plaintext")
+    spec = CompressionSpec.of(cfg)
+    check_tag(update.compression, spec, update.update_id)
+    return decompress(update.delta, spec, template, update.update_id)
+
+
+def validated_delta(update: Update, *, job: str, current_version: int, template: Weights,
+                    cfg: StrategyConfig, trust: JobTrust | None = None,
+                    routing_key: str | None = None) -> tuple[int, Weights]:
+    """The update's staleness tau and its dense delta (decompressed after the signature check),
+    or the InvalidUpdateError that dead-letters it."""
     uid = update.update_id
     tau = check_header(update, job=job, current_version=current_version, cfg=cfg, trust=trust,
                        routing_key=routing_key)
-    if update.delta is None:
-        raise EncryptionMismatchError(f"update {uid} is encrypted but job {job} aggregates in plaintext")
-    check_delta(update.delta, template, uid)
+    delta = dense_delta(update, template, cfg)
+    check_delta(delta, template, uid)
     if cfg.max_update_norm > 0:
-        norm = l2_norm(update.delta)
+        norm = l2_norm(delta)
         if norm > cfg.max_update_norm:
             raise NormBoundError(f"update {uid} has L2 norm {norm:.4g} > bound {cfg.max_update_norm:.4g}")
-    return tau
+    return tau, delta
+
+
+def validate_update(update: Update, *, job: str, current_version: int, template: Weights,
+                    cfg: StrategyConfig, trust: JobTrust | None = None, routing_key: str | None = None) -> int:
+    """Return the update's staleness tau, or raise the InvalidUpdateError that dead-letters it."""
+    return validated_delta(update, job=job, current_version=current_version, template=template, cfg=cfg,
+                           trust=trust, routing_key=routing_key)[0]

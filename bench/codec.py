@@ -3,7 +3,7 @@
 Each method turns one float32 tensor into bytes and back, in the same run:
 
 * ``Update framed`` / ``ModelVersion framed``: ``msg.encode()`` then ``X.decode(body)`` of a real
-  message carrying the tensor (schema 3, what this release writes: header + raw bytes, decoded to a
+  message carrying the tensor (schema 4, what this release writes: header + raw bytes, decoded to a
   read-only zero-copy view), every field checked as the aggregator decodes it;
 * ``Update map form``: the same update in the map form the previous release wrote (schema 1, one
   msgpack map; replay still reads it);
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import Machine, best_and_median, fmt_seconds, table
 from fedmq.shared.codec import decode_tensors, encode_tensors, pack, unpack
-from fedmq.shared.messages import BASE_SCHEMA, ModelVersion, Update, make_version
+from fedmq.shared.messages import BASE_SCHEMA, FRAMED_SCHEMA, ModelVersion, Update, make_version
 
 SIZES = (100_000, 1_000_000)
 FRAMED_UPDATE = "Update framed"
@@ -77,7 +77,7 @@ def _torch(t: torch.Tensor) -> torch.Tensor:
 def _check(arr: np.ndarray) -> None:
     """Each fedmq path gives the array back bit for bit, or this is not a speed run."""
     got = [_tensor_map(arr), ModelVersion.decode(_version(arr).encode()).weights["t"]]
-    for schema in (BASE_SCHEMA, 3):
+    for schema in (BASE_SCHEMA, FRAMED_SCHEMA):
         delta = Update.decode(_update(arr, schema).encode()).delta
         assert delta is not None
         got.append(delta["t"])
@@ -95,7 +95,7 @@ def measure(sizes: tuple[int, ...] = SIZES, repeats: int = 7) -> dict[int, dict[
         arr = rng.normal(size=n).astype(np.float32)
         tensor = torch.from_numpy(arr.copy())
         _check(arr)
-        framed, old = _update(arr, 3), _update(arr, BASE_SCHEMA)
+        framed, old = _update(arr, FRAMED_SCHEMA), _update(arr, BASE_SCHEMA)
         by_method = {
             "numpy copy": best_and_median(arr.copy, repeats=repeats),
             FRAMED_UPDATE: best_and_median(_message(framed), repeats=repeats),
@@ -120,7 +120,7 @@ def run(url: str = "", quick: bool = False) -> str:
     machine = Machine()
     repeats = 3 if quick else 7
     results = measure(repeats=repeats)
-    fixed, fixed_median = best_and_median(_message(_update(np.zeros(10, np.float32), 3)), repeats=repeats)
+    fixed, fixed_median = best_and_median(_message(_update(np.zeros(10, np.float32), FRAMED_SCHEMA)), repeats=repeats)
     rows, sign_rows = [], []
     for n, by_method in results.items():
         floor = by_method["numpy copy"][0]
@@ -139,7 +139,7 @@ def run(url: str = "", quick: bool = False) -> str:
         machine.note().markdown(),
         f"One float32 tensor, encode + decode per call (best of {repeats} samples; the median shows the noise "
         "of the shared machine). `Update framed` / `ModelVersion framed` = `msg.encode()` + `X.decode(body)` of "
-        "a real message carrying the tensor, in the framed form this release writes (schema 3: a msgpack header, "
+        "a real message carrying the tensor, in the framed form this release writes (schema 4: a msgpack header, "
         "then the raw bytes, decoded to a zero-copy read-only view; every field checked). `Update map form` = the "
         "same update as one msgpack map (schema 1, the previous release's form, still read by replay). `tensor "
         "map` = the bare tensor map through `pack(encode_tensors)` + `decode_tensors(unpack)`. pickle protocol 5; "

@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from bench.common import ROOT, Machine, table
-from fedmq.shared.broker import UPDATE_ID_HEADER, Connection, JobNames, read_last, read_stream
+from fedmq.shared.broker import (
+    UPDATE_ID_HEADER,
+    Connection,
+    JobNames,
+    PublishRefusedError,
+    read_last,
+    read_stream,
+)
 from fedmq.shared.codec import pack
 from fedmq.shared.ledger import dead_reason
 from fedmq.shared.messages import BASE_SCHEMA, ModelVersion, Task, Update
@@ -95,15 +102,22 @@ def hostile_bodies(job: str, v0: ModelVersion, n: int) -> Iterator[tuple[str, by
         yield name, build(), headers
 
 
-def flood(url: str, job: str, v0: ModelVersion, n: int) -> Counter[str]:
-    """Publish n hostile bodies as the attacker site would; returns how many of each class."""
+def flood(url: str, job: str, v0: ModelVersion, n: int) -> tuple[Counter[str], Counter[str]]:
+    """Publish n hostile bodies as the attacker site would, as fast as confirms come back.
+
+    Returns how many of each class went out, and how many of those the broker refused (the
+    attacker's own updates queue at its length limit: its share). A refused body is not retried."""
     names = JobNames(job)
     sent: Counter[str] = Counter()
+    refused: Counter[str] = Counter()
     with Connection(url, name=f"fedmq-attacker-{job}").open() as conn:
         for name, body, headers in hostile_bodies(job, v0, n):
-            conn.publish(names.updates_exchange, ATTACKER, body, headers=headers or None)
             sent[name] += 1
-    return sent
+            try:
+                conn.publish(names.updates_exchange, ATTACKER, body, headers=headers or None)
+            except PublishRefusedError:
+                refused[name] += 1
+    return sent, refused
 
 
 def wait_for_v0(url: str, job: str, proc: subprocess.Popen[str], timeout: float = 120.0) -> ModelVersion:
@@ -182,6 +196,8 @@ class FloodResult:
     job: str
     demo: dict[str, Any]
     sent: Counter[str]
+    #: of those, refused by the broker at publish: the attacker's own updates queue was full
+    refused: Counter[str]
     flood_seconds: float
     honest_updates: int
     honest_stale: int
@@ -207,13 +223,14 @@ def run_flooded_demo(url: str, n: int, demo_args: list[str], workdir: Path | Non
             v0 = wait_for_v0(url, job, proc)
             rss.mark()
             t0 = time.perf_counter()
-            sent = flood(url, job, v0, n)
+            sent, refused = flood(url, job, v0, n)
             flood_seconds = time.perf_counter() - t0
             stdout, stderr = proc.communicate(timeout=900)
         if proc.returncode != 0:
             raise RuntimeError(f"demo exited {proc.returncode}: {stderr[-3000:]}")
         demo = json.loads(stdout.strip().splitlines()[-1])
-        return _account(url, job, demo, sent, flood_seconds, [s for s in rss.samples if s[0] >= rss.marked_at])
+        return _account(url, job, demo, sent, refused, flood_seconds,
+                        [s for s in rss.samples if s[0] >= rss.marked_at])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
@@ -225,8 +242,8 @@ def run_flooded_demo(url: str, n: int, demo_args: list[str], workdir: Path | Non
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _account(url: str, job: str, demo: dict[str, Any], sent: Counter[str], flood_seconds: float,
-             rss: list[tuple[float, float]]) -> FloodResult:
+def _account(url: str, job: str, demo: dict[str, Any], sent: Counter[str], refused: Counter[str],
+             flood_seconds: float, rss: list[tuple[float, float]]) -> FloodResult:
     """Honest = the update of a task the coordinator issued (tasks log); everything else is hostile."""
     names = JobNames(job)
     issued = set()
@@ -250,7 +267,7 @@ def _account(url: str, job: str, demo: dict[str, Any], sent: Counter[str], flood
         else:
             hostile_dead[reason] += 1
     honest = len(included & issued) + sum(honest_dead.values())
-    return FloodResult(job, demo, sent, flood_seconds, honest_updates=honest,
+    return FloodResult(job, demo, sent, refused, flood_seconds, honest_updates=honest,
                        honest_stale=honest_dead.get("stale", 0), attacker_site_stale=attacker_stale,
                        honest_dead=honest_dead, hostile_dead=hostile_dead,
                        accepted_hostile=len(included - issued), rss=rss)
@@ -283,20 +300,25 @@ credentials publish {n:,} hostile update bodies as fast as confirmed publishes g
 starting right after v0. Every body is a plausible update with one field turned hostile, or raw
 garbage: {classes}. Honest updates are those answering a task in the tasks log; the issue's target is
 ≤ 1 % of them dead-lettered `stale`, the target reached, every hostile body dead-lettered with a
-reason and the aggregator's RSS flat.
+reason (or refused at publish) and the aggregator's RSS flat.
 
 {table(["run", "seconds to 0.90", "versions", "honest updates", "honest stale, all",
-        f"honest stale, sites other than {ATTACKER}", "hostile dead-lettered",
+        f"honest stale, sites other than {ATTACKER}", "hostile dead-lettered", "hostile refused at publish",
         "hostile accepted", "aggregator RSS start / peak / end"], rows)}
 
-Reasons the hostile bodies were dead-lettered with: {reasons}. The attacker holds {ATTACKER}'s
-credentials, and {ATTACKER} is also one of the demo's honest sites: the aggregator serves each
-sending site's deliveries in order and the sites round-robin (`FairQueue`), so {ATTACKER}'s own honest
-updates wait behind its flood and can go stale, while the other sites' updates get their turn in
-every round. That split is the fair share the design promises. `rejected` is the bulk path: past
-20 precise dead letters a site gets one a second, the rest it sends are rejected for the broker
-to dead-letter itself (x-death reason `rejected`) and counted by reason in the next precise
-DEAD_LETTERED event, so a hostile body costs a decode and a proof check, not two confirmed publishes.
+Reasons the hostile bodies were dead-lettered with: {reasons}. Refused at publish: bodies the broker
+nacked because {ATTACKER}'s own updates queue was at its length limit (`[coordinator]
+site_queue_limit`, 64 by default): each site of the registry has its own updates queue, so a flood
+fills only the flooder's share and the other sites' queues stay as short as their honest traffic.
+Every body, refused or not, is also in the updates log, where replay and the coordinator skip it as
+not credible. The attacker holds {ATTACKER}'s credentials, and {ATTACKER} is also one of the demo's
+honest sites: its own honest updates wait behind its flood (and its worker waits while the broker
+refuses it), so they can go stale; the other sites' updates get their turn in every round of the
+aggregator's round-robin over sending sites (`FairQueue`). That split is the fair share the design
+promises. `rejected` is the bulk path: past 20 precise dead letters a site gets one a second, the
+rest it sends are rejected for the broker to dead-letter itself (x-death reason `rejected`) and
+counted by reason in the next precise DEAD_LETTERED event, so a hostile body costs a decode and a
+proof check, not two confirmed publishes.
 """
 
 
@@ -309,7 +331,8 @@ def _row(label: str, r: FloodResult) -> list[str]:
     others_pct = 100 * others / max(r.honest_updates, 1)
     return [label, f"{stt:.1f} s" if stt is not None else "not reached", str(r.demo["versions"]),
             str(r.honest_updates), f"{r.honest_stale} ({stale_pct:.1f} %)", f"{others} ({others_pct:.1f} %)",
-            f"{sum(r.hostile_dead.values()):,} of {sum(r.sent.values()):,}", str(r.accepted_hostile), rss_txt]
+            f"{sum(r.hostile_dead.values()):,} of {sum(r.sent.values()):,}", f"{sum(r.refused.values()):,}",
+            str(r.accepted_hostile), rss_txt]
 
 
 if __name__ == "__main__":

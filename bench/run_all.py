@@ -42,9 +42,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "replay": ("bench.replay_bench", "Replay"),
     "ops": ("bench.ops_bench", "Operator commands on a long job"),
     "flood": ("bench.flood", "Flood from one site"),
+    "site_queues": ("bench.site_queues", "Per-site updates queues"),
     "byzantine": ("bench.byzantine", "Byzantine robustness"),
     "many_jobs": ("bench.many_jobs", "Many jobs on one broker"),
     "fleet": ("bench.fleet", "Fleet"),
+    "compression": ("bench.compression", "Update compression"),
 }
 RUN_TITLE = "Last run"
 

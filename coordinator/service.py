@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,14 @@ from fedmq.shared.ledger import credible_update, read_dead_letter
 from fedmq.shared.messages import EventKind, ModelVersion, Task, make_version, update_id_for
 from fedmq.shared.models import build_model, check_forward, get_weights, model_spec, set_weights
 from fedmq.shared.privacy import check_privacy, privacy_strategy, resolve_options
-from fedmq.shared.signing import META_TASK_KEY, JobTrust, load_or_create_task_key, public_hex, sign_task
+from fedmq.shared.signing import (
+    META_REGISTRY,
+    META_TASK_KEY,
+    JobTrust,
+    load_or_create_task_key,
+    public_hex,
+    sign_task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +213,13 @@ class Coordinator:
     def _topology(self) -> TopologyConfig:
         r = self.cfg.retention
         return TopologyConfig(retention=Retention(r.max_age or None, r.max_bytes or None),
-                              replicas=self.cfg.cluster.replicas)
+                              replicas=self.cfg.cluster.replicas, sites=self.sites,
+                              site_queue_limit=self.cfg.coordinator.site_queue_limit)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The registry's sites: each gets its own updates queue (none in a job without one)."""
+        return tuple(sorted(self.key_meta.get(META_REGISTRY) or ()))
 
     def _publish_v0(self, conn: Connection) -> None:
         weights = get_weights(self.model)
@@ -653,7 +667,10 @@ class Coordinator:
             log.error("updates still unresolved at the end; the updates queue is kept for an aggregator "
                       "to fold them job=%s count=%d first=%s", self.cfg.job, len(unresolved), min(unresolved))
         else:
-            conn.delete_queue(self.names.updates)  # aggregators are cancelled and leave
+            for queue in self.names.update_queues(self.sites)[1:]:
+                conn.delete_queue(queue)
+            conn.delete_queue(self.names.updates)  # the active aggregator is cancelled and leaves
+            conn.delete_queue(self.names.aggregator_lock)  # so are the standbys
             if self.cfg.encryption.enabled:
                 conn.delete_queue(self.names.aggregates)  # so are key holders (all sums are versions now)
         final, final_acc = self._handover()
@@ -708,10 +725,11 @@ class Coordinator:
         return logged - self.included - self.dead_ids
 
     def _updates_ready(self, conn: Connection) -> int:
-        try:
-            return conn.queue_stats(self.names.updates)[0]
-        except JobNotFoundError:
-            return 0  # deleted by an earlier run of `_finish`
+        ready = 0
+        for queue in self.names.update_queues(self.sites):
+            with suppress(JobNotFoundError):  # deleted by an earlier run of `_finish`
+                ready += conn.queue_stats(queue)[0]
+        return ready
 
     def _journaled_result(self, data: dict[str, Any]) -> JobResult:
         """The job finished before this restart: report what JOB_FINISHED recorded."""

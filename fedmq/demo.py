@@ -30,7 +30,15 @@ from fedmq.args import SECONDS, SLOWDOWN, config_number, number
 from fedmq.demo_keys import add_key_arguments, apply_keys
 from fedmq.demo_privacy import add_privacy_arguments, apply_privacy, privacy_summary
 from fedmq.shared.broker import Connection, JobNames, StreamReader, mask_url, read_stream
-from fedmq.shared.config import CoordinatorConfig, JobConfig, TrainingConfig, merge, read_toml
+from fedmq.shared.config import (
+    Compression,
+    CoordinatorConfig,
+    JobConfig,
+    StrategyConfig,
+    TrainingConfig,
+    merge,
+    read_toml,
+)
 from fedmq.shared.datasets import PartitionResult, write_partition
 from fedmq.shared.errors import ConfigError, FedmqError
 from fedmq.shared.evaluation import read_evaluated
@@ -88,6 +96,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=config_number(TrainingConfig, "lr"), default=0.1, help="local learning rate")
     p.add_argument("--batch-size", type=config_number(TrainingConfig, "batch_size"),
                    default=16, help="local mini-batch size")
+    p.add_argument("--compression", default="none", choices=[c.value for c in Compression],
+                   help="how sites send their deltas ([strategy] compression): float16 / bfloat16 halve the "
+                        "bytes, topk sends the --topk-fraction largest entries of each tensor (error feedback "
+                        "at the site)")
+    p.add_argument("--topk-fraction", type=config_number(StrategyConfig, "topk_fraction"), default=0.01,
+                   help="with --compression topk: share of each tensor's entries a site sends")
     p.add_argument("--aggregators", type=number(int, "[1, 100]"),
                    default=1, help="aggregator replicas (1 active, rest standby)")
     p.add_argument("--seed", type=config_number(JobConfig, "seed"),
@@ -286,6 +300,9 @@ def demo_sections(args: argparse.Namespace, part: PartitionResult, work: Path) -
         strategy["name"] = args.strategy  # a user strategy: imported (and refused if need be) at start
     if args.strategy == "fedavg":
         strategy["buffer_size"] = args.sites
+    if getattr(args, "compression", "none") != "none":
+        strategy["compression"] = args.compression
+        strategy["topk_fraction"] = args.topk_fraction
     return {
         "model": {"name": args.model},
         "data": {"test": str(part.test_file)},
@@ -306,6 +323,9 @@ def run_demo(args: argparse.Namespace) -> int:
     extra = apply_example(args) if args.example else None  # a bad example exits 2 before the broker is tried
     if not 0 <= args.slow <= args.sites:
         raise ConfigError(f"--slow must be between 0 and --sites ({args.sites}), got {args.slow}")
+    if args.privacy == "he" and args.compression != "none":
+        raise ConfigError(f"--compression {args.compression}: --privacy he sends CKKS ciphertexts, which "
+                          "compression does not shrink; use --compression none")
     console = Console(stderr=True)
     url = args.broker
     Connection(url, name="fedmq-demo-check").open().close()  # exit 3 now, not in a child
@@ -324,7 +344,8 @@ def run_demo(args: argparse.Namespace) -> int:
     write_job_toml(config, sections)
     console.print(f"[bold]fedmq demo[/] job [cyan]{job}[/] on {mask_url(url)}: {args.dataset}, "
                   f"{args.sites} sites ({args.partition}), {args.slow} of them {args.slowdown:g}x slower, "
-                  f"{args.strategy}; files in {work}")
+                  f"{args.strategy}" + (f", {args.compression} updates" if args.compression != "none" else "")
+                  + f"; files in {work}")
 
     common = ["--broker", url, "--job", job, "--log-level", "info"]
     procs = Processes(work / "logs", args.example)
@@ -423,6 +444,7 @@ def _report(url: str, job: str, st: Progress_, args: argparse.Namespace, console
     result = {
         "job": job, "strategy": args.strategy, "final_accuracy": fin["final_accuracy"],
         **({"example": args.example} if getattr(args, "example", None) else {}),
+        **({"compression": args.compression} if args.compression != "none" else {}),
         "versions": fin["versions"], "updates_applied": fin["updates_applied"],
         "updates_dead_lettered": dead_letters, "wall_seconds": round(fin["wall_seconds"], 3),
         "seconds_to_target": None if fin["seconds_to_target"] is None else round(fin["seconds_to_target"], 3),

@@ -63,9 +63,13 @@ class JobInfo:
     finished_at: float | None = None
     consumers: int = 0
     poison_events: int = 0
+    #: the registry's sites (each has its own updates queue); not listed in the output
+    sites: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        del out["sites"]
+        return out
 
 
 def list_job_ids(api: ManagementAPI) -> list[str]:
@@ -138,13 +142,15 @@ def job_info(url: str, job: str) -> JobInfo:
             conn.queue_stats(names.events)
         except JobNotFoundError:
             raise JobNotFoundError(f"job {job} not found on {mask_url(url)} (no {names.events})") from None
-        consumers = _consumers(conn, names.tasks) + _consumers(conn, names.updates)
+        consumers = sum(_consumers(conn, q) for q in (names.tasks, names.updates, names.aggregator_lock))
     info = JobInfo(job=job, state=IDLE, consumers=consumers)
     _scan_events(url, names, info, PoisonCounter("jobs", job))
     last = read_last(url, names.models)
     if last is not None:
         with suppress(MalformedMessageError):
-            info.latest_version = ModelVersion.decode(last.body).version
+            latest = ModelVersion.decode(last.body)
+            info.latest_version = latest.version
+            info.sites = tuple(latest.listed_sites)
     if info.finished_at is not None:
         info.state = FINISHED
     elif consumers > 0:
@@ -165,7 +171,7 @@ def delete_job(url: str, job: str, *, force: bool = False, finished_before: floa
         raise JobRunningError(f"job {job} finished {time.time() - info.finished_at:.0f} s ago, "
                               f"less than --finished-before {finished_before:.0f} s")
     with Connection(url, name="fedmq-delete").open() as conn:
-        conn.delete_job(JobNames(job))
+        conn.delete_job(JobNames(job), sites=info.sites)
     return info
 
 

@@ -4,7 +4,8 @@ Everything comes from the broker, read the ways measured on RabbitMQ 3.10 to be 
 free, so the monitor needs no plugin and no permission beyond reading the job's streams:
 
 * queue depth and consumer count of the tasks, updates and dead-letter queues by *passive*
-  declare (ready messages only; single-active-consumer counts only the active consumer). A
+  declare (ready messages only; only the active aggregator consumes the shared updates queue, and
+  its depth leaves out the per-site updates queues of a job with a site registry). A
   missing queue answers 404: after a job ends the coordinator deletes tasks and updates, and the
   monitor reports that instead of failing;
 * the newest model version from the models stream (streams answer 0/0 to a passive declare);

@@ -54,10 +54,11 @@ from fedmq.aggregator.strategy import (
     recorded_norms,
     strategy_source_sha256,
 )
-from fedmq.aggregator.validate import check_header, validate_update
+from fedmq.aggregator.validate import check_header, dense_delta, validate_update
 from fedmq.history import StreamCursor, decode_or_none
 from fedmq.shared.broker import JobNames, read_stream
 from fedmq.shared.codec import Weights, weights_sha256
+from fedmq.shared.compression import CompressionSpec, check_tag, decompress
 from fedmq.shared.config import ClipCenter, StrategyConfig, StrategyName
 from fedmq.shared.errors import (
     ConfigError,
@@ -229,7 +230,9 @@ def fold_version(parent: ModelVersion, version: ModelVersion, updates: Sequence[
     for u in updates:
         if u.delta is None:
             raise ValueError(f"update {u.update_id} is encrypted")
-        acc.fold(update_id=u.update_id, site=u.site, delta=u.delta, tau=parent.version - u.base_version,
+        # the aggregator's own decompression (shared/compression.py): deterministic, so bit for bit
+        acc.fold(update_id=u.update_id, site=u.site, delta=dense_delta(u, parent.weights, cfg),
+                 tau=parent.version - u.base_version,
                  num_samples=u.num_samples, base_version=u.base_version, median_bound=bound, center=center,
                  outlier_limit=limit)
     weights, contributions, state = acc.step(parent.weights, parent.server_state)
@@ -255,7 +258,9 @@ def _ordered_candidates(version: ModelVersion, candidates: Mapping[str, Sequence
             c = recorded[i]
             match = [u for u in copies if (u.site, u.base_version, u.num_samples)
                      == (c.get("site"), c.get("base_version"), c.get("num_samples"))]
-            copies = match + [u for u in copies if u not in match]
+            # by identity: two copies of one update (a site that published it twice) compare
+            # their tensors under ==, which is ambiguous for arrays
+            copies = match + [u for u in copies if not any(u is m for m in match)]
         out.append(copies)
     return out
 
@@ -581,6 +586,8 @@ class WhatIf:
 
     def __init__(self, cfg: StrategyConfig, start: ModelVersion, evaluate: Callable[[Weights], float]) -> None:
         self.cfg = cfg
+        #: how the recorded updates travelled (the job's compression, whatever the what-if's params say)
+        self.wire = CompressionSpec.of(StrategyConfig.from_params(start.params))
         self.acc = Accumulator(cfg)
         self.start = start.version
         self.weights: Weights = {k: np.asarray(v) for k, v in start.weights.items()}
@@ -590,7 +597,8 @@ class WhatIf:
         self.flush_positions: list[int] = []
         self.original_positions: dict[int, int] = {start.version: 0}
         self.first_created: float | None = None
-        self.skipped: dict[str, int] = {"stale": 0, "norm_bound": 0, "outlier": 0, "encrypted": 0, "missing": 0}
+        self.skipped: dict[str, int] = {"stale": 0, "norm_bound": 0, "outlier": 0, "encrypted": 0, "missing": 0,
+                                        "bad_compression": 0}
         self.contributions: list[Contribution] = []  # every fold, in order (staleness as re-measured)
         self.norms = NormWindow(cfg.clip_window, step={})
         self.curve = [CurvePoint(start.version, 0, evaluate(self.weights))]
@@ -607,18 +615,25 @@ class WhatIf:
             self.skipped["encrypted"] += 1
             self.position += 1
             return
+        try:
+            check_tag(u.compression, self.wire, u.update_id)
+            delta = decompress(u.delta, self.wire, self.weights, u.update_id)
+        except InvalidUpdateError:
+            self.skipped["bad_compression"] += 1
+            self.position += 1
+            return
         if self.first_created is not None and u.created_at - self.first_created >= self.cfg.flush_timeout:
             self._flush()
         base_position = self.original_positions.get(u.base_version, 0)
         tau = self.version - (self.start + bisect.bisect_right(self.flush_positions, base_position))
         if tau > self.cfg.max_staleness:
             self.skipped["stale"] += 1
-        elif self.cfg.max_update_norm > 0 and l2_norm(u.delta) > self.cfg.max_update_norm:
+        elif self.cfg.max_update_norm > 0 and l2_norm(delta) > self.cfg.max_update_norm:
             self.skipped["norm_bound"] += 1
         else:
             try:
                 self.contributions.append(self.acc.fold(
-                    update_id=u.update_id, site=u.site, delta=u.delta, tau=tau, num_samples=u.num_samples,
+                    update_id=u.update_id, site=u.site, delta=delta, tau=tau, num_samples=u.num_samples,
                     base_version=u.base_version, median_bound=self.norms.bound(self.cfg), center=self.norms.step,
                     outlier_limit=self.norms.limit(self.cfg)))
             except OutlierError:

@@ -13,8 +13,9 @@ Scheduling follows the coordinator: `concurrency` tasks outstanding, each carryi
 current when it was issued, taken by the site that has been free longest (ties: the order the
 sites were given); FedAvg issues a whole cohort from one version and the next only after the
 cohort is merged. Staleness, `max_staleness`, the flush timeout, running-median and centred
-clipping and outlier rejection are applied as the aggregator does. Not simulated: central DP
-noise, CKKS, signatures (they change the cost, not the math of the bound).
+clipping and outlier rejection are applied as the aggregator does, and so is `strategy.compression`
+(each site compresses with its own error feedback, the fold decompresses: shared/compression.py).
+Not simulated: central DP noise, CKKS, signatures (they change the cost, not the math of the bound).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 
 from fedmq.aggregator.strategy import Accumulator, NormWindow
 from fedmq.shared.codec import Weights
+from fedmq.shared.compression import CompressionSpec, ErrorFeedback, decompress
 from fedmq.shared.config import EncryptionScheme, JobConfig, PrivacyMechanism, StrategyName
 from fedmq.shared.datasets import fit_to_model, load_site
 from fedmq.shared.errors import ConfigError, OutlierError
@@ -121,6 +123,8 @@ class Simulation:
         self.version = 0
         self.strategy = cfg.strategy
         self.acc = Accumulator(self.strategy)
+        self.compression = CompressionSpec.of(self.strategy)
+        self.feedback = [ErrorFeedback() for _ in self.sites]  # each site's top-k residual
         self.norms = NormWindow(self.strategy.clip_window, step={})
         self.events: list[_Event] = []
         self.seq = itertools.count()
@@ -201,8 +205,10 @@ class Simulation:
         seconds = site.task_seconds if site.task_seconds is not None else \
             site.slowdown * max(compute, site.min_task_seconds)
         self.durations[i].append(seconds)
+        # what the aggregator folds: the site's wire form, decompressed (the delta itself without compression)
+        delta = decompress(self.feedback[i].compress(result.delta, self.compression), self.compression, base)
         heapq.heappush(self.events, _Event(self.now + seconds, next(self.seq), "done", i, task.version,
-                                           result.delta, result.num_samples))
+                                           delta, result.num_samples))
 
     def _on_done(self, ev: _Event) -> bool:
         """An update arrives: fold (or drop as stale / outlier); True when a version was published."""

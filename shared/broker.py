@@ -27,7 +27,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -45,7 +45,7 @@ from fedmq.shared.errors import (
     FedmqError,
     JobNotFoundError,
 )
-from fedmq.shared.messages import ID_RE, EventKind
+from fedmq.shared.messages import ID_RE, EventKind, ModelVersion
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,12 @@ T = TypeVar("T")
 
 class ConnectionLostError(BrokerUnavailableError):
     """The connection dropped (broker restart, network, missed heartbeats): reconnect and resume."""
+
+
+class PublishRefusedError(ConnectionLostError):
+    """The broker refused a publish (basic.nack): above all a queue at its length limit, e.g. a
+    site's own updates queue full. The connection is fine: wait and publish again on it (treated
+    as a lost connection by callers that do not catch it, as before)."""
 
 
 def broker_urls(text: str) -> list[str]:
@@ -161,8 +167,11 @@ def amqp_errors(url: str) -> Iterator[None]:
         raise JobNotFoundError(
             f"message unroutable on {mask_url(url)}: the job's queues are gone (job finished or deleted)"
         ) from exc
+    except pex.NackError as exc:
+        raise PublishRefusedError(f"broker {mask_url(url)} refused the publish (a queue is at its length "
+                                  "limit, or has no quorum): try again later") from exc
     except (pex.AMQPConnectionError, pex.ConnectionWrongStateError, pex.ChannelWrongStateError,
-            pex.ChannelClosed, pex.NackError, ConnectionError, OSError) as exc:
+            pex.ChannelClosed, ConnectionError, OSError) as exc:
         raise ConnectionLostError(f"lost the broker at {mask_url(url)}: {exc!r}") from exc
 
 
@@ -228,6 +237,29 @@ class JobNames:
     def updates_log(self) -> str:
         return self._n("updates.log")
 
+    def site_updates(self, site: str) -> str:
+        """One site's own updates queue: its length limit is that site's share (`declare_job`)."""
+        return self._n(f"site.{site}.updates")
+
+    @property
+    def sites_exchange(self) -> str:
+        """Internal: routes each listed site's updates to its own queue (no site may write it)."""
+        return self._x("updates.sites")
+
+    @property
+    def unlisted_exchange(self) -> str:
+        """Internal: the sites exchange's alternate exchange, into the shared `updates` queue."""
+        return self._x("updates.unlisted")
+
+    @property
+    def aggregator_lock(self) -> str:
+        """Holds one token; the replica it is delivered to is the active aggregator (`declare_job`)."""
+        return self._n("aggregator.lock")
+
+    def update_queues(self, sites: Iterable[str] = ()) -> list[str]:
+        """Every queue an active aggregator consumes: the shared one, then one per listed site."""
+        return [self.updates, *(self.site_updates(s) for s in sites)]
+
     @property
     def models_exchange(self) -> str:
         return self._x("models")
@@ -269,13 +301,15 @@ class JobNames:
     def aggregates_log(self) -> str:
         return self._n("aggregates.log")
 
-    def queues(self) -> list[str]:
-        return [self.tasks, self.tasks_log, self.updates, self.updates_log, self.models, self.events,
-                self.dead, self.dead_log, self.aggregates, self.aggregates_log]
+    def queues(self, sites: Iterable[str] = ()) -> list[str]:
+        """The job's queues and streams; per-site queues only for the `sites` given (the registry)."""
+        return [self.tasks, self.tasks_log, *self.update_queues(sites), self.updates_log, self.models,
+                self.events, self.dead, self.dead_log, self.aggregates, self.aggregates_log,
+                self.aggregator_lock]
 
     def exchanges(self) -> list[str]:
-        return [self.tasks_exchange, self.updates_exchange, self.models_exchange,
-                self.events_exchange, self.dead_exchange, self.aggregates_exchange]
+        return [self.tasks_exchange, self.updates_exchange, self.sites_exchange, self.unlisted_exchange,
+                self.models_exchange, self.events_exchange, self.dead_exchange, self.aggregates_exchange]
 
 
 #: the only events a site publishes, under the routing key ``site.<its name>.<event>``
@@ -320,6 +354,10 @@ def site_permissions(job: str, site: str, vhost: str = "/") -> SitePermissions:
 
 #: replicas of each quorum queue and stream unless the job says otherwise: survives one node lost
 DEFAULT_REPLICAS = 3
+#: an honest site has at most its outstanding tasks' updates waiting; the limit leaves ample room
+DEFAULT_SITE_QUEUE_LIMIT = 64
+#: the body of the aggregator lock's one token (the body means nothing, holding it does)
+LOCK_TOKEN = b"fedmq-aggregator-lock"
 
 
 @dataclass(frozen=True)
@@ -331,6 +369,11 @@ class TopologyConfig:
     #: count (a single node: 1). 0 = send no argument: RabbitMQ's own default, every node. Part
     #: of the declare: a job re-declared with another value fails with 406 (ConfigError)
     replicas: int = DEFAULT_REPLICAS
+    #: the job's listed sites (its signing registry): each gets its own updates queue
+    sites: tuple[str, ...] = ()
+    #: updates one listed site may have waiting (`x-max-length`); past it the broker refuses that
+    #: site's publishes, so a flood fills only the flooder's own queue
+    site_queue_limit: int = DEFAULT_SITE_QUEUE_LIMIT
 
     def quorum_size(self) -> dict[str, Any]:
         return {"x-quorum-initial-group-size": int(self.replicas)} if self.replicas else {}
@@ -373,12 +416,7 @@ def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> No
     ch.queue_declare(names.events, durable=True, arguments=stream_args)
     ch.queue_bind(names.events, names.events_exchange, routing_key="#")
 
-    ch.exchange_declare(names.updates_exchange, "topic", durable=True)
-    ch.queue_declare(names.updates, durable=True, arguments=_quorum_args(
-        names, cfg.update_delivery_limit, cfg, **{"x-single-active-consumer": True}))
-    ch.queue_declare(names.updates_log, durable=True, arguments=stream_args)
-    ch.queue_bind(names.updates, names.updates_exchange, routing_key="#")
-    ch.queue_bind(names.updates_log, names.updates_exchange, routing_key="#")
+    _declare_updates(ch, names, cfg)
 
     ch.exchange_declare(names.tasks_exchange, "direct", durable=True)
     ch.queue_declare(names.tasks, durable=True, arguments=_quorum_args(names, cfg.task_delivery_limit, cfg))
@@ -387,6 +425,40 @@ def declare_job(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> No
     # finds the task in the log on restart and does not issue that work a second time
     ch.queue_declare(names.tasks_log, durable=True, arguments=stream_args)
     ch.queue_bind(names.tasks_log, names.tasks_exchange, routing_key="task")
+
+
+def _declare_updates(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> None:
+    """Sites publish to the updates exchange under their own name (topic permissions pin it).
+
+    Everything goes to the updates log. A listed site's updates go to its own queue, whose length
+    limit is its share: a site flooding the job fills only that queue, then the broker refuses its
+    publishes, while every other site's queue stays as short as its honest traffic. A name that is
+    not listed (a job without a registry, or a sender the registry does not know) reaches the
+    shared `updates` queue through the sites exchange's alternate exchange."""
+    ch.exchange_declare(names.updates_exchange, "topic", durable=True)
+    ch.queue_declare(names.updates_log, durable=True, arguments=cfg.stream_args())
+    ch.queue_bind(names.updates_log, names.updates_exchange, routing_key="#")
+    ch.exchange_declare(names.unlisted_exchange, "fanout", durable=True, internal=True)
+    ch.exchange_declare(names.sites_exchange, "direct", durable=True, internal=True,
+                        arguments={"alternate-exchange": names.unlisted_exchange})
+    ch.queue_declare(names.updates, durable=True, arguments=_quorum_args(
+        names, cfg.update_delivery_limit, cfg, **{"x-single-active-consumer": True}))
+    ch.queue_bind(names.updates, names.unlisted_exchange)
+    # a job created by an earlier release bound the shared queue straight to the updates exchange
+    ch.queue_unbind(names.updates, names.updates_exchange, routing_key="#")
+    for site in cfg.sites:
+        queue = names.site_updates(validate_site(site))
+        ch.queue_declare(queue, durable=True, arguments=_quorum_args(
+            names, cfg.update_delivery_limit, cfg, **{"x-max-length": int(cfg.site_queue_limit)}))
+        ch.queue_bind(queue, names.sites_exchange, routing_key=site)
+    ch.exchange_bind(names.sites_exchange, names.updates_exchange, routing_key="#")
+    # the aggregator lock (`Connection._ensure_lock_token` puts its one token in). Why not
+    # single-active-consumer on the updates queues themselves: each queue picks its active
+    # consumer on its own, so with one queue per site two replicas could each be active on some
+    # of them. The replica holding the token consumes every updates queue; when its connection
+    # ends, the broker hands the token to the next replica in line
+    ch.queue_declare(names.aggregator_lock, durable=True, arguments={
+        "x-queue-type": "quorum", "x-single-active-consumer": True, **cfg.quorum_size()})
 
 
 def declare_encrypted(ch: BlockingChannel, names: JobNames, cfg: TopologyConfig) -> None:
@@ -655,6 +727,18 @@ class Connection:
     def declare_job(self, names: JobNames, cfg: TopologyConfig) -> None:
         with self._scratch() as ch:
             declare_job(ch, names, cfg)
+        self._ensure_lock_token(names)
+
+    def _ensure_lock_token(self, names: JobNames) -> None:
+        """Publish the aggregator lock's token unless it is there: waiting, or held by a consumer.
+
+        Aggregators subscribe to the lock only once v0 exists, and the coordinator declares the
+        job (and so puts the token in) before it publishes v0: an empty lock without consumers is
+        a job whose coordinator died in between. A second token, put in while the holder's
+        connection was just closing, is harmless: both go to the one active consumer."""
+        ready, consumers = self.queue_stats(names.aggregator_lock)
+        if not ready and not consumers:
+            self.publish("", names.aggregator_lock, LOCK_TOKEN)
 
     def declare_encrypted(self, names: JobNames, cfg: TopologyConfig) -> None:
         with self._scratch() as ch:
@@ -677,14 +761,26 @@ class Connection:
             ok = ch.queue_declare(queue, passive=True)
         return ok.method.message_count, ok.method.consumer_count
 
-    def delete_job(self, names: JobNames) -> None:
-        """Remove every queue and exchange of a job that exists (tests, benchmarks, cleanup)."""
-        for q in names.queues():
+    def delete_job(self, names: JobNames, sites: Iterable[str] | None = None) -> None:
+        """Remove every queue and exchange of a job that exists (tests, benchmarks, cleanup), the
+        updates queue of each of the registry's `sites` too (None: read them from the models stream)."""
+        if sites is None:
+            sites = self._listed_sites(names)
+        for q in names.queues(sites):
             with suppress(FedmqError):
                 self.delete_queue(q)
         for x in names.exchanges():
             with suppress(FedmqError):
                 self.delete_exchange(x)
+
+    def _listed_sites(self, names: JobNames) -> list[str]:
+        """The registry's sites from the newest version (every version carries v0's meta)."""
+        try:
+            last = read_last(self.url, names.models)
+            sites = ModelVersion.decode(last.body).listed_sites if last is not None else []
+        except (FedmqError, ValueError):  # no models stream, or an entry that is not a version
+            return []
+        return [s for s in sites if SITE_RE.match(s)]
 
     def delete_queue(self, queue: str) -> None:
         with self._scratch() as ch:

@@ -5,7 +5,7 @@ one msgpack map; tensors travel inside it as ``{name: {"dtype": str, "shape": [i
 bytes}}``. msgpack copies the tensor bytes when packing (more than once as its buffer grows) and
 again into a new bytes object when unpacking: 4.2-4.4x a numpy copy (BENCHMARKS.md, "Codec").
 
-Framed form (ModelVersion and Update, schema 3, `pack_frame` / `unpack_frame`)::
+Framed form (ModelVersion and Update, schema 4, `pack_frame` / `unpack_frame`)::
 
     FRAME_MAGIC (4) | FRAME_VERSION (1) | header length (u32 LE) | header (msgpack map) |
     zero padding to ALIGN | tensor bytes, each tensor zero-padded to ALIGN, nothing after
@@ -52,6 +52,7 @@ DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
+    "uint16": np.dtype("<u2"),  # bfloat16 updates: the upper 16 bits of each float32 (shared/compression.py)
 }
 _WIRE_NAME = {dt: name for name, dt in DTYPES.items()}
 

@@ -90,6 +90,15 @@ class ServerOptimizer(StrEnum):
     ADAGRAD = "adagrad"  # FedAdagrad
 
 
+class Compression(StrEnum):
+    """How a site's delta travels (shared/compression.py); the aggregator decompresses it."""
+
+    NONE = "none"          # float32 as trained
+    FLOAT16 = "float16"    # half the bytes, IEEE half precision (range +-65504)
+    BFLOAT16 = "bfloat16"  # half the bytes, float32's range with 8 bits of mantissa
+    TOPK = "topk"          # the largest topk_fraction of each tensor, with error feedback at the site
+
+
 def _require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -247,6 +256,8 @@ class StrategyConfig(Section):
     server_beta1: Annotated[float, In("[0, 1)")] = 0.9   # momentum of the pseudo-gradient
     server_beta2: Annotated[float, In("[0, 1)")] = 0.99  # second-moment decay (adam, yogi)
     server_tau: Annotated[float, In("(0, 1]")] = 1e-3    # adaptivity: sqrt(v) + tau in the denominator
+    compression: Compression = Compression.NONE  # how sites send deltas: none, float16, bfloat16 or topk
+    topk_fraction: Annotated[float, In("(0, 1]")] = 0.01  # topk: share of each tensor's entries a site sends
 
     def check(self) -> None:
         if self.name is StrategyName.FEDAVG:
@@ -267,6 +278,10 @@ class StrategyConfig(Section):
                      and self.clip_center is ClipCenter.ZERO, "strategy.name",
                      f"a user strategy ({self.name.value}) does its own folding: set robust = none, "
                      "server_optimizer = none and clip_center = zero (clip_norm and the median clip still apply)")
+        _require(self.compression is not Compression.TOPK or self.robust is Robust.NONE, "strategy.compression",
+                 f"topk deltas are zero outside each site's own largest entries, so robust = {self.robust.value} "
+                 "would take the median or trimmed mean of mostly zeros: use robust = none with topk "
+                 "(clip_median_factor and outlier_factor still apply), or float16 / bfloat16")
         if self.server_optimizer is not ServerOptimizer.NONE:
             _require(self.name is not StrategyName.FEDASYNC, "strategy.server_optimizer",
                      "fedasync mixes each update in with alpha; a server optimizer needs a buffered mean "
@@ -279,8 +294,14 @@ class StrategyConfig(Section):
     def effective_buffer(self) -> int:
         return 1 if self.name is StrategyName.FEDASYNC else self.buffer_size
 
+    #: keys left out of `to_params` at their defaults: the versions of a job that does not use them
+    #: read as before in a release that predates them (`from_params` restores the defaults)
+    OMIT_AT_DEFAULT: ClassVar[tuple[str, ...]] = ("compression", "topk_fraction")
+
     def to_params(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()
+                if not (k in self.OMIT_AT_DEFAULT and v == defaults[k])}
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> StrategyConfig:
@@ -393,6 +414,9 @@ class CoordinatorConfig(Section):
     #: "target": export the version that met the target (versions folded from updates still in
     #: flight at the stop are kept in the stream, but can be worse); "last": the newest version
     export: ExportPolicy = ExportPolicy.TARGET
+    #: updates one site of the registry may have waiting in its own queue; past it the broker
+    #: refuses that site's publishes (its worker waits), so a flooding site fills only its own share
+    site_queue_limit: Annotated[int, In("[1, 1_000_000]")] = 64
 
 
 _MAX_AGE_RE = re.compile(r"^[0-9]+[YMDhms]$")  # RabbitMQ's x-max-age syntax

@@ -23,6 +23,8 @@ Hierarchy (the CLI maps `exit_code`; the aggregator maps `reason` onto dead lett
         ├── UnknownTaskError        "unknown_task"  no valid proof that the job issued its task
         ├── SiteMismatchError       "wrong_site"  the update's site is not the broker identity that sent it
         ├── EncryptionMismatchError "encryption_mismatch"  plaintext in a CKKS job or vice versa
+        ├── CompressionMismatchError "compression_mismatch"  the update's compression is not the job's
+        ├── CompressionError        "bad_compression"  a compressed delta that does not decode to the model
         └── PrivacyBudgetError      "privacy_budget"  also a site's reason to refuse a task
 """
 
@@ -136,6 +138,20 @@ class EncryptionMismatchError(InvalidUpdateError):
     under another job's key: folding it would leak the delta or add garbage to the sum."""
 
     reason = "encryption_mismatch"
+
+
+class CompressionMismatchError(InvalidUpdateError):
+    """The update says it was compressed otherwise than the job's `strategy.compression` (or not at
+    all): the job chooses how deltas travel, never the site."""
+
+    reason = "compression_mismatch"
+
+
+class CompressionError(InvalidUpdateError):
+    """A compressed delta that cannot be the job's model delta: a tensor missing or extra, a wrong
+    dtype or shape, or top-k indices that are duplicated, unsorted, out of range or too many."""
+
+    reason = "bad_compression"
 
 
 class PrivacyBudgetError(InvalidUpdateError):

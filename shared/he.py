@@ -36,7 +36,7 @@ import numpy as np
 import tenseal as ts
 
 from fedmq.shared.codec import Weights
-from fedmq.shared.config import Robust, ServerOptimizer, StrategyConfig
+from fedmq.shared.config import Compression, Robust, ServerOptimizer, StrategyConfig
 from fedmq.shared.errors import ConfigError, MalformedMessageError, NonFiniteError
 from fedmq.shared.messages import Update
 
@@ -306,6 +306,10 @@ def check_strategy(cfg: StrategyConfig) -> None:
     if cfg.server_optimizer is not ServerOptimizer.NONE:
         raise ConfigError(f"strategy.server_optimizer = {cfg.server_optimizer.value} is not supported on "
                           "encrypted jobs (the key holder applies the decrypted mean as is); set it to \"none\"")
+    if cfg.compression is not Compression.NONE:
+        raise ConfigError(f"strategy.compression = {cfg.compression.value}: an encrypted job sends CKKS "
+                          "ciphertexts, whose size the plaintext's precision or sparsity does not change; set "
+                          "it to \"none\"")
     if cfg.clip_norm > 0:
         raise ConfigError("strategy.clip_norm needs plaintext deltas; with encryption clip at the "
                           "site (privacy.mechanism = \"dp_fedavg\", noise_at = \"site\")")

@@ -200,9 +200,15 @@ class ModelFeed:
                                f"within {timeout:g} s")
 
     def _attach(self, offset: int | None) -> None:
-        self._reader = StreamReader(self.url, self.names.models, name=f"fedmq-models-feed-{self.names.job}",
-                                    prefetch=8)
-        self._reader.start(offset if offset is not None else "first")
+        reader = StreamReader(self.url, self.names.models, name=f"fedmq-models-feed-{self.names.job}", prefetch=8)
+        try:
+            reader.start(offset if offset is not None else "first")
+        except BaseException:
+            # kept, a reader that never started would fail every later task (the broker was
+            # restarting when it attached: seen in the chaos test); the next task attaches anew
+            reader.close()
+            raise
+        self._reader = reader
         self.attached += 1
 
     def _absorb(self, d: Delivery) -> None:

@@ -5,11 +5,11 @@ unknown field, a wrong type or a newer schema raises `MalformedMessageError` nam
 the aggregator can dead-letter it with a precise reason. Every message carries what a replay needs
 (no process memory): a version names its parent, its strategy and the ordered update ids folded in.
 
-Two wire forms (shared.codec): a ModelVersion or Update of schema 3 (`FRAMED_SCHEMA`, what this
+Two wire forms (shared.codec): a ModelVersion or Update of schema 4 (`FRAMED_SCHEMA`, what this
 release writes) travels framed, a msgpack header then the raw tensor bytes, decoded to zero-copy
-views; every other message, and every message the previous release wrote (schema 1 and 2), is
+views; every other message, and every message the previous release wrote (schema 1-3), is
 one msgpack map. `decode` reads both, and the form is bound to the schema (a framed body must
-say schema 3, a map body of these two kinds must not), so a decoded message's schema tells how
+say schema 4, a map body of these two kinds must not), so a decoded message's schema tells how
 it travelled and which signing bytes its signature covers (`Update.signing_bytes`). A reader of
 the previous release cannot read a framed body (it dead-letters it as "not msgpack"): upgrade
 every role of a job together; jobs it wrote replay and resume as they are.
@@ -45,12 +45,16 @@ from fedmq.shared.errors import MalformedMessageError
 #: the newest schema this fedmq reads. A message is written with the oldest schema that holds it,
 #: so a reader one release behind still reads every message that uses nothing new: 1 is the base,
 #: 2 a ModelVersion with a server optimizer's state (`server_state`, absent from the body otherwise),
-#: 3 (`FRAMED_SCHEMA`) a ModelVersion or Update in the framed form (tensors as raw bytes after a
-#: header, shared.codec), which is what this release writes for both: a reader of schema <= 2
-#: cannot read it. Task, Event and EncryptedAggregate stay schema 1 maps.
-SCHEMA = 3
+#: 3 an Update with a compressed delta (`compression`, absent otherwise) in the map form,
+#: 4 (`FRAMED_SCHEMA`) a ModelVersion or Update in the framed form (tensors as raw bytes after a
+#: header, shared.codec), which is what this release writes for both, compressed or not: a reader
+#: of schema <= 3 cannot read it. Task, Event and EncryptedAggregate stay schema 1 maps.
+SCHEMA = 4
 BASE_SCHEMA = 1
-FRAMED_SCHEMA = 3
+FRAMED_SCHEMA = 4
+#: the schema a compressed update is written with: framed, like every update this release writes
+#: (schema 3, the map form with `compression`, is still read)
+COMPRESSED_UPDATE_SCHEMA = FRAMED_SCHEMA
 
 T = TypeVar("T", bound="_Message")
 
@@ -62,6 +66,9 @@ MAX_INT = 2**53  # counts and versions; also exact in a float64 (JSON readers, P
 MAX_LIST = 100_000
 MAX_DEPTH = 8
 MB = 2**20
+#: v0's meta: the site registry {site: Ed25519 public key hex} (shared/signing.py verifies with
+#: it; shared/broker.py gives each of its sites an updates queue)
+META_REGISTRY = "site_keys"
 
 
 # --------------------------------------------------------------------------- field checks
@@ -379,6 +386,12 @@ class ModelVersion(_Message):
     def verify_hash(self) -> bool:
         return weights_sha256(self.weights) == self.sha256
 
+    @property
+    def listed_sites(self) -> list[str]:
+        """The sites of the registry in meta (sorted); what each name is, the caller validates."""
+        registry = self.meta.get(META_REGISTRY)
+        return sorted(registry) if isinstance(registry, dict) else []
+
 
 @dataclass(frozen=True, slots=True)
 class Task(_Message):
@@ -451,16 +464,20 @@ class Update(_Message):
     signature: bytes = b""
     #: the task's signature from the coordinator (Task.signature), proof this answers an issued task
     task_proof: bytes = b""
+    #: how `delta` travels (the job's strategy.compression: "float16", "bfloat16", "topk"; None =
+    #: dense as trained); the aggregator decompresses it (shared/compression.py)
+    compression: str | None = None
     schema: int = FRAMED_SCHEMA
 
     kind: ClassVar[str] = "update"
     _tensor_fields: ClassVar[tuple[str, ...]] = ("delta",)
+    _since_schema_2: ClassVar[tuple[str, ...]] = ("compression",)
     _fields: ClassVar[dict[str, Check]] = {
         "job": text(NAME_RE), "update_id": text(ID_RE), "task_id": text(ID_RE), "site": text(NAME_RE),
         "base_version": integer(0), "num_samples": integer(0, 2**40), "delta": optional(tensors),
         "metrics": plain(256, allow_bytes=False), "privacy": plain(256, allow_bytes=False),
         "ciphertext": optional(plain()), "created_at": _ANY_TIME, "signature": binary(64),
-        "task_proof": binary(64), "schema": integer(0, SCHEMA),
+        "task_proof": binary(64), "compression": optional(text(NAME_RE, 32)), "schema": integer(0, SCHEMA),
     }
 
     def __post_init__(self) -> None:
@@ -472,9 +489,9 @@ class Update(_Message):
     def signing_bytes(self) -> bytes:
         """What the site signs: every field but the signature itself, every tensor byte.
 
-        Map form (schema <= 2, what the previous release wrote and signed): the map without the
+        Map form (schema <= 3, what the previous release wrote and signed): the map without the
         signature, tensor bytes included, exactly as that release computed it, so its jobs' updates
-        still verify on replay. Framed form (schema 3): `SIGNING_DOMAIN` + the map without the
+        still verify on replay. Framed form (schema 4): `SIGNING_DOMAIN` + the map without the
         signature, each tensor field as its ordered [name, dtype, shape, SHA-256] list: names,
         order, dtypes, shapes and bytes are all covered, and the payload is hashed in place, not
         packed again. Which of the two applies follows from the schema, which both cover, and
@@ -546,7 +563,7 @@ class EventKind(StrEnum):
     VERSION_PUBLISHED = "version_published"
     VERSION_EVALUATED = "version_evaluated"
     DEAD_LETTERED = "dead_lettered"
-    #: a replica started receiving updates (single-active-consumer chose it); data: replica, takeover
+    #: a replica became the active aggregator (the lock's token reached it); data: replica, takeover
     AGGREGATOR_ACTIVE = "aggregator_active"
     #: homomorphic jobs: the aggregator handed an encrypted sum to the key holder
     AGGREGATE_PUBLISHED = "aggregate_published"

@@ -27,9 +27,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedmq.shared.broker import validate_site
 from fedmq.shared.errors import ConfigError, SignatureError, SiteMismatchError, UnknownTaskError
-from fedmq.shared.messages import Task, Update, task_proof_bytes, update_id_for
+from fedmq.shared.messages import META_REGISTRY, Task, Update, task_proof_bytes, update_id_for
 
-META_REGISTRY = "site_keys"
 #: v0's meta: the coordinator's task-signing public key (hex); every update must carry a proof
 META_TASK_KEY = "task_key"
 REGISTRY_FILE = "registry.json"

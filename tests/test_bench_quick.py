@@ -28,6 +28,8 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "tta": (True, True, ["| FedBuff |", "| FedAvg (synchronous) |", "fedmq / bound"]),
     "fedeval": (True, True, ["| central only |", "| federated only (no test data) |", "against central only"]),
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
+    "site_queues": (True, False, ["| none (shared queue only) |", "| 50 |", "aggregator subscribes to all"]),
+    "compression": (True, True, ["| none |", "| bfloat16 |", "| topk 10 % |", "bytes / none"]),
     "fleet": (True, True, ["| updates lost / double counted | 0 / 0 | 0 / 0 | 0 / 0 |",
                            "| RSS per site beyond data |", "separate workers / fleet at 30 sites"]),
 }

@@ -3,7 +3,7 @@
 Structure-aware first: a valid message of each type with one field (or one tensor spec entry)
 replaced by a hostile value, dropped, or joined by an unknown key; then byte-level mutations of
 valid bodies (flips, truncation, insertion) and random bytes. Both wire forms: the map form (the
-previous release's, schema 1, which `fedmq replay` still reads) and the framed form (schema 3,
+previous release's, schema 1, which `fedmq replay` still reads) and the framed form (schema 4,
 updates and versions), whose header fields, tensor descriptors (name, dtype, shape, offset,
 nbytes), prefix (magic, frame version, header length), padding and payload are broken one at a
 time. About 25,000 examples per run in all (the `max_examples` below), a minute on 2 cores.
@@ -24,6 +24,7 @@ from fedmq.shared.codec import _PREFIX, ALIGN, FRAME_MAGIC, FRAME_VERSION, pack
 from fedmq.shared.errors import MalformedMessageError
 from fedmq.shared.messages import (
     BASE_SCHEMA,
+    FRAMED_SCHEMA,
     EncryptedAggregate,
     Event,
     ModelVersion,
@@ -63,10 +64,10 @@ def _encrypted_update(schema: int = BASE_SCHEMA) -> Update:
 #: map-form seeds (the previous release's form) and framed seeds
 MESSAGES: dict[str, Any] = {
     "update": _update(),
-    "update_framed": _update(schema=3),
+    "update_framed": _update(schema=FRAMED_SCHEMA),
     "version_framed": _version(),
     "encrypted_update": _encrypted_update(),
-    "encrypted_update_framed": _encrypted_update(schema=3),  # what a worker writes: no tensor, a frame
+    "encrypted_update_framed": _encrypted_update(schema=FRAMED_SCHEMA),  # what a worker writes: no tensor, a frame
     "task": Task(job="j1", task_id="t1", version=2, epochs=1, batch_size=16, lr=0.1, issued_at=1.0,
                  deadline=301.0, model_offset=7, options={"privacy": {"epsilon": 4.0}}, signature=b"x" * 64),
     "version": dataclasses.replace(_version(), server_state=None, schema=BASE_SCHEMA),

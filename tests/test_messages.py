@@ -202,14 +202,14 @@ def test_framed_decoding_is_zero_copy_and_read_only() -> None:
 
 
 def test_the_form_is_bound_to_the_schema() -> None:
-    """A map body saying schema 3 and a framed body saying schema 1 are both refused: a decoded
+    """A map body saying schema 4 and a framed body saying schema 1 are both refused: a decoded
     message's schema then says how it travelled (which bytes its signature covers)."""
-    with pytest.raises(MalformedMessageError, match="map body says schema 3"):
+    with pytest.raises(MalformedMessageError, match="map body says schema 4"):
         Update.decode(pack(_update().to_dict()))
-    with pytest.raises(MalformedMessageError, match="map body says schema 3"):
+    with pytest.raises(MalformedMessageError, match="map body says schema 4"):
         ModelVersion.decode(pack(_version().to_dict()))
     with pytest.raises(MalformedMessageError, match="framed body says schema 1"):
-        Update.decode(dataclasses.replace(_update(), schema=3).encode().replace(b"\xa6schema\x03", b"\xa6schema\x01"))
+        Update.decode(_update().encode().replace(b"\xa6schema\x04", b"\xa6schema\x01"))
     with pytest.raises(MalformedMessageError, match="not msgpack"):
         Task.decode(_update().encode())  # only the kinds with tensors may be framed
 

@@ -9,6 +9,7 @@ import pytest
 
 from fedmq.shared.broker import Connection, JobNames, read_stream
 from fedmq.shared.config import StrategyConfig
+from fedmq.shared.errors import JobNotFoundError
 from fedmq.shared.jobstate import ModelFeed
 from fedmq.shared.messages import ModelVersion, make_version
 from tests.jobkit import declare_job_with_v0
@@ -84,5 +85,18 @@ def test_junk_on_the_models_stream_is_skipped(broker_url: str, job: str) -> None
     try:
         assert feed.get(0, 0).sha256 == v0.sha256
         assert feed.get(1).sha256 == v1.sha256
+    finally:
+        feed.close()
+
+
+def test_a_feed_that_could_not_attach_attaches_on_the_next_task(broker_url: str, job: str) -> None:
+    """The first attach fails (no models stream yet: as when the broker restarts under a site);
+    a reader that never started must not be kept, or every later task fails with it."""
+    feed = ModelFeed(broker_url, JobNames(job))
+    try:
+        with pytest.raises(JobNotFoundError):
+            feed.get(0, 0, timeout=2)
+        v0 = declare_job_with_v0(broker_url, job, StrategyConfig())
+        assert feed.get(0, 0).sha256 == v0.sha256 and feed.attached == 1
     finally:
         feed.close()

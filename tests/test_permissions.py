@@ -49,8 +49,8 @@ def site_url() -> Iterator[str]:
     node.start()
     try:
         with Connection(node.url, name="fedmq-test-owner").open() as owner:
-            owner.declare_job(N, TopologyConfig())
-            owner.declare_encrypted(N, TopologyConfig())
+            owner.declare_job(N, TopologyConfig(sites=(SITE, OTHER)))
+            owner.declare_encrypted(N, TopologyConfig(sites=(SITE, OTHER)))
             owner.publish(N.tasks_exchange, "task", b"a task")
         _ctl(node, "add_user", SITE, PASSWORD)
         for cmd in site_permissions(JOB, SITE).commands():
@@ -127,6 +127,10 @@ FORBIDDEN: dict[str, Callable[[Connection], object]] = {
     "publish an encrypted aggregate": lambda c: c.publish(N.aggregates_exchange, "", b"x"),
     "publish to the default exchange (updates queue)": lambda c: c.publish("", N.updates, b"x"),
     "publish to the default exchange (tasks queue)": lambda c: c.publish("", N.tasks, b"x"),
+    "publish to the default exchange (own updates queue)": lambda c: c.publish("", N.site_updates(SITE), b"x"),
+    "publish to the default exchange (aggregator lock)": lambda c: c.publish("", N.aggregator_lock, b"x"),
+    "publish to the internal sites exchange": lambda c: c.publish(N.sites_exchange, OTHER, b"x"),
+    "publish to the internal unlisted exchange": lambda c: c.publish(N.unlisted_exchange, "", b"x"),
     # consume what belongs to the aggregator, the coordinator or the auditor
     "consume updates": _consume(N.updates),
     "consume updates log": _consume(N.updates_log, offset=True),
@@ -135,6 +139,9 @@ FORBIDDEN: dict[str, Callable[[Connection], object]] = {
     "consume dead log": _consume(N.dead_log, offset=True),
     "consume tasks log": _consume(N.tasks_log, offset=True),
     "consume aggregates": _consume(N.aggregates),
+    "consume own updates queue": _consume(N.site_updates(SITE)),
+    "consume another site's updates queue": _consume(N.site_updates(OTHER)),
+    "consume the aggregator lock (take the token)": _consume(N.aggregator_lock),
     # re-route: bindings into queues and between exchanges
     "bind models exchange into updates queue": _bind_queue(N.updates, N.models_exchange),
     "bind updates exchange into tasks queue": _bind_queue(N.tasks, N.updates_exchange),
@@ -142,6 +149,8 @@ FORBIDDEN: dict[str, Callable[[Connection], object]] = {
     "bind models exchange into updates exchange": _bind_exchange(N.updates_exchange, N.models_exchange),
     "bind updates exchange into events exchange": _bind_exchange(N.events_exchange, N.updates_exchange),
     "bind tasks exchange into updates exchange": _bind_exchange(N.updates_exchange, N.tasks_exchange),
+    "bind updates exchange into another site's queue": _bind_queue(N.site_updates(OTHER), N.updates_exchange),
+    "bind sites exchange into tasks queue": _bind_queue(N.tasks, N.sites_exchange),
     # declare, delete, purge
     "declare a job": lambda c: c.declare_job(JobNames("job-2"), TopologyConfig()),
     "declare an exchange": _declare_exchange("fedmq.job-1.mine.x"),
@@ -151,6 +160,9 @@ FORBIDDEN: dict[str, Callable[[Connection], object]] = {
     "delete updates exchange": lambda c: c.delete_exchange(N.updates_exchange),
     "purge updates queue": lambda c: c.purge_queue(N.updates),
     "purge dead letters": lambda c: c.purge_queue(N.dead),
+    "purge own updates queue": lambda c: c.purge_queue(N.site_updates(SITE)),
+    "delete another site's updates queue": lambda c: c.delete_queue(N.site_updates(OTHER)),
+    "delete the aggregator lock": lambda c: c.delete_queue(N.aggregator_lock),
 }
 
 

@@ -169,6 +169,17 @@ def test_the_copy_of_a_redelivered_task_that_was_folded_is_found_by_its_site() -
     assert check.status is Status.OK, check.detail
 
 
+def test_an_update_published_twice_by_its_site_replays_clean() -> None:
+    """A worker refused by the broker (its queue full), or reconnecting, publishes the same update
+    again: two equal copies in the log. Comparing them with == (arrays inside) raised ValueError."""
+    v0 = _root()
+    ups = [_update("u1", 0, seed=1), _update("u2", 0, seed=2), _update("u3", 0, seed=3)]
+    v1 = _child(v0, ups)
+    again = [Update.decode(u.encode()) for u in ups]  # equal copies, other objects
+    check = check_version(v0, v1, _by_id([*ups, *again])).check
+    assert check.status is Status.OK, check.detail
+
+
 # ------------------------------------------------------------------ encrypted and post-flush
 
 

@@ -71,8 +71,8 @@ def test_signature_survives_the_wire() -> None:
 
 # --------------------------------------------------------------------------- both wire forms
 #
-# A framed update (schema 3) is signed over its fields and per tensor [name, dtype, shape,
-# SHA-256]; a map-form update (schema <= 2, the previous release's) over the whole map. Every
+# A framed update (schema 4) is signed over its fields and per tensor [name, dtype, shape,
+# SHA-256]; a map-form update (schema <= 3, the previous release's) over the whole map. Every
 # attack below edits a signed body the way an attacker on the wire would and must end in a
 # refusal: a MalformedMessageError at decode or a SignatureError at verification.
 
@@ -181,7 +181,7 @@ def test_a_signed_update_cannot_change_form() -> None:
     signed, registry = _signed_framed()
     as_map = {**signed.to_dict(), "schema": BASE_SCHEMA}
     assert _refused(pack(as_map), registry) == "bad_signature"
-    assert _refused(pack(signed.to_dict()), registry) == "malformed"  # schema 3 in a map
+    assert _refused(pack(signed.to_dict()), registry) == "malformed"  # schema 4 in a map
     old = Update.decode(bytes.fromhex(PREVIOUS["update"]))
     old_registry = {old.site: PREVIOUS["site_key"]}
     verify_update(old, old_registry)
@@ -277,3 +277,17 @@ def test_aggregator_dead_letters_tampered_and_unsigned_updates(broker_url: str, 
     dead = {d.update_id: d.reason for d in dead_letters(broker_url, job)}
     assert dead == {"u-tampered": "bad_signature", "u-unsigned": "bad_signature"}
     assert agg.stats.dead_lettered == {"bad_signature": 2}
+
+
+def test_a_compressed_update_in_the_map_form_of_schema_3_still_verifies_and_is_covered() -> None:
+    """Schema 3 (the map form with `compression`) is read and verified over its old signing bytes;
+    the framed form (this release's) covers `compression` as well."""
+    key = Ed25519PrivateKey.generate()
+    registry = {"site-a": public_hex(key)}
+    for schema in (3, FRAMED_SCHEMA):
+        signed = sign_update(dataclasses.replace(_update(), compression="float16", schema=schema), key)
+        got = Update.decode(signed.encode())
+        assert got.schema == schema and got.compression == "float16"
+        verify_update(got, registry)
+        with pytest.raises(SignatureError):
+            verify_update(dataclasses.replace(got, compression="topk"), registry)

@@ -11,6 +11,7 @@ keep flowing through minutes of local compute.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
@@ -30,10 +31,12 @@ from fedmq.shared.broker import (
     Connection,
     Delivery,
     JobNames,
+    PublishRefusedError,
     run_forever,
     validate_site,
 )
-from fedmq.shared.config import PrivacyMechanism
+from fedmq.shared.compression import CompressionSpec, ErrorFeedback
+from fedmq.shared.config import Compression, PrivacyMechanism, StrategyConfig
 from fedmq.shared.datasets import check_site_data, fit_data, load_site
 from fedmq.shared.errors import (
     BrokerUnavailableError,
@@ -46,7 +49,7 @@ from fedmq.shared.errors import (
 )
 from fedmq.shared.evaluation import make_report, parse_metrics, task_of
 from fedmq.shared.jobstate import ModelFeed, emit_site, find_version
-from fedmq.shared.messages import EventKind, ModelVersion, Task, Update
+from fedmq.shared.messages import COMPRESSED_UPDATE_SCHEMA, EventKind, ModelVersion, Task, Update
 from fedmq.shared.models import pick_device
 from fedmq.shared.signing import load_private_key, sign_update
 from fedmq.worker.privacy import DpPlan, SitePrivacy
@@ -86,6 +89,8 @@ class WorkerOptions:
 
 #: how much of a training error's text a task_failed event carries (readers bound it too)
 ERROR_TEXT = 500
+#: seconds a site keeps publishing an update the broker refuses (its own queue full) on one connection
+REFUSED_WAIT = 60.0
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,8 @@ class Worker:
         self.device = pick_device(self.options.device)
         self.key = load_private_key(self.options.key) if self.options.key else None
         self._he_context: tuple[str, Any] | None = None  # (context sha256, public TenSEAL context)
+        #: top-k's residual (what this site has not sent yet) for this job; lost when the process ends
+        self.feedback = ErrorFeedback()
         self.stop = stop or threading.Event()
         self.finished = False
         self.stats = WorkerStats()
@@ -342,8 +349,7 @@ class Worker:
         self._outbox[out.task_id] = out
         faults.point("worker.before_publish")
         try:
-            conn.publish(self.names.updates_exchange, self.site, out.body,
-                         headers={UPDATE_ID_HEADER: out.update_id}, message_id=out.update_id)
+            self._publish_update(conn, out)
         except JobNotFoundError:
             # the coordinator deletes the updates exchange once the job's last updates are in
             self._outbox.clear()
@@ -355,6 +361,25 @@ class Worker:
         while len(self._delivered) > 1000:
             self._delivered.popitem(last=False)
         return True
+
+    def _publish_update(self, conn: Connection, out: _Outgoing) -> None:
+        """Publish, waiting while the broker refuses: this site's own updates queue is at its
+        length limit (the aggregator is behind, or away). Waiting keeps the connection and so the
+        task; only past REFUSED_WAIT does the refusal count as a lost connection (reconnect)."""
+        deadline = time.monotonic() + REFUSED_WAIT
+        pause = 0.1
+        while True:
+            try:
+                conn.publish(self.names.updates_exchange, self.site, out.body,
+                             headers={UPDATE_ID_HEADER: out.update_id}, message_id=out.update_id)
+                return
+            except PublishRefusedError:
+                if time.monotonic() + pause > deadline or self.stop.is_set():
+                    raise
+                log.warning("update refused by the broker, waiting", extra={
+                    "job": self.names.job, "site": self.site, "update": out.update_id, "pause": pause})
+                conn.sleep(pause)
+                pause = min(2 * pause, 5.0)
 
     def _resend(self, conn: Connection) -> None:
         for out in list(self._outbox.values()):
@@ -375,8 +400,9 @@ class Worker:
         self.stop.set()
 
     def _seal(self, update: Update, base: ModelVersion) -> Update:
-        """Encrypt (encrypted jobs), then sign, so the signature covers what travels. Runs on the
-        training thread: a 1M-parameter delta takes about a second to encrypt."""
+        """Compress or encrypt, as the job says, then sign, so the signature covers what travels.
+        Runs on the training thread: a 1M-parameter delta takes about a second to encrypt."""
+        update = self._compress(update, base)
         if he.is_encrypted(base.meta):
             enc = base.meta[he.META_ENCRYPTION]
             sha = str(enc["context_sha256"])
@@ -385,6 +411,15 @@ class Worker:
                 self._he_context = (sha, he.public_context_from_meta(v0.meta, sha))
             update = he.encrypt_update(update, self._he_context[1], sha, int(enc["slots"]))
         return sign_update(update, self.key) if self.key is not None else update
+
+    def _compress(self, update: Update, base: ModelVersion) -> Update:
+        """The delta in the job's wire form (strategy.compression, read from the version's params like
+        the aggregator reads it): whatever the trainer returned, the bundled loop's or the site's own."""
+        spec = CompressionSpec.of(StrategyConfig.from_params(base.params))
+        if spec.kind is Compression.NONE or update.delta is None:
+            return update
+        wire = self.feedback.compress(update.delta, spec)
+        return dataclasses.replace(update, delta=wire, compression=spec.tag, schema=COMPRESSED_UPDATE_SCHEMA)
 
     def _model(self, task: Task) -> ModelVersion:
         mv = self._models.get(task.version)
