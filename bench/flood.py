@@ -37,7 +37,7 @@ from fedmq.shared.broker import (
 )
 from fedmq.shared.codec import pack
 from fedmq.shared.ledger import dead_reason
-from fedmq.shared.messages import ModelVersion, Task, Update
+from fedmq.shared.messages import BASE_SCHEMA, ModelVersion, Task, Update
 
 #: the site whose credentials the attacker holds (the demo's first site)
 ATTACKER = "site-0"
@@ -46,7 +46,7 @@ ATTACKER = "site-0"
 def _valid(job: str, v0: ModelVersion, uid: str, site: str = ATTACKER) -> dict[str, Any]:
     delta = {k: np.zeros(np.shape(v), np.asarray(v).dtype) for k, v in v0.weights.items()}
     return Update(job=job, update_id=uid, task_id=uid[2:], site=site, base_version=0, num_samples=10,
-                  delta=delta, task_proof=os.urandom(64)).to_dict()
+                  delta=delta, task_proof=os.urandom(64), schema=BASE_SCHEMA).to_dict()  # map form
 
 
 def _with_tensor(body: dict[str, Any], **spec: Any) -> dict[str, Any]:

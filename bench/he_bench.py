@@ -2,7 +2,7 @@
 
 Per update (one float32 tensor of 100k / 1M parameters, default CKKS parameters):
 
-* encrypt — the site: plaintext = `Update.encode` (msgpack of the delta); CKKS = encrypt every
+* encrypt — the site: plaintext = `Update.encode` (the framed delta); CKKS = encrypt every
   4096-value chunk (`shared.he.encrypt_update`) + `Update.encode`;
 * aggregate — the aggregator, per update: plaintext = decode + `Accumulator.fold`; CKKS = decode +
   parse and check every chunk (`check_ciphertext`) + multiply by the weight and add
@@ -156,7 +156,7 @@ def _per_update_section(results: dict[int, dict[str, Any]]) -> str:
     return "\n\n".join([
         table(["parameters", "step", "plaintext (best)", "CKKS (best)", "CKKS (median)", "CKKS / plaintext"], rows),
         f"Largest absolute error of a decrypted delta (values ~0.01): {errors}. Plaintext 'encrypt' is the "
-        "msgpack encoding alone; plaintext 'decrypt + apply' is `apply_sum` of the same sum in plaintext "
+        "encoding alone (`Update.encode`); plaintext 'decrypt + apply' is `apply_sum` of the same sum in plaintext "
         "(CKKS: decrypt, then the same `apply_sum`); neither side folds in that row. The ratios are the "
         "whole cost CKKS adds at each role, not a comparison of two ciphers.",
     ])

@@ -40,7 +40,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedmq.shared.broker import Connection, Delivery, JobNames, StreamReader, broker_urls, read_last
-from fedmq.shared.codec import unpack
+from fedmq.shared.codec import unpack_any
 from fedmq.shared.errors import ConfigError, FedmqError, JobNotFoundError, MalformedMessageError
 from fedmq.shared.jobstate import (
     as_int,
@@ -417,7 +417,7 @@ class Monitor:
             return
         self._models_offset = last.stream_offset
         try:
-            head = unpack(last.body)
+            head = unpack_any(last.body)  # either form: a framed version's header holds these fields
         except MalformedMessageError:
             return
         version = as_int(head.get("version"))

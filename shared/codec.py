@@ -1,16 +1,41 @@
-"""msgpack codec for tensors and messages.
+"""msgpack codec for tensors and messages: the map form and the framed form.
 
-Tensors travel as ``{name: {"dtype": str, "shape": [int], "data": bytes}}`` in little-endian
-byte order. Decoding is zero-copy: the arrays returned are read-only views on the message body
-(``numpy.frombuffer``), so a 4 MiB update costs one msgpack parse and no copy. Callers that need
-to write must copy (the aggregator's fold accumulates into its own float64 buffer anyway).
+Map form (every message of the previous release, and today's Task, Event, EncryptedAggregate):
+one msgpack map; tensors travel inside it as ``{name: {"dtype": str, "shape": [int], "data":
+bytes}}``. msgpack copies the tensor bytes when packing (more than once as its buffer grows) and
+again into a new bytes object when unpacking: 4.2-4.4x a numpy copy (BENCHMARKS.md, "Codec").
+
+Framed form (ModelVersion and Update, schema 4, `pack_frame` / `unpack_frame`)::
+
+    FRAME_MAGIC (4) | FRAME_VERSION (1) | header length (u32 LE) | header (msgpack map) |
+    zero padding to ALIGN | tensor bytes, each tensor zero-padded to ALIGN, nothing after
+
+The header is the message's map with each tensor field's value replaced by a list of
+``[name, dtype, shape, offset, nbytes]`` (offset relative to the first tensor byte, so the
+header does not depend on its own length). Encoding copies the tensor bytes once (one join);
+decoding copies none: each tensor is a read-only `numpy.frombuffer` view on the body. The layout
+is canonical (each offset is the previous end rounded up to ALIGN, padding is zero, no byte
+after the last tensor), so one equality check per tensor rules out overlaps, gaps, reordering,
+ranges outside the body and trailing bytes, and one message has one framed body.
+
+Ciphertext chunks (``Update.ciphertext``, ``EncryptedAggregate.chunks``) stay msgpack bin values
+(in the header or the map): TenSEAL reads them as bytes objects, so a frame would save one copy
+on encode at most, next to a second of encryption per million parameters.
+
+FRAME_MAGIC starts with 0xc1, a byte msgpack never uses: no map-form body starts with it, and a
+reader of the previous release refuses a framed body as "not msgpack" (it cannot read it; see
+docs/architecture.md, "Messages"). Decoding either form is total: the value or
+`MalformedMessageError` (`CodecError` for a tensor), with every size checked before numpy or
+msgpack allocate anything. Callers that need to write to a decoded tensor must copy it (the
+aggregator's fold accumulates into its own float64 buffer anyway).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgpack
@@ -133,12 +158,16 @@ def unpack(body: bytes, max_bytes: int = 128 * 2**20) -> dict[str, Any]:
         raise MalformedMessageError(f"body is a {type(body).__name__}, not bytes")
     if len(body) > max_bytes:
         raise MalformedMessageError(f"body of {len(body)} bytes is over the {max_bytes} this message may have")
+    return _unpack_map(body, "body")
+
+
+def _unpack_map(data: Any, what: str) -> dict[str, Any]:
     try:
-        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, timestamp=0, ext_hook=_no_ext)
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, timestamp=0, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise MalformedMessageError(f"body is not msgpack: {_short(str(exc), 200)}") from exc
+        raise MalformedMessageError(f"{what} is not msgpack: {_short(str(exc), 200)}") from exc
     if not isinstance(obj, dict):
-        raise MalformedMessageError(f"body is msgpack {type(obj).__name__}, not a map")
+        raise MalformedMessageError(f"{what} is msgpack {type(obj).__name__}, not a map")
     return obj
 
 
@@ -155,5 +184,195 @@ def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
         h.update(name.encode())
         h.update(wire.encode())
         h.update(repr(tuple(arr.shape)).encode())
-        h.update(np.ascontiguousarray(arr, dtype=DTYPES[wire]).tobytes())
+        h.update(_raw_bytes(np.asarray(arr, dtype=DTYPES[wire], order="C")))  # a view: no copy
     return h.hexdigest()
+
+
+def _raw_bytes(arr: np.ndarray) -> memoryview | bytes:
+    """The bytes of a C-contiguous array as a view (a 0-d array too), or b"" when it has none."""
+    return arr.reshape(-1).data.cast("B") if arr.size else b""
+
+
+def _wire_array(arr: Any) -> tuple[np.ndarray, str]:
+    """`arr` as the wire holds it: C order, little-endian (a copy only if it is not already)."""
+    if type(arr) is np.ndarray and arr.flags.c_contiguous:
+        wire = _WIRE_NAME.get(arr.dtype)  # exactly a wire dtype (little-endian): nothing to convert
+        if wire is not None:
+            return arr, wire
+    arr = np.asarray(arr)
+    wire = _wire_dtype(arr)
+    return np.asarray(arr, dtype=DTYPES[wire], order="C"), wire
+
+
+# --------------------------------------------------------------------------- framed form
+
+FRAME_MAGIC = b"\xc1FMQ"
+FRAME_VERSION = 1
+#: magic, frame version, header length
+_PREFIX = struct.Struct("<4sBI")
+#: every tensor starts at a multiple of ALIGN from the body's start (float64 views are aligned)
+ALIGN = 8
+_ZEROS = bytes(ALIGN)
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def is_framed(body: Any) -> bool:
+    """True for a body in the framed form (decided by its first four bytes alone)."""
+    if type(body) is bytes:  # what the broker hands over: no view needed
+        return body.startswith(FRAME_MAGIC)
+    if not isinstance(body, bytes | bytearray | memoryview):
+        return False
+    try:
+        return bytes(memoryview(body).cast("B")[:4]) == FRAME_MAGIC
+    except (TypeError, ValueError):  # not a contiguous buffer: the map parser says what is wrong
+        return False
+
+
+def pack_frame(fields: Mapping[str, Any], tensor_fields: Iterable[str]) -> bytes:
+    """The framed body of `fields` (a message's map, in order); the values of `tensor_fields`
+    are `{name: array}` maps (or None) and travel as raw bytes after the header.
+
+    The tensor bytes are copied exactly once, by the final join (plus a conversion for an array
+    that is not C-ordered little-endian of a wire dtype already)."""
+    tensor_fields = tuple(tensor_fields)
+    header: dict[str, Any] = {}
+    segments: list[memoryview | bytes] = []
+    end = 0
+    for key, value in fields.items():
+        if key not in tensor_fields or value is None:
+            header[key] = value
+            continue
+        descriptors = []
+        for name, raw in value.items():
+            arr, wire = _wire_array(raw)
+            offset = _align(end)
+            if offset > end:
+                segments.append(_ZEROS[: offset - end])
+            descriptors.append([name, wire, list(arr.shape), offset, arr.nbytes])
+            if arr.size:
+                segments.append(_raw_bytes(arr))
+            end = offset + arr.nbytes
+        header[key] = descriptors
+    head = pack(header)
+    used = _PREFIX.size + len(head)
+    return b"".join([_PREFIX.pack(FRAME_MAGIC, FRAME_VERSION, len(head)), head, _ZEROS[: _align(used) - used],
+                     *segments])
+
+
+def unpack_frame(body: Any, tensor_fields: Iterable[str], max_bytes: int = 128 * 2**20,
+                 *, tensors: bool = True) -> dict[str, Any]:
+    """Parse a framed body: the header map with each tensor field's descriptor list replaced by
+    `{name: read-only array view}` (`tensors=False`: left as the raw descriptors, unchecked, for
+    readers that want the other fields only). Any defect raises `MalformedMessageError`.
+
+    Checked before anything is allocated: the body's size, the magic and frame version, the
+    header's length against the body, then per tensor its name, dtype, shape (`_shape`'s rules),
+    nbytes == prod(shape) * itemsize, its offset (exactly the canonical one) and its end (inside
+    the body); at the end, that the last tensor ends where the body does."""
+    view = _byte_view(body)
+    size = len(view)
+    if size > max_bytes:
+        raise MalformedMessageError(f"body of {size} bytes is over the {max_bytes} this message may have")
+    if size < _PREFIX.size:
+        raise MalformedMessageError(f"framed body of {size} bytes is shorter than its {_PREFIX.size}-byte prefix")
+    magic, version, head_len = _PREFIX.unpack_from(view)
+    if magic != FRAME_MAGIC:
+        raise MalformedMessageError(f"body starts with {bytes(magic)!r}, not the frame magic {FRAME_MAGIC!r}")
+    if version != FRAME_VERSION:
+        raise MalformedMessageError(f"frame version {version}; this fedmq reads version {FRAME_VERSION} "
+                                    "(a newer fedmq wrote it: upgrade)")
+    used = _PREFIX.size + head_len
+    start = _align(used)
+    if start > size:
+        raise MalformedMessageError(f"frame header of {head_len} bytes (and its padding) runs past the body's "
+                                    f"{size} bytes")
+    header = _unpack_map(view[_PREFIX.size:used], "frame header")
+    if view[used:start] != _ZEROS[: start - used]:
+        raise MalformedMessageError("frame header padding is not zero")
+    if not tensors:
+        return header
+    end = 0
+    names = tuple(tensor_fields)
+    for key, value in header.items():
+        if key in names and value is not None:
+            header[key], end = _frame_tensors(key, value, view, start, end)
+    if start + end != size:
+        raise MalformedMessageError(f"framed body has {size - start - end} bytes after its last tensor "
+                                    "(trailing garbage)" if start + end < size else "framed body is truncated")
+    return header
+
+
+def _byte_view(body: Any) -> memoryview:
+    if type(body) is bytes:
+        return memoryview(body)  # already one-dimensional bytes
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise MalformedMessageError(f"body is a {type(body).__name__}, not bytes")
+    try:
+        return memoryview(body).cast("B")
+    except (TypeError, ValueError) as exc:  # a non-contiguous or oddly shaped buffer
+        raise MalformedMessageError(f"body is not a contiguous byte buffer: {exc}") from exc
+
+
+def _frame_tensors(field: str, raw: Any, view: memoryview, start: int, end: int) -> tuple[Weights, int]:
+    """One tensor field's descriptors -> views; `end` is where the previous tensor ended."""
+    if type(raw) is not list:
+        raise CodecError(f"field {field!r}: tensor list is a {type(raw).__name__}, not a list")
+    if len(raw) > MAX_TENSORS:
+        raise CodecError(f"field {field!r}: {len(raw)} tensors, at most {MAX_TENSORS}")
+    out: Weights = {}
+    for i, desc in enumerate(raw):
+        if type(desc) is not list or len(desc) != 5:
+            raise CodecError(f"field {field!r}: tensor {i} is {_short(desc)}, not [name, dtype, shape, offset, nbytes]")
+        name, wire, shape_raw, offset, nbytes = desc
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
+            raise CodecError(f"field {field!r}: tensor {i} name {_short(name)} is not a string of 1-{MAX_NAME_LEN} "
+                             "characters")
+        if name in out:
+            raise CodecError(f"field {field!r}: tensor {name!r} appears twice")
+        if not isinstance(wire, str) or wire not in DTYPES:
+            raise CodecError(f"tensor {name!r}: bad or missing dtype {_short(wire)} (one of {sorted(DTYPES)})")
+        dtype = DTYPES[wire]
+        shape = _shape(name, shape_raw)
+        if type(offset) is not int or type(nbytes) is not int:
+            raise CodecError(f"tensor {name!r}: offset {_short(offset)} and nbytes {_short(nbytes)} must be ints")
+        count = math.prod(shape)
+        if nbytes != count * dtype.itemsize:
+            raise CodecError(f"tensor {name!r}: nbytes {nbytes} but {wire}{list(shape)} needs {count * dtype.itemsize}")
+        expected = _align(end)
+        if offset != expected:
+            what = "overlaps the tensor before it" if offset < end else "is not where the tensor before it ends"
+            raise CodecError(f"tensor {name!r}: offset {offset} {what} (expected {expected}: tensors follow each "
+                             f"other in header order, each aligned to {ALIGN} bytes)")
+        if start + offset + nbytes > len(view):
+            raise CodecError(f"tensor {name!r}: bytes {offset}..{offset + nbytes} run past the body's end "
+                             "(truncated body)")
+        if offset > end and view[start + end:start + offset] != _ZEROS[: offset - end]:
+            raise CodecError(f"tensor {name!r}: the padding before it is not zero")
+        # one constructor call makes the view (bounds checked above; numpy checks them again)
+        arr = np.ndarray(shape, dtype, buffer=view if count else b"", offset=start + offset if count else 0)
+        if arr.flags.writeable:
+            arr.flags.writeable = False  # a view on a bytearray body: must not be written through either
+        out[name] = arr
+        end = offset + nbytes
+    return out, end
+
+
+def unpack_any(body: Any, tensor_fields: Iterable[str] = (), max_bytes: int = 128 * 2**20) -> dict[str, Any]:
+    """A message's fields from either form, tensors not decoded: for readers that want a field or
+    two (the monitor reads the newest version's number and meta) without the message classes."""
+    if is_framed(body):
+        return unpack_frame(body, tensor_fields, max_bytes, tensors=False)
+    return unpack(body, max_bytes)
+
+
+def tensor_digests(weights: Mapping[str, np.ndarray]) -> list[list[Any]]:
+    """Per tensor, in order, [name, dtype, shape, SHA-256 of its bytes]: what a signature over a
+    framed message covers instead of the bytes themselves (hashlib reads the array in place)."""
+    out: list[list[Any]] = []
+    for name, raw in weights.items():
+        arr, wire = _wire_array(raw)
+        out.append([name, wire, list(arr.shape), hashlib.sha256(_raw_bytes(arr)).digest()])
+    return out

@@ -16,7 +16,7 @@ from bench import run_all
 
 #: short name -> (needs a broker, slow, text the section must contain)
 EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
-    "codec": (False, False, ["best of 3 samples", "| 1,000,000 | fedmq msgpack |"]),
+    "codec": (False, False, ["best of 3 samples", "| 1,000,000 | Update framed |", "| 1,000,000 | verify: map form |"]),
     "aggregator": (True, False, ["aggregator / consume+ack", "| digits MLP", "| MNIST MLP"]),
     "overhead": (True, False, ["| digits MLP", "| MNIST MLP"]),
     "replay": (True, True, ["| demo job (", "| synthetic, 200,000 float32 params"]),

@@ -13,7 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fedmq.shared.codec import DTYPES, decode_tensors, encode_tensors, pack, unpack, weights_sha256
+from fedmq.shared.codec import (
+    ALIGN,
+    DTYPES,
+    FRAME_MAGIC,
+    decode_tensors,
+    encode_tensors,
+    is_framed,
+    pack,
+    pack_frame,
+    tensor_digests,
+    unpack,
+    unpack_frame,
+    weights_sha256,
+)
 from fedmq.shared.errors import CodecError, MalformedMessageError
 
 WIRE_DTYPES = sorted(DTYPES)
@@ -149,3 +162,71 @@ def test_decoding_is_zero_copy_into_numpy_and_torch() -> None:
 def test_unpack_rejects_bodies_that_are_not_a_msgpack_map(body: bytes, match: str) -> None:
     with pytest.raises(MalformedMessageError, match=match):
         unpack(body)
+
+
+# --------------------------------------------------------------------------- framed form
+
+TF = ("a", "b")
+
+
+def _frame_roundtrip(first: dict[str, np.ndarray], second: dict[str, np.ndarray] | None) -> dict[str, object]:
+    body = pack_frame({"x": 1, "a": first, "b": second, "z": "end"}, TF)
+    assert is_framed(body) and body.startswith(FRAME_MAGIC)
+    return unpack_frame(body, TF)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weight_maps, st.none() | weight_maps)
+def test_every_dtype_and_shape_round_trips_framed_bit_exactly(first: dict[str, np.ndarray],
+                                                              second: dict[str, np.ndarray] | None) -> None:
+    out = _frame_roundtrip(first, second)
+    assert out["x"] == 1 and out["z"] == "end" and list(out) == ["x", "a", "b", "z"]
+    for field, weights in (("a", first), ("b", second)):
+        if weights is None:
+            assert out[field] is None
+            continue
+        got = out[field]
+        assert isinstance(got, dict) and list(got) == list(weights)
+        for name, arr in weights.items():
+            assert got[name].dtype == arr.dtype and got[name].shape == arr.shape
+            assert got[name].tobytes() == arr.tobytes()
+            assert not got[name].flags.writeable
+        assert weights_sha256(got) == weights_sha256(weights)
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays())
+def test_framed_big_endian_and_strided_input_is_sent_little_endian_c_order(arr: np.ndarray) -> None:
+    swapped = arr.astype(arr.dtype.newbyteorder(">"))
+    strided = np.asarray(arr.T) if arr.ndim > 1 else arr
+    out = _frame_roundtrip({"s": swapped, "t": strided}, None)["a"]
+    assert isinstance(out, dict)
+    assert out["s"].dtype == arr.dtype and out["s"].tobytes() == arr.tobytes()
+    assert out["t"].tobytes() == np.ascontiguousarray(strided).tobytes()
+
+
+def test_frame_tensors_are_aligned_and_the_layout_is_canonical() -> None:
+    body = pack_frame({"a": {"x": np.ones(3, np.int32), "y": np.ones(2, np.float64)}, "b": None}, TF)
+    out = unpack_frame(body, TF)["a"]
+    assert isinstance(out, dict)
+    base = np.frombuffer(body, np.uint8).__array_interface__["data"][0]
+    for arr in out.values():
+        assert (arr.__array_interface__["data"][0] - base) % ALIGN == 0
+    assert pack_frame({"a": out, "b": None}, TF) == body  # decode then encode: the same bytes
+
+
+def test_tensor_digests_cover_name_dtype_shape_and_bytes() -> None:
+    w = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    d = tensor_digests(w)
+    assert d[0][:3] == ["w", "float32", [2, 3]] and len(d[0][3]) == 32
+    assert tensor_digests({"w": w["w"].reshape(3, 2)}) != d
+    assert tensor_digests({"v": w["w"]}) != d
+    assert tensor_digests({"w": w["w"].astype(np.float64)}) != d
+    assert tensor_digests({"w": w["w"] + 1}) != d
+    assert tensor_digests({"w": w["w"].astype(">f4")}) == d  # the wire bytes, not the memory order
+
+
+def test_is_framed_never_raises() -> None:
+    assert not is_framed(b"") and not is_framed(b"\xc1FM") and not is_framed("\xc1FMQ")  # type: ignore[arg-type]
+    assert not is_framed(memoryview(np.zeros((4, 4), np.uint8)[:, :1]))  # not contiguous
+    assert is_framed(bytearray(FRAME_MAGIC + b"x"))

@@ -282,7 +282,7 @@ def test_validated_delta_is_the_dense_delta_and_the_tag_must_be_the_jobs() -> No
 def test_a_compressed_update_survives_the_wire_with_its_tag() -> None:
     d, wire = _topk_wire()
     u = Update.decode(_update("j", "u1", wire, "topk").encode())
-    assert u.compression == "topk" and u.schema == 3 and list(u.delta or {}) == list(wire)
+    assert u.compression == "topk" and u.schema == COMPRESSED_UPDATE_SCHEMA and list(u.delta or {}) == list(wire)
     plain = _update("j", "u2", d, None)
     assert b"compression" not in plain.encode()  # absent when unset: a schema-1 reader reads it
 

@@ -3,15 +3,31 @@ aggregator's dead letters say precisely what was wrong."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
 
-from fedmq.shared.codec import encode_tensors, pack
+from fedmq.shared.codec import FRAME_MAGIC, encode_tensors, pack, unpack_any
 from fedmq.shared.errors import CodecError, MalformedMessageError
-from fedmq.shared.messages import SCHEMA, Event, ModelVersion, Task, Update, make_version
+from fedmq.shared.messages import (
+    BASE_SCHEMA,
+    FRAMED_SCHEMA,
+    SCHEMA,
+    EncryptedAggregate,
+    Event,
+    ModelVersion,
+    Task,
+    Update,
+    make_version,
+)
+
+#: bodies the previous release wrote (map form), made with its code at e83631b
+PREVIOUS = json.loads((Path(__file__).parent / "data" / "previous_release_bodies.json").read_text())
 
 
 def _update(**over: Any) -> Update:
@@ -34,7 +50,8 @@ def _version() -> ModelVersion:
 
 
 def _body(msg: Any, **changes: Any) -> bytes:
-    d = msg.to_dict()
+    """A map-form body (schema 1 unless `changes` say otherwise) with `changes` applied."""
+    d = {**msg.to_dict(), "schema": BASE_SCHEMA}
     for k, v in changes.items():
         if v is _DROP:
             d.pop(k)
@@ -71,7 +88,7 @@ def test_model_version_round_trips_and_its_hash_verifies() -> None:
 
 
 def test_a_tampered_model_version_fails_hash_verification() -> None:
-    d = _version().to_dict()
+    d = {**_version().to_dict(), "schema": BASE_SCHEMA}
     d["weights"] = encode_tensors({"w": np.arange(6, dtype=np.float32) + 1})
     assert not ModelVersion.decode(pack(d)).verify_hash()
 
@@ -136,7 +153,7 @@ def test_task_model_offset_may_be_null() -> None:
 
 
 def test_older_schema_without_defaulted_fields_still_decodes() -> None:
-    d = _update().to_dict()
+    d = {**_update().to_dict(), "schema": BASE_SCHEMA}
     for optional in ("metrics", "privacy", "ciphertext", "created_at", "signature"):
         d.pop(optional)
     got = Update.from_dict(d)
@@ -147,3 +164,80 @@ def test_signing_bytes_cover_everything_but_the_signature() -> None:
     a, b = _update(signature=b"one"), _update(signature=b"two")
     assert a.signing_bytes() == b.signing_bytes()
     assert _update(num_samples=41).signing_bytes() != a.signing_bytes()
+
+
+def test_updates_and_versions_travel_framed_and_the_other_kinds_as_maps() -> None:
+    assert _update().encode().startswith(FRAME_MAGIC) and _version().encode().startswith(FRAME_MAGIC)
+    assert _update().schema == _version().schema == FRAMED_SCHEMA
+    agg = EncryptedAggregate(job="j1", aggregate_id="a", version=2, parent=1, included=("u-a",),
+                             contributions=({"update_id": "u-a"},), strategy="fedbuff", params={},
+                             denominator=1.0, sample_ref=1.0, context_sha256="ab" * 32, size=1,
+                             chunks=(b"c",), ciphertext_sha256="ab" * 32)
+    for msg in (_task(), Event(job="j1", event="e", source="s"), agg):
+        body = msg.encode()
+        assert isinstance(msgpack.unpackb(body), dict) and msg.schema == BASE_SCHEMA  # the previous release reads it
+        assert type(msg).decode(body) == msg
+
+
+def test_a_framed_version_round_trips_with_its_server_state() -> None:
+    state = {"m:w": np.zeros(6, np.float32), "v:w": np.full(6, 1e-6, np.float32)}
+    mv = dataclasses.replace(_version(), server_state=state)
+    got = ModelVersion.decode(mv.encode())
+    assert got.verify_hash() and got.server_state is not None and list(got.server_state) == ["m:w", "v:w"]
+    np.testing.assert_array_equal(got.server_state["v:w"], state["v:w"])
+    assert ModelVersion.decode(_version().encode()).server_state is None
+
+
+def test_framed_decoding_is_zero_copy_and_read_only() -> None:
+    body = _update(delta={"w": np.arange(100_000, dtype=np.float32)}).encode()
+    w = Update.decode(body).delta["w"]  # type: ignore[index]
+    start = np.frombuffer(body, np.uint8).__array_interface__["data"][0]
+    assert start <= w.__array_interface__["data"][0] < start + len(body)  # a view into the body
+    assert w.__array_interface__["data"][0] % 8 == 0 or start % 8 != 0  # aligned where the body is
+    assert not w.flags.writeable
+    mutable = bytearray(body)
+    w2 = Update.decode(mutable).delta["w"]  # type: ignore[index]
+    assert not w2.flags.writeable  # not even a bytearray body can be written through the view
+    np.testing.assert_array_equal(w2, np.arange(100_000, dtype=np.float32))
+
+
+def test_the_form_is_bound_to_the_schema() -> None:
+    """A map body saying schema 4 and a framed body saying schema 1 are both refused: a decoded
+    message's schema then says how it travelled (which bytes its signature covers)."""
+    with pytest.raises(MalformedMessageError, match="map body says schema 4"):
+        Update.decode(pack(_update().to_dict()))
+    with pytest.raises(MalformedMessageError, match="map body says schema 4"):
+        ModelVersion.decode(pack(_version().to_dict()))
+    with pytest.raises(MalformedMessageError, match="framed body says schema 1"):
+        Update.decode(_update().encode().replace(b"\xa6schema\x04", b"\xa6schema\x01"))
+    with pytest.raises(MalformedMessageError, match="not msgpack"):
+        Task.decode(_update().encode())  # only the kinds with tensors may be framed
+
+
+def test_map_form_messages_still_round_trip_as_maps() -> None:
+    """Schema 1 and 2 messages (the previous release's) keep their form when encoded again."""
+    old = dataclasses.replace(_update(), schema=BASE_SCHEMA)
+    body = old.encode()
+    assert body == pack(old.to_dict()) and not body.startswith(FRAME_MAGIC)
+    assert Update.decode(body).schema == BASE_SCHEMA and Update.decode(body).encode() == body
+
+
+def test_bodies_the_previous_release_wrote_still_decode() -> None:
+    u = Update.decode(bytes.fromhex(PREVIOUS["update"]))
+    assert u.schema == BASE_SCHEMA and u.delta is not None and list(u.delta) == ["w", "b"]
+    np.testing.assert_array_equal(u.delta["w"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert u.delta["b"].dtype == np.float64 and u.encode() == bytes.fromhex(PREVIOUS["update"])
+    mv = ModelVersion.decode(bytes.fromhex(PREVIOUS["version"]))
+    assert mv.schema == BASE_SCHEMA and mv.sha256 == PREVIOUS["version_sha256"] and mv.verify_hash()
+    assert mv.encode() == bytes.fromhex(PREVIOUS["version"])
+
+
+def test_unpack_any_reads_the_fields_of_either_form() -> None:
+    for mv in (_version(), dataclasses.replace(_version(), schema=BASE_SCHEMA)):
+        head = unpack_any(mv.encode())
+        assert head["version"] == 1 and head["included"] == ["u-a", "u-b"] and "server_state" not in head
+
+
+def test_signing_bytes_of_a_framed_update_do_not_hold_its_tensor_bytes() -> None:
+    big = _update(delta={"w": np.arange(250_000, dtype=np.float32)})
+    assert len(big.signing_bytes()) < 1000 < len(dataclasses.replace(big, schema=BASE_SCHEMA).signing_bytes())

@@ -5,6 +5,7 @@ hand onto the streams, the way a forger or a retention policy would leave them."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from collections.abc import Iterator, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.aggregator.strategy import Accumulator
 from fedmq.export import export_version
@@ -23,8 +25,9 @@ from fedmq.shared.broker import Connection, JobNames, Retention, TopologyConfig
 from fedmq.shared.codec import weights_sha256
 from fedmq.shared.config import StrategyConfig
 from fedmq.shared.errors import JobNotFoundError
-from fedmq.shared.messages import ModelVersion, Update, make_version
+from fedmq.shared.messages import BASE_SCHEMA, FRAMED_SCHEMA, ModelVersion, Update, make_version
 from fedmq.shared.models import build_model, get_weights, model_spec
+from fedmq.shared.signing import META_REGISTRY, public_hex, sign_update
 from tests.conftest import run_fedmq
 from tests.jobkit import (
     declare_job_with_v0,
@@ -185,6 +188,48 @@ def _write(url: str, job: str, v0: ModelVersion, n: int, *, forge_at: int = -1,
             conn.publish(names.models_exchange, "", mv.encode())
             chain.append(mv)
     return chain
+
+
+def test_a_job_the_previous_release_wrote_replays_and_resumes_framed(broker_url: str, job: str) -> None:
+    """v0-v2 and their signed updates in the previous release's map form (schema 1, signed over
+    the whole map), v3-v4 framed as this release writes when it resumes the job: replay reads both
+    forms, verifies every signature against v0's registry and recomputes every version; a map-form
+    update altered after signing is caught like a framed one."""
+    names = JobNames(job)
+    keys = {s: Ed25519PrivateKey.generate() for s in ("site-0", "site-1")}
+    spec = model_spec("logreg", (64,), 10)
+    v0 = dataclasses.replace(make_version(
+        job=job, version=0, parent=-1, weights=get_weights(build_model(spec, seed=0)), included=[],
+        strategy=CFG.name.value, params=CFG.to_params(), model=spec,
+        meta={META_REGISTRY: {s: public_hex(k) for s, k in keys.items()}}), schema=BASE_SCHEMA)
+    chain, forms = [v0], []
+    with Connection(broker_url, name="fedmq-test-writer").open() as conn:
+        conn.declare_job(names, TopologyConfig())
+        conn.publish(names.models_exchange, "", v0.encode())
+        for v in range(1, 5):
+            schema = BASE_SCHEMA if v <= 2 else FRAMED_SCHEMA
+            ups = [sign_update(dataclasses.replace(make_update(job, f"u{v}{s[-1]}", v0.weights, base_version=v - 1,
+                                                               site=s, seed=10 * v + i), schema=schema), keys[s])
+                   for i, s in enumerate(keys)]
+            for u in ups:
+                conn.publish(names.updates_exchange, u.site, u.encode())
+                forms.append(u.encode()[:1])
+            mv = dataclasses.replace(_next(chain[-1], ups), schema=schema, meta=v0.meta)  # the registry, forward
+            conn.publish(names.models_exchange, "", mv.encode())
+            chain.append(mv)
+        # a map-form update altered after signing, then a version that includes it
+        tampered = dataclasses.replace(ups[0], update_id="u5x", task_id="u5x", num_samples=999)
+        tampered = dataclasses.replace(sign_update(dataclasses.replace(
+            tampered, schema=BASE_SCHEMA, num_samples=1), keys["site-0"]), num_samples=999)
+        conn.publish(names.updates_exchange, tampered.site, tampered.encode())
+        v5 = dataclasses.replace(_next(chain[-1], [tampered]), meta=v0.meta)
+        conn.publish(names.models_exchange, "", v5.encode())
+    assert [f == b"\xc1" for f in forms] == [False] * 4 + [True] * 4  # the two forms, in that order
+    report = replay(broker_url, job)
+    assert [c.status for c in report.checks] == [Status.ROOT] + [Status.OK] * 4 + [Status.MISMATCH], \
+        report.to_dict()
+    assert "bad_signature" in report.checks[-1].detail
+    assert report.to_dict()["updates_replayed"] >= 8
 
 
 def test_a_forged_version_is_the_first_mismatch_and_replay_exits_1(broker_url: str, job: str) -> None:

@@ -6,6 +6,7 @@ real broker; the combinations that are refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from fedmq.aggregator.strategy import Accumulator, server_step
 from fedmq.replay import Status, replay
 from fedmq.shared.broker import Connection, JobNames
-from fedmq.shared.codec import unpack, weights_sha256
+from fedmq.shared.codec import unpack, unpack_any, weights_sha256
 from fedmq.shared.config import (
     ClipCenter,
     JobConfig,
@@ -28,7 +29,7 @@ from fedmq.shared.config import (
 )
 from fedmq.shared.errors import ConfigError, ServerStateError
 from fedmq.shared.he import check_strategy
-from fedmq.shared.messages import ModelVersion, make_version
+from fedmq.shared.messages import FRAMED_SCHEMA, ModelVersion, make_version
 from fedmq.shared.privacy import check_privacy
 from tests.jobkit import declare_job_with_v0, make_update, publish_updates, running_aggregator, wait_for_version
 
@@ -90,16 +91,19 @@ def test_a_state_that_does_not_fit_the_model_is_a_typed_error() -> None:
         server_step(cfg, {"w": np.zeros(3)}, {"w": np.ones(3)}, {"m:other": np.zeros(3)})
 
 
-def test_only_a_version_with_state_needs_the_newer_schema() -> None:
-    """A release that predates server optimizers still reads every other job's versions."""
+def test_a_version_without_state_leaves_the_field_out_in_both_forms() -> None:
+    """Framed (schema 3, this release) or map form (schema 1 without state, 2 with: the bodies of
+    the release that added server optimizers, still read on replay)."""
     common = dict(job="j", parent=0, included=["u"], strategy="fedbuff", params={}, model={})
     plain = make_version(version=1, weights={"w": np.ones(2, np.float32)}, **common)
-    assert plain.schema == 1 and "server_state" not in unpack(plain.encode())
+    assert plain.schema == FRAMED_SCHEMA and "server_state" not in unpack_any(plain.encode())
+    assert "server_state" not in unpack(dataclasses.replace(plain, schema=1).encode())
     with_state = make_version(version=1, weights={"w": np.ones(2, np.float32)},
                               server_state={"m:w": np.zeros(2, np.float32), "v:w": np.ones(2, np.float32)}, **common)
-    back = ModelVersion.decode(with_state.encode())
-    assert back.schema == 2 and back.server_state is not None
-    assert weights_sha256(back.server_state) == weights_sha256(with_state.server_state or {})
+    for schema in (2, FRAMED_SCHEMA):
+        back = ModelVersion.decode(dataclasses.replace(with_state, schema=schema).encode())
+        assert back.schema == schema and back.server_state is not None
+        assert weights_sha256(back.server_state) == weights_sha256(with_state.server_state or {})
 
 
 def test_flush_without_the_parents_state_is_refused_for_an_optimizer() -> None:
