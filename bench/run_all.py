@@ -16,6 +16,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -82,23 +83,39 @@ def measure(name: str, url: str, quick: bool, path: Path = OUT) -> Outcome:
     return Outcome(name, status, time.perf_counter() - t0, load_start, load_average())
 
 
-def run_section(outcomes: list[Outcome], *, quick: bool, commit: str, started: str) -> str:
-    """The "Last run" section: what this run measured, how long each took, under what load."""
+def run_section(outcomes: list[Outcome], *, quick: bool, commit: str, started: str, previous: str = "") -> str:
+    """The "Last run" section: per benchmark, when and at which commit it was last measured, how
+    long it took and under what load. Rows of benchmarks this run did not measure are kept from
+    `previous` (the section as it was), so a run of `--only` a few does not erase the others'."""
     def fmt(load: tuple[float, float, float]) -> str:
         return " / ".join(f"{x:.2f}" for x in load)
 
-    rows = [[f"{BENCHMARKS[o.name][1]} (`{o.name}`)", o.status, f"{o.seconds:.0f} s", fmt(o.load_start),
-             fmt(o.load_end)] for o in outcomes]
-    skipped = [n for n in BENCHMARKS if n not in {o.name for o in outcomes}]
+    when = f"{started}, commit {commit}{', --quick' if quick else ''}"
+    rows = {o.name: [f"{BENCHMARKS[o.name][1]} (`{o.name}`)", o.status, f"{o.seconds:.0f} s", fmt(o.load_start),
+                     fmt(o.load_end), when] for o in outcomes}
+    for line in previous.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        name = re.search(r"\(`(\w+)`\)", cells[0]) if len(cells) == 6 else None
+        if name and name.group(1) in BENCHMARKS and name.group(1) not in rows:
+            rows[name.group(1)] = cells
+    skipped = [n for n in BENCHMARKS if n not in rows]
     lines = [
-        f"_`python -m bench.run_all{' --quick' if quick else ''}` started {started} on {os.cpu_count()} cores, "
-        f"commit {commit}; load average 1/5/15 min before and after each benchmark._",
-        table(["section", "status", "wall", "load before", "load after"], rows),
+        f"_On {os.cpu_count()} cores; the latest `python -m bench.run_all` started {started}. Each row says when "
+        "its benchmark was last measured; load average 1/5/15 min before and after it._",
+        table(["section", "status", "wall", "load before", "load after", "when"],
+              [rows[n] for n in BENCHMARKS if n in rows]),
     ]
     if skipped:
-        lines.append("Not run this time (their sections are from earlier runs; each says when): "
+        lines.append("Not measured by any run recorded here (their sections, if any, say when): "
                      + ", ".join(f"`{n}`" for n in skipped) + ".")
     return "\n\n".join(lines)
+
+
+def _section(title: str, path: Path = OUT) -> str:
+    """The body of ``## title`` in `path` ("" when absent)."""
+    text = path.read_text() if path.exists() else ""
+    m = re.search(rf"^## {re.escape(title)}[ \t]*\n(.*?)(?=^## |\Z)", text, re.MULTILINE | re.DOTALL)
+    return m.group(1) if m else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
     started, commit = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), git_commit()
     outcomes: list[Outcome] = []
+    previous = _section(RUN_TITLE)
     for name in chosen:
         title = BENCHMARKS[name][1]
         print(f"bench: {title} ...", file=sys.stderr, flush=True)
         outcomes.append(measure(name, args.broker, args.quick))
-        replace_section(RUN_TITLE, run_section(outcomes, quick=args.quick, commit=commit, started=started))
+        replace_section(RUN_TITLE, run_section(outcomes, quick=args.quick, commit=commit, started=started,
+                                               previous=previous))
         print(f"bench: {title} {outcomes[-1].status} in {outcomes[-1].seconds:.0f} s -> {OUT.name}",
               file=sys.stderr, flush=True)
     return 0 if all(o.status == "measured" for o in outcomes) else 1
