@@ -238,6 +238,9 @@ def add_scaled(total: np.ndarray, weight: float, delta: np.ndarray) -> None:
     Element-wise only: each element sees the same two roundings (one product, one sum) as the
     whole-array expression, so the bits are the same; the temporaries are one slice, not two
     float64 copies of the tensor. `total` is a contiguous float64 array of delta's shape."""
+    if total.size <= CHUNK:  # one slice: the whole-array expression, without the loop's overhead
+        total += weight * np.asarray(delta, dtype=np.float64)
+        return
     flat, src = total.reshape(-1), np.ascontiguousarray(delta).reshape(-1)
     for i in _slices(flat.size):
         part = np.multiply(src[i:i + CHUNK], weight, dtype=np.float64)
