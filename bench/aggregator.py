@@ -125,6 +125,10 @@ def _memory_run(url: str, label: str, strategy: StrategyConfig, n: int) -> dict[
         # FedAvg takes updates of the current version only: every version's from its parent
         bases = [i // K if strategy.name is StrategyName.FEDAVG else 0 for i in range(n)]
         want = n // strategy.effective_buffer
+        # encoded before the aggregator starts, so they go out at the broker's pace, not numpy's:
+        # a backlog, as after a burst of sites finishing together (the peak that sizes a machine)
+        bodies = [(f"u{i}", f"site-{i % 8}", job.update(f"u{i}", base_version=bases[i], seed=i).encode())
+                  for i in range(n)]
         env = {**os.environ, "FEDMQ_LOG_LEVEL": "warning"}
         log = tempfile.TemporaryFile()  # not a pipe: nobody reads it while the aggregator runs
         proc = subprocess.Popen([sys.executable, "-m", "fedmq", "aggregator", "--broker", url, "--job", job.job,
@@ -148,8 +152,7 @@ def _memory_run(url: str, label: str, strategy: StrategyConfig, n: int) -> dict[
                 while seen < want and time.monotonic() < deadline:
                     # publish as fast as confirms come, but FedAvg's next cohort only after its parent
                     while published < n and bases[published] <= seen:
-                        u = job.update(f"u{published}", base_version=bases[published], seed=published)
-                        publish_bodies(conn, job.names, [(u.update_id, u.site, u.encode())])
+                        publish_bodies(conn, job.names, [bodies[published]])
                         published += 1
                         seen += len(reader.take())
                     seen += len(reader.poll(0.2))
@@ -217,15 +220,20 @@ def run(url: str, quick: bool = False) -> str:
         "else. Both rates are timed over the same window: from the K-th message consumed (the aggregator's "
         "first version) to the last, counting the N - K messages in it. The aggregator's work in that "
         "window: decode, validate, float64 fold, and per version publish the version and an event with a "
-        "confirm, then ack (one multiple ack where that acks nothing else, aggregator/acks.py).",
+        "confirm, then ack (one multiple ack where that acks nothing else, aggregator/acks.py). Both rates "
+        "are one Python thread on the benchmark machine's shared cores, and the baseline moves most with "
+        "the load average stated above: compare ratios measured under similar load.",
         table(["model", "update bytes", "N", "timed", "publish/s (confirmed)", "baseline consume+ack/s",
                "aggregator updates/s", "aggregator / consume+ack", "aggregator MB/s"], out),
         f"Memory: the `fedmq aggregator` process on a {params:,}-parameter float32 MLP "
         f"({float(memory[0]['model_bytes']) / 1e6:.0f} MB per update and per version). RSS before = its "
         "VmRSS once its consumer is attached (v0 read); its peak (VmHWM) is reset there and read after "
-        "the last version; the updates are published meanwhile, confirmed one by one, as fast as the "
-        "broker confirms (FedAvg's cohort of version v after v is out). Growth = (peak - before) / "
-        "model bytes.",
+        "the last version; the updates, encoded beforehand, are published meanwhile, confirmed one by "
+        "one, as fast as the broker confirms (FedAvg's cohort of version v after v is out): a backlog. "
+        "Growth = (peak - before) / model bytes. With a backlog the prefetch window is full: K+1 "
+        "deliveries for models over 6 MB (aggregator/service.py, `_Session.prefetch`), each body whole "
+        "in memory until folded; the rest is the float64 running sum (2 models) and transient copies "
+        "(decoded tensors, the norm's float64 squares, the new version and its encoding).",
         table(["strategy", "updates", "versions", "RSS before (MB)", "peak RSS (MB)", "growth (models)"], mem),
     ])
 
