@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import Machine, table
 from bench.jobs import MODELS, BenchJob, bench_job, publish_bodies, running_aggregator
@@ -39,6 +40,8 @@ K = 10
 
 #: the memory table's model: ~10M float32 parameters (40 MB per update, per version)
 LARGE_MODEL = model_spec("mlp", (1, 28, 28), 10, hidden=12_600)
+#: --quick (a smoke run): ~1M parameters
+QUICK_LARGE_MODEL = model_spec("mlp", (1, 28, 28), 10, hidden=1_260)
 
 
 def _strategy(n: int) -> StrategyConfig:
@@ -113,13 +116,14 @@ def _memory_strategies() -> dict[str, StrategyConfig]:
     }
 
 
-def _memory_run(url: str, label: str, strategy: StrategyConfig, n: int) -> dict[str, float | str | int]:
-    """Aggregator RSS growth while it folds n updates of LARGE_MODEL, in a process of its own.
+def _memory_run(url: str, label: str, strategy: StrategyConfig, n: int,
+                spec: dict[str, Any]) -> dict[str, float | str | int]:
+    """Aggregator RSS growth while it folds n updates of model `spec`, in a process of its own.
 
     The aggregator's RSS is read once its consumer is attached (v0 read, state loaded), and its
     peak (VmHWM) reset there through /proc/<pid>/clear_refs; the updates are then published
     (confirmed, as workers do) while it runs, and the peak read after its last version."""
-    with bench_job(url, LARGE_MODEL, strategy, "bench-aggmem") as job:
+    with bench_job(url, spec, strategy, "bench-aggmem") as job:
         model_bytes = sum(v.nbytes for v in job.template.values())
         params = sum(v.size for v in job.template.values())
         # FedAvg takes updates of the current version only: every version's from its parent
@@ -173,8 +177,8 @@ def _memory_run(url: str, label: str, strategy: StrategyConfig, n: int) -> dict[
             "growth_models": (peak - before) * 1024 / model_bytes}
 
 
-def measure_memory(url: str, n: int) -> list[dict[str, float | str | int]]:
-    return [_memory_run(url, label, cfg, n) for label, cfg in _memory_strategies().items()]
+def measure_memory(url: str, n: int, spec: dict[str, Any] = LARGE_MODEL) -> list[dict[str, float | str | int]]:
+    return [_memory_run(url, label, cfg, n, spec) for label, cfg in _memory_strategies().items()]
 
 
 def measure(url: str, counts: dict[str, int]) -> list[dict[str, float | str | int]]:
@@ -201,7 +205,7 @@ def run(url: str, quick: bool = False) -> str:
     # 6000 small updates: the baseline drains them at ~10k/s, and a 0.2 s window (2000) was noise
     counts = {labels[0]: 300 if quick else 6000, labels[1]: 60 if quick else 300}
     rows = measure(url, counts)
-    memory = measure_memory(url, K if quick else 2 * K)
+    memory = measure_memory(url, K, QUICK_LARGE_MODEL) if quick else measure_memory(url, 2 * K)
     out = []
     for r in rows:
         agg, consume = float(r["aggregator_per_s"]), float(r["raw_consume_per_s"])
