@@ -249,6 +249,8 @@ def add_scaled(total: np.ndarray, weight: float, delta: np.ndarray) -> None:
 
 def _plain_step(w: Any, lr: float, g: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     """``(float64(w) + lr * g).astype(dtype)`` slice by slice (the same roundings per element)."""
+    if g.size <= CHUNK:  # one slice: the expression itself, one copy fewer
+        return (np.asarray(w, dtype=np.float64) + lr * g).astype(dtype)
     base = np.ascontiguousarray(w).reshape(-1)
     step = np.ascontiguousarray(g).reshape(-1)
     out = np.empty(base.size, dtype=dtype)
