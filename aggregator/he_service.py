@@ -154,8 +154,7 @@ class HeSession(_Session):
         self.conn.publish(self.names.aggregates_exchange, "", agg.encode(), message_id=agg.aggregate_id)
         # the same point as the plaintext path: the aggregate is confirmed, its updates not yet acked
         faults.point("aggregator.before_ack")
-        for d in self.buffered:
-            d.ack()
+        self.acks.ack(self.buffered)
         self.buffered, self.buffered_ids = [], set()
         self.version = agg.version
         self._remember(agg.included)

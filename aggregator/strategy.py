@@ -48,6 +48,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -70,9 +71,12 @@ def staleness_factor(tau: int, fn: StalenessFn = StalenessFn.POLYNOMIAL, a: floa
     return 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
 
 
+@lru_cache(maxsize=1024)
 def _decimal_power(base: int, exponent: float) -> float:
     """base ** exponent without libm: libmpdec is pure integer arithmetic, so every platform gets
-    the same float (40 digits, then one correctly rounded conversion). ~60 us per update."""
+    the same float (40 digits, then one correctly rounded conversion). ~60 us per call, and an
+    aggregator calls it once per update with few distinct (base, exponent) pairs: a pure function
+    of its arguments, so it is cached (measured: 7% of the aggregator's time at 19 KB updates)."""
     with localcontext() as ctx:
         ctx.prec = 40
         return float(Decimal(base) ** Decimal(exponent))
@@ -217,6 +221,44 @@ def _refuse_outlier(update_id: str, what: str, size: float, limit: float | None,
 
 def learning_rate(cfg: StrategyConfig) -> float:
     return cfg.alpha if cfg.name is StrategyName.FEDASYNC else cfg.server_lr
+
+
+#: elements per slice of the element-wise loops below: their float64 temporaries are 8 MB, not
+#: the size of the tensor (a 10M-parameter layer's would be 80 MB, several at once)
+CHUNK = 1 << 20
+
+
+def _slices(size: int) -> range:
+    return range(0, size, CHUNK)
+
+
+def add_scaled(total: np.ndarray, weight: float, delta: np.ndarray) -> None:
+    """``total += weight * float64(delta)`` in place, slice by slice.
+
+    Element-wise only: each element sees the same two roundings (one product, one sum) as the
+    whole-array expression, so the bits are the same; the temporaries are one slice, not two
+    float64 copies of the tensor. `total` is a contiguous float64 array of delta's shape."""
+    if total.size <= CHUNK:  # one slice: the whole-array expression, without the loop's overhead
+        total += weight * np.asarray(delta, dtype=np.float64)
+        return
+    flat, src = total.reshape(-1), np.ascontiguousarray(delta).reshape(-1)
+    for i in _slices(flat.size):
+        part = np.multiply(src[i:i + CHUNK], weight, dtype=np.float64)
+        flat[i:i + CHUNK] += part
+
+
+def _plain_step(w: Any, lr: float, g: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    """``(float64(w) + lr * g).astype(dtype)`` slice by slice (the same roundings per element)."""
+    if g.size <= CHUNK:  # one slice: the expression itself, one copy fewer
+        return (np.asarray(w, dtype=np.float64) + lr * g).astype(dtype)
+    base = np.ascontiguousarray(w).reshape(-1)
+    step = np.ascontiguousarray(g).reshape(-1)
+    out = np.empty(base.size, dtype=dtype)
+    for i in _slices(base.size):
+        part = base[i:i + CHUNK].astype(np.float64)
+        part += lr * step[i:i + CHUNK]
+        out[i:i + CHUNK] = part.astype(dtype)
+    return out.reshape(np.shape(w))
 
 
 def last_step(weights: Weights, parent: Weights, cfg: StrategyConfig) -> dict[str, np.ndarray]:
@@ -381,7 +423,7 @@ class Accumulator:
                 self._sum = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
             w = s * m
             for k, v in delta.items():
-                self._sum[k] += w * np.asarray(v, dtype=np.float64)
+                add_scaled(self._sum[k], w, np.asarray(v))
             self._denominator += m
         else:
             self._buffer.append({k: s * np.asarray(v, dtype=np.float64) for k, v in delta.items()})
@@ -405,13 +447,21 @@ class Accumulator:
             return {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in delta.items()}
         return clip(delta, bound, norm)
 
-    def mean_delta(self) -> dict[str, np.ndarray]:
+    def mean_delta(self, *, consume: bool = False) -> dict[str, np.ndarray]:
+        """The (robust) mean of the folded deltas. `consume` (used by `step`, which empties the
+        accumulator anyway) divides the running sum in place instead of into a copy: the same
+        division, one float64 copy of the model less at the flush."""
         self._resolve_pending()
         cfg = self.cfg
         if cfg.robust is Robust.NONE:
             if self._sum is None or self._denominator <= 0:
                 # every update had 0 samples: nothing to move the model by
                 return {k: np.zeros_like(v) for k, v in (self._sum or {}).items()}
+            if consume:
+                total, self._sum = self._sum, None
+                for v in total.values():
+                    np.divide(v, self._denominator, out=v)
+                return total
             return {k: v / self._denominator for k, v in self._sum.items()}
         out = {}
         for k in self._buffer[0]:
@@ -441,7 +491,7 @@ class Accumulator:
         if self._user is not None:
             new, new_state = self._user(current, self.cfg, tuple(self._updates), state)
         else:
-            new, new_state = server_step(self.cfg, current, self.mean_delta(), state)
+            new, new_state = server_step(self.cfg, current, self.mean_delta(consume=True), state)
         contributions = self.contributions
         self._sum, self._denominator, self._buffer, self.contributions = None, 0.0, [], []
         self._updates = []
@@ -476,8 +526,12 @@ def server_step(cfg: StrategyConfig, current: Weights, mean: Mapping[str, np.nda
     out: Weights = {}
     for k, w in current.items():
         dtype = np.asarray(w).dtype
-        base = np.asarray(w, dtype=np.float64)
         g = mean.get(k)
+        if (opt is ServerOptimizer.NONE and np.issubdtype(dtype, np.floating) and isinstance(g, np.ndarray)
+                and g.dtype == np.float64 and g.shape == np.shape(w)):
+            new[k] = _plain_step(w, lr, g, dtype)  # the line below, without tensor-sized temporaries
+            continue
+        base = np.asarray(w, dtype=np.float64)
         if opt is ServerOptimizer.NONE or not np.issubdtype(dtype, np.floating):
             new[k] = (base + lr * g if g is not None else base).astype(dtype)
             continue

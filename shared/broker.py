@@ -504,6 +504,12 @@ class Delivery:
         ok = isinstance(count, int) and not isinstance(count, bool) and 0 <= count < 2**31
         return int(count) if ok else 0
 
+    @property
+    def channel_key(self) -> object:
+        """An opaque, hashable identity of the channel this came on: delivery tags are unique per
+        channel only, so whoever reasons about tags (a multiple ack) groups them by this."""
+        return self._channel
+
     def ack(self, multiple: bool = False) -> None:
         with amqp_errors(self._url):
             self._channel.basic_ack(self.delivery_tag, multiple=multiple)

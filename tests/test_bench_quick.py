@@ -17,7 +17,8 @@ from bench import run_all
 #: short name -> (needs a broker, slow, text the section must contain)
 EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "codec": (False, False, ["best of 3 samples", "| 1,000,000 | Update framed |", "| 1,000,000 | verify: map form |"]),
-    "aggregator": (True, False, ["aggregator / consume+ack", "| digits MLP", "| MNIST MLP"]),
+    "aggregator": (True, False, ["aggregator / consume+ack", "| digits MLP", "| MNIST MLP", "| fedbuff K=10 |",
+                                 "| fedasync |", "growth (models)"]),
     "overhead": (True, False, ["| digits MLP", "| MNIST MLP"]),
     "replay": (True, True, ["| demo job (", "| synthetic, 200,000 float32 params"]),
     "ops": (True, False, ["| `fedmq monitor --once --json` (child process", "| live `fedmq monitor` refresh",
