@@ -75,9 +75,10 @@ def test_a_demo_that_times_out_leaves_no_coordinator_aggregator_or_worker(broker
     job = f"t-timeout-{uuid.uuid4().hex[:8]}"
     try:
         with pytest.raises(subprocess.TimeoutExpired):
-            # long enough for the demo to start its roles, far too short to finish
+            # long enough for the demo to start its roles; a job with an unreachable target runs to
+            # its --max-seconds, far past the timeout (the whole demo to 0.90 takes ~11 s now)
             run_fedmq("demo", "--json", "--broker", broker_url, "--job", job, "--workdir", str(tmp_path),
-                      "--sites", "2", timeout=20)
+                      "--sites", "2", "--target", "1.0", "--max-seconds", "300", timeout=20)
         assert (tmp_path / "logs").is_dir(), "the demo never started its roles: the test proves nothing"
         wait_until(lambda: not _pids_with(f"--job {job}"), 15, f"every process of job {job} to be gone")
     finally:
