@@ -143,17 +143,22 @@ FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthC
 @given(data=st.data())
 def test_one_field_broken(kind: str, data: st.DataObject) -> None:
     wire = _wire(MESSAGES[kind])
-    action = data.draw(st.sampled_from(["replace", "drop", "add", "replace_key_type"]))
-    name = data.draw(st.sampled_from(sorted(wire)))
-    if action == "replace":
-        wire[name] = data.draw(HOSTILE)
-    elif action == "drop":
-        del wire[name]
-    elif action == "add":
-        wire[data.draw(st.text(min_size=1, max_size=10))] = data.draw(HOSTILE)
-    else:
-        wire[name.encode()] = wire.pop(name)  # the same key as bytes, beside str keys
+    _break_one_field(wire, data)
     _check(kind, pack(wire))
+
+
+def _break_one_field(fields: dict[Any, Any], data: st.DataObject) -> None:
+    """Replace, drop or add one field, or give one key as bytes beside the str keys."""
+    action = data.draw(st.sampled_from(["replace", "drop", "add", "replace_key_type"]))
+    name = data.draw(st.sampled_from(sorted(fields)))
+    if action == "replace":
+        fields[name] = data.draw(HOSTILE)
+    elif action == "drop":
+        del fields[name]
+    elif action == "add":
+        fields[data.draw(st.text(min_size=1, max_size=10))] = data.draw(HOSTILE)
+    else:
+        fields[name.encode()] = fields.pop(name)
 
 
 TENSOR_KINDS = ["update", "version"]
@@ -249,16 +254,7 @@ NEAR = st.one_of(HOSTILE, st.integers(min_value=-9, max_value=80),
 @given(data=st.data())
 def test_one_frame_header_field_broken(kind: str, data: st.DataObject) -> None:
     header, payload = _split(MESSAGES[kind].encode())
-    action = data.draw(st.sampled_from(["replace", "drop", "add", "replace_key_type"]))
-    name = data.draw(st.sampled_from(sorted(header)))
-    if action == "replace":
-        header[name] = data.draw(HOSTILE)
-    elif action == "drop":
-        del header[name]
-    elif action == "add":
-        header[data.draw(st.text(min_size=1, max_size=10))] = data.draw(HOSTILE)
-    else:
-        header[name.encode()] = header.pop(name)
+    _break_one_field(header, data)
     _check(kind, _frame(header, payload))
 
 
