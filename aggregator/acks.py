@@ -21,6 +21,11 @@ class Ackable(Protocol):
     def delivery_tag(self) -> int: ...
 
     @property
+    def delivery_tags(self) -> tuple[int, ...]:
+        """All its tags: a message that came in parts holds one per part."""
+        ...
+
+    @property
     def channel_key(self) -> object: ...
 
     def ack(self, multiple: bool = False) -> None: ...
@@ -70,8 +75,7 @@ class AckLedger:
 
     def saw(self, d: Ackable) -> None:
         ch = self._channel(d)
-        if d.delivery_tag > ch.floor:
-            ch.seen.add(d.delivery_tag)
+        ch.seen.update(t for t in d.delivery_tags if t > ch.floor)
 
     def ack(self, deliveries: Sequence[Ackable]) -> None:
         """Ack every one of `deliveries` once: a multiple ack per channel where it is exact."""
@@ -80,7 +84,7 @@ class AckLedger:
             by_channel.setdefault(id(d.channel_key), []).append(d)
         for group in by_channel.values():
             ch = self._channel(group[0])
-            top = max(group, key=lambda d: d.delivery_tag)
+            top = max(group, key=lambda d: d.delivery_tag)  # a message's tag is its highest part's
             if self._exact(ch, group, top.delivery_tag):
                 top.ack(multiple=True)
                 self.frames += 1
@@ -97,8 +101,8 @@ class AckLedger:
     @staticmethod
     def _exact(ch: _Channel, group: Sequence[Ackable], top: int) -> bool:
         """True when the outstanding tags <= top on this channel are exactly `group`'s."""
-        tags = {d.delivery_tag for d in group}
-        if len(tags) != len(group) or not tags <= ch.seen:
+        tags = {t for d in group for t in d.delivery_tags}
+        if len(tags) != sum(len(d.delivery_tags) for d in group) or not tags <= ch.seen:
             return False  # a tag twice, or one not seen through `saw`: no shortcut
         handled_below = sum(1 for t in ch.seen if t <= top)
         return handled_below == top - ch.floor

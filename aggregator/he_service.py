@@ -23,8 +23,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from fedmq.aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
-from fedmq.aggregator.service import SessionAbortedError, _Session
+from fedmq.aggregator.service import UPDATE_OVERHEAD_BYTES, SessionAbortedError, _Session
 from fedmq.aggregator.validate import check_header
 from fedmq.shared import faults, he
 from fedmq.shared.broker import (
@@ -35,8 +37,10 @@ from fedmq.shared.broker import (
     read_stream,
 )
 from fedmq.shared.errors import MalformedMessageError
+from fedmq.shared.he import MAX_CIPHERTEXT_BYTES
 from fedmq.shared.jobstate import emit, find_version, load_model_state
 from fedmq.shared.messages import EncryptedAggregate, EventKind, ModelVersion, Update
+from fedmq.shared.parts import parts_for
 
 if TYPE_CHECKING:
     from fedmq.aggregator.service import Aggregator
@@ -64,7 +68,7 @@ def load_aggregate_state(url: str, names: JobNames, window: int = 8) -> tuple[in
     if last is None:
         return -1, set(), None
     version, ids = -1, set[str]()
-    for d in read_stream(url, names.aggregates_log, max(0, (last.stream_offset or 0) - window)):
+    for d in read_stream(url, names.aggregates_log, max(0, (last.stream_offset or 0) - window * last.parts)):
         try:
             agg = EncryptedAggregate.decode(d.body)
         except MalformedMessageError as exc:
@@ -86,8 +90,11 @@ class HeSession(_Session):
 
     @property
     def prefetch(self) -> int:
-        """Ciphertexts are ~14x their plaintext: hold little more than one buffer in flight."""
-        return self.cfg.effective_buffer + 2
+        """Ciphertexts are ~14x their plaintext: hold little more than one buffer in flight, in
+        as many deliveries as a ciphertext takes parts."""
+        model_bytes = sum(int(np.asarray(v).nbytes) for v in self.current.weights.values())
+        ciphertext = min(MAX_CIPHERTEXT_BYTES, 16 * model_bytes + UPDATE_OVERHEAD_BYTES)
+        return (self.cfg.effective_buffer + 2) * parts_for(ciphertext, self.conn.part_bytes)
 
     def activate(self, *, takeover: bool) -> None:
         super().activate(takeover=takeover)

@@ -57,12 +57,15 @@ from fedmq.shared.errors import FedmqError, InvalidUpdateError, JobNotFoundError
 from fedmq.shared.he import is_encrypted
 from fedmq.shared.jobstate import emit, load_model_state
 from fedmq.shared.messages import EventKind, ModelVersion, Update, make_version
+from fedmq.shared.parts import parts_for
 from fedmq.shared.signing import JobTrust
 
 log = logging.getLogger(__name__)
 
 #: bodies beyond the version being filled that may be prefetched, in bytes (see _Session.prefetch)
 PREFETCH_BYTES = 64 * 2**20
+#: an update's bytes beyond its tensors (ids, signature, norms, framing), generously
+UPDATE_OVERHEAD_BYTES = 2**20
 
 
 class SessionAbortedError(ConnectionLostError):
@@ -314,7 +317,8 @@ class _Session:
         model_bytes = sum(int(np.asarray(v).nbytes) for v in self.current.weights.values())
         if model_bytes > 0:
             ahead = min(ahead, max(1, PREFETCH_BYTES // model_bytes))
-        return k + ahead
+        # an update over the broker's part size comes as several deliveries, each taking a slot
+        return (k + ahead) * parts_for(model_bytes + UPDATE_OVERHEAD_BYTES, self.conn.part_bytes)
 
     def close(self) -> None:
         if self.fence is not None:

@@ -23,6 +23,7 @@ from fedmq.shared.broker import DEFAULT_BROKER_WAIT, DEFAULT_URL, Connection, ma
 from fedmq.shared.config import ClusterConfig, JobConfig, PrivacyConfig
 from fedmq.shared.errors import ConfigError, FedmqError
 from fedmq.shared.logs import configure_logging
+from fedmq.shared.parts import part_bytes_from_env
 
 log = logging.getLogger("fedmq.cli")
 
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
+        part_bytes_from_env()  # a bad FEDMQ_PART_BYTES is a one-line error before anything runs
         return int(args.run(args))
     except FedmqError as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -55,10 +55,10 @@ def stream_tail(url: str, stream: str, *, first_wait: float = 1.0, idle: float =
         tail: int | None = None
         deadline = time.monotonic() + first_wait
         while time.monotonic() < deadline:
-            got = reader.poll(0.02)
-            offsets = [d.stream_offset for d in got if d.stream_offset is not None]
-            if offsets:
-                tail = max([*offsets, tail if tail is not None else -1])
+            reader.poll(0.02)
+            # any entry counts, a part of a message begun before the last chunk too
+            if reader.seen_offset is not None and reader.seen_offset != tail:
+                tail = reader.seen_offset
                 deadline = time.monotonic() + idle
         return tail
 
@@ -137,7 +137,7 @@ class StreamCursor:
             if not got:
                 continue
             for d in got:
-                off = d.stream_offset if d.stream_offset is not None else -1
+                off = d.end_offset if d.end_offset is not None else -1
                 if self._at_tail:
                     self._beyond.append(d)
                     continue

@@ -59,6 +59,7 @@ from fedmq.shared.jobview import (
     summary_of,
 )
 from fedmq.shared.messages import EventKind
+from fedmq.shared.parts import MAX_MESSAGE_BYTES
 from fedmq.shared.signing import META_REGISTRY
 
 log = logging.getLogger(__name__)
@@ -417,7 +418,8 @@ class Monitor:
             return
         self._models_offset = last.stream_offset
         try:
-            head = unpack_any(last.body)  # either form: a framed version's header holds these fields
+            # either form: a framed version's header holds these fields
+            head = unpack_any(last.body, max_bytes=MAX_MESSAGE_BYTES)
         except MalformedMessageError:
             return
         version = as_int(head.get("version"))

@@ -56,7 +56,7 @@ from fedmq.aggregator.strategy import (
 )
 from fedmq.aggregator.validate import check_header, dense_delta, validate_update
 from fedmq.history import StreamCursor, decode_or_none
-from fedmq.shared.broker import JobNames, read_stream
+from fedmq.shared.broker import JobNames, read_tail
 from fedmq.shared.codec import Weights, weights_sha256
 from fedmq.shared.compression import CompressionSpec, check_tag, decompress
 from fedmq.shared.config import ClipCenter, StrategyConfig, StrategyName
@@ -943,7 +943,7 @@ def newest_version(url: str, names: JobNames) -> int | None:
     """The highest version number in the models stream's last chunk (None: none readable). Only
     trusted roles write the models stream; an update based beyond it answers no task."""
     try:
-        entries = read_stream(url, names.models, "last", idle=0.15)
+        entries = read_tail(url, names.models, idle=0.15)
     except JobNotFoundError:
         return None
     found = [mv.version for d in entries if (mv := decode_or_none(ModelVersion, d)) is not None]

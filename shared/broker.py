@@ -46,6 +46,7 @@ from fedmq.shared.errors import (
     JobNotFoundError,
 )
 from fedmq.shared.messages import ID_RE, EventKind, ModelVersion
+from fedmq.shared.parts import PART_HEADER, Assembler, Outcome, parse_header, part_bytes_from_env, split
 
 log = logging.getLogger(__name__)
 
@@ -488,13 +489,37 @@ class Delivery:
     user_id: str | None
     _channel: BlockingChannel
     _url: str
+    #: a message published in parts (`Connection.publish`): every part's delivery, in part order;
+    #: settling this delivery settles all of them. Empty for a message of one piece.
+    _parts: tuple[Delivery, ...] = ()
+    #: its parts were acked as they came (a stream's, whose acks only return credit)
+    _settled: bool = False
 
     @property
     def stream_offset(self) -> int | None:
-        """The broker's own header (it replaces one a publisher set; measured on 3.10)."""
+        """The broker's own header (it replaces one a publisher set; measured on 3.10). For a
+        message in parts, its first part's offset: where a reader attaches to read it whole."""
         off = self.headers.get("x-stream-offset")
         # isinstance, not type(): pika hands AMQP longs over as pika.compat.long, an int subclass
         return int(off) if isinstance(off, int) and not isinstance(off, bool) else None
+
+    @property
+    def end_offset(self) -> int | None:
+        """The offset of its last entry on the stream: the stream's tail is reached with it."""
+        if not self._parts:
+            return self.stream_offset
+        offsets = [o for p in self._parts if (o := p.stream_offset) is not None]
+        return max(offsets) if offsets else None
+
+    @property
+    def parts(self) -> int:
+        """How many broker messages this one came in (1 unless it was published in parts)."""
+        return max(1, len(self._parts))
+
+    @property
+    def delivery_tags(self) -> tuple[int, ...]:
+        """Every delivery tag this message holds on its channel (one per part)."""
+        return tuple(p.delivery_tag for p in self._parts) or (self.delivery_tag,)
 
     @property
     def delivery_count(self) -> int:
@@ -511,13 +536,24 @@ class Delivery:
         return self._channel
 
     def ack(self, multiple: bool = False) -> None:
+        """Ack this message (every part of it); `multiple` also acks every lower tag of the channel."""
+        if self._settled:
+            return
         with amqp_errors(self._url):
-            self._channel.basic_ack(self.delivery_tag, multiple=multiple)
+            if multiple or not self._parts:
+                self._channel.basic_ack(max(self.delivery_tags), multiple=multiple)
+            else:
+                for tag in self.delivery_tags:
+                    self._channel.basic_ack(tag)
 
     def reject(self) -> None:
-        """Refuse a queue delivery for good: the queue dead-letters it (x-death reason "rejected")."""
+        """Refuse a queue delivery for good: the queue dead-letters it (x-death reason "rejected"),
+        each part of it, so that a dead-letter reader gets it whole again."""
+        if self._settled:
+            return
         with amqp_errors(self._url):
-            self._channel.basic_nack(self.delivery_tag, requeue=False)
+            for tag in self.delivery_tags:
+                self._channel.basic_nack(tag, requeue=False)
 
     def requeue(self) -> None:
         """Give a queue delivery back (never a stream's: nack closes a stream consumer's connection).
@@ -525,8 +561,11 @@ class Delivery:
         On a quorum queue this counts toward `x-delivery-limit`, so a message that fails every
         consumer ends in dead letters with reason ``delivery_limit`` instead of looping forever.
         """
+        if self._settled:
+            return
         with amqp_errors(self._url):
-            self._channel.basic_nack(self.delivery_tag, requeue=True)
+            for tag in self.delivery_tags:
+                self._channel.basic_nack(tag, requeue=True)
 
 
 @dataclass
@@ -599,6 +638,71 @@ def _node_parameters(url: str, *, name: str, heartbeat: int, connect_timeout: fl
     return params
 
 
+#: basic.qos takes a 16-bit count
+MAX_PREFETCH = 65535
+
+
+def _part_index(d: Delivery) -> int:
+    header = parse_header(d.headers.get(PART_HEADER))
+    return 0 if isinstance(header, str) else header.index
+
+
+class _Reassembly:
+    """Between pika's callback and a consumer's: parts in, whole messages out (`fedmq.shared.parts`).
+
+    A message that cannot complete reaches the consumer as one delivery with an empty body, which
+    its decoder refuses like any poison entry: a queue consumer's reject then dead-letters every
+    part, a stream reader counts it. On a stream each part is acked (credit returned) as it comes,
+    so a message of more parts than the reader's prefetch still arrives; a fragment of a message
+    that began before the reader attached is dropped quietly."""
+
+    def __init__(self, on_message: Callable[[Delivery], None], *, stream: bool) -> None:
+        self.on_message = on_message
+        self.stream = stream
+        self.assembler: Assembler[Delivery] = Assembler()
+        #: the highest stream offset received, a fragment's too (where a stream's tail is)
+        self.seen_offset: int | None = None
+
+    def receive(self, d: Delivery) -> None:
+        off = d.stream_offset
+        if off is not None and (self.seen_offset is None or off > self.seen_offset):
+            self.seen_offset = off
+        raw = d.headers.get(PART_HEADER)
+        if raw is None:
+            self.on_message(d)
+            return
+        if self.stream:
+            d.ack()
+            d._settled = True
+        header = parse_header(raw)
+        outcomes = ([Outcome([d], header)] if isinstance(header, str)
+                    else self.assembler.add(d.user_id, d.routing_key, header, d, len(d.body)))
+        for outcome in outcomes:
+            self._hand_on(outcome)
+
+    def expire(self) -> None:
+        for outcome in self.assembler.expire():
+            self._hand_on(outcome)
+
+    def _hand_on(self, outcome: Outcome[Delivery]) -> None:
+        first, last = outcome.parts[0], outcome.parts[-1]
+        if outcome.error is not None:
+            if self.stream and not outcome.started:
+                log.debug("fragment of a message begun before this reader dropped routing_key=%s parts=%d",
+                          first.routing_key, len(outcome.parts))
+                return
+            log.warning("message in parts given up routing_key=%s user=%s parts=%d reason=%s",
+                        first.routing_key, first.user_id, len(outcome.parts), outcome.error)
+        body = b"".join(p.body for p in outcome.parts) if outcome.error is None else b""
+        headers = {k: v for k, v in first.headers.items() if k != PART_HEADER}
+        self.on_message(Delivery(
+            body=body, headers=headers, delivery_tag=max(p.delivery_tag for p in outcome.parts),
+            redelivered=any(p.redelivered for p in outcome.parts), routing_key=first.routing_key,
+            user_id=first.user_id, _channel=last._channel, _url=last._url, _parts=tuple(outcome.parts),
+            _settled=self.stream,
+        ))
+
+
 #: node list -> index of the node that answered last: a reconnect after losing a node goes
 #: straight to a survivor instead of waiting on the dead one's connect timeout again
 _LAST_GOOD: dict[str, int] = {}
@@ -611,8 +715,10 @@ class Connection:
     attempt, the node that answered last first; `node_url` is the one connected to."""
 
     def __init__(self, url: str, *, name: str = "fedmq", heartbeat: int = 30,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = 5.0, part_bytes: int | None = None) -> None:
         self.url = url
+        #: bodies over this go in parts (`fedmq.shared.parts`); FEDMQ_PART_BYTES when not given
+        self.part_bytes = part_bytes if part_bytes is not None else part_bytes_from_env()
         self.name = name
         self.urls = broker_urls(url)
         self._params = [_node_parameters(u, name=name, heartbeat=heartbeat, connect_timeout=connect_timeout)
@@ -622,6 +728,7 @@ class Connection:
         self._pub: BlockingChannel | None = None
         self._cons: BlockingChannel | None = None
         self._watches: list[_QueueWatch] = []
+        self._reassemblies: list[_Reassembly] = []
 
     # -- lifecycle
 
@@ -676,7 +783,7 @@ class Connection:
         raise lost
 
     def close(self) -> None:
-        self._watches = []
+        self._watches, self._reassemblies = [], []
         conn, self._conn, self._pub, self._cons = self._conn, None, None, None
         if conn is not None and conn.is_open:
             with suppress(Exception):  # closing a stream consumer can fail server-side
@@ -806,20 +913,27 @@ class Connection:
     def publish(self, exchange: str, routing_key: str, body: bytes, *,
                 headers: dict[str, Any] | None = None, message_id: str | None = None,
                 user_id: str | None = None) -> None:
-        """Publish persistently and wait for the broker's confirm (mandatory: unroutable raises)."""
-        props = pika.BasicProperties(
-            delivery_mode=2, headers=headers or None, message_id=message_id, user_id=user_id,
-            content_type="application/msgpack",
-        )
-        with amqp_errors(self.url):
-            conn = self._require()
-            if self._pub is None or not self._pub.is_open:
-                self._pub = conn.channel()
-                self._pub.confirm_delivery()
-            pub = self._pub
-        with self._confirm_deadline(conn):
+        """Publish persistently and wait for the broker's confirm (mandatory: unroutable raises).
+
+        A body over `part_bytes` goes as parts, one confirmed publish each, every part with the
+        same properties. A failure part-way raises like any failed publish; the parts already out
+        never complete, and their consumers give them up (`fedmq.shared.parts`): a re-send is a
+        new message with new parts, which receivers dedup by its id as always."""
+        for part_header, part in split(body, self.part_bytes):
+            part_headers = dict(headers or {}, **{PART_HEADER: part_header}) if part_header else headers
+            props = pika.BasicProperties(
+                delivery_mode=2, headers=part_headers or None, message_id=message_id, user_id=user_id,
+                content_type="application/msgpack",
+            )
             with amqp_errors(self.url):
-                pub.basic_publish(exchange, routing_key, body, props, mandatory=True)
+                conn = self._require()
+                if self._pub is None or not self._pub.is_open:
+                    self._pub = conn.channel()
+                    self._pub.confirm_delivery()
+                pub = self._pub
+            with self._confirm_deadline(conn):
+                with amqp_errors(self.url):
+                    pub.basic_publish(exchange, routing_key, part, props, mandatory=True)
 
     @contextmanager
     def _confirm_deadline(self, conn: pika.BlockingConnection) -> Iterator[None]:
@@ -847,7 +961,7 @@ class Connection:
             log.warning("no publisher confirm, dropping the connection name=%s node=%s waited=%.0f",
                         self.name, mask_url(self.node_url), CONFIRM_TIMEOUT)
             transport: Any = getattr(impl, "_transport", None)
-            self._conn, self._pub, self._cons, self._watches = None, None, None, []
+            self._conn, self._pub, self._cons, self._watches, self._reassemblies = None, None, None, [], []
             with suppress(Exception):
                 transport.abort()
             raise ConnectionLostError(f"no publisher confirm from {mask_url(self.node_url)} within "
@@ -882,16 +996,18 @@ class Connection:
                     prefetch: int, arguments: dict[str, Any] | None = None,
                     on_cancel: Callable[[], None] | None = None) -> str:
         url = self.url
+        parts = _Reassembly(on_message, stream=bool(arguments and "x-stream-offset" in arguments))
+        self._reassemblies.append(parts)
 
         def _cb(channel: BlockingChannel, method: Any, props: Any, body: bytes) -> None:
-            on_message(Delivery(
+            parts.receive(Delivery(
                 body=body, headers=dict(props.headers or {}), delivery_tag=method.delivery_tag,
                 redelivered=method.redelivered, routing_key=method.routing_key,
                 user_id=props.user_id, _channel=channel, _url=url,
             ))
 
         with amqp_errors(url):
-            ch.basic_qos(prefetch_count=prefetch)
+            ch.basic_qos(prefetch_count=min(prefetch, MAX_PREFETCH))
             if on_cancel is not None:
                 watch = _QueueWatch(queue, on_cancel, time.monotonic() + QUEUE_WATCH_SECONDS)
                 ch.add_on_cancel_callback(lambda _frame: watch.fire())
@@ -921,6 +1037,9 @@ class Connection:
             self._require().process_data_events(time_limit=time_limit)
         if self._watches:
             self._check_watches()
+        for parts in self._reassemblies:
+            if parts.assembler:
+                parts.expire()
 
     def sleep(self, seconds: float) -> None:
         """Like time.sleep, but keeps the connection alive."""
@@ -990,6 +1109,29 @@ class StreamReader:
                                arguments={"x-stream-offset": offset})
         self._started = True
 
+    def _reassembly(self) -> _Reassembly | None:
+        for parts in self._conn._reassemblies:
+            if getattr(parts.on_message, "__self__", None) is self._buffer:
+                return parts
+        return None
+
+    @property
+    def seen_offset(self) -> int | None:
+        """The highest offset received since `start`, counting parts of messages not complete yet."""
+        parts = self._reassembly()
+        return parts.seen_offset if parts is not None else None
+
+    def fragment_starts(self) -> list[int]:
+        """For each message in parts this reader has only the tail of, the offset its first part
+        is at (stream of one writer) or before: where to attach to read it whole."""
+        parts = self._reassembly()
+        found = []
+        for outcome in parts.assembler.incomplete() if parts is not None else []:
+            offsets = [(p.stream_offset or 0) - _part_index(p) for p in outcome.parts]
+            if not outcome.started and offsets:
+                found.append(max(0, min(offsets)))
+        return found
+
     def poll(self, timeout: float = 0.0) -> list[Delivery]:
         """Deliveries that arrived within `timeout` seconds (credit is returned at once)."""
         if not self._started:
@@ -1001,7 +1143,9 @@ class StreamReader:
         """The deliveries received so far, without waiting (credit is returned at once)."""
         got, self._buffer[:] = list(self._buffer), []
         if got:
-            got[-1].ack(multiple=True)
+            unsettled = [d for d in got if not d._settled]
+            if unsettled:
+                unsettled[-1].ack(multiple=True)
             self.last_offset = got[-1].stream_offset
         return got
 
@@ -1063,9 +1207,32 @@ def read_stream(url: str, stream: str, offset: int | str = "first", *, idle: flo
         return list(reader.read(offset, idle=idle))
 
 
+#: how often `read_tail` steps further back for the start of a message in parts
+READ_LAST_STEPS = 6
+
+
+def read_tail(url: str, stream: str, *, idle: float = 0.15) -> list[Delivery]:
+    """The entries of a stream's last chunk ("last"), each whole.
+
+    The last chunk may hold only the tail of a message in parts: then read again from where its
+    first part can be (exact on a stream with one writer, whose parts are consecutive), further
+    back each time parts of others were in between."""
+    start: int | str = "last"
+    with StreamReader(url, stream) as reader:
+        for step in range(READ_LAST_STEPS):
+            entries = list(reader.read(start, idle=idle))
+            newest = (entries[-1].stream_offset or 0) if entries else -1
+            begun = [o for o in reader.fragment_starts() if o > newest]
+            if not begun:
+                break
+            start = max(0, min(begun) - (64 << step) + 64)
+            reader.close()
+    return entries
+
+
 def read_last(url: str, stream: str, *, idle: float = 0.15) -> Delivery | None:
-    """The newest entry of a stream (or None when empty): "last" yields the last chunk."""
-    entries = read_stream(url, stream, "last", idle=idle)
+    """The newest entry of a stream (or None when empty)."""
+    entries = read_tail(url, stream, idle=idle)
     return entries[-1] if entries else None
 
 

@@ -106,7 +106,8 @@ def load_model_state(url: str, names: JobNames, *, window: int = 64, wait: float
     # stop at the offset "last" found instead of waiting for the stream to go quiet: this read is
     # on the takeover path, and the idle wait would be most of a standby's takeover time
     with StreamReader(url, names.models, name=f"fedmq-state-{names.job}") as reader:
-        for d in reader.read(max(0, last_offset - window), idle=2.0):
+        # a window of versions: of entries, when each version came in parts
+        for d in reader.read(max(0, last_offset - window * last.parts), idle=2.0):
             try:
                 mv = ModelVersion.decode(d.body)
             except MalformedMessageError as exc:

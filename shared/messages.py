@@ -41,6 +41,7 @@ from fedmq.shared.codec import (
     weights_sha256,
 )
 from fedmq.shared.errors import MalformedMessageError
+from fedmq.shared.parts import MAX_MESSAGE_BYTES
 
 #: the newest schema this fedmq reads. A message is written with the oldest schema that holds it,
 #: so a reader one release behind still reads every message that uses nothing new: 1 is the base,
@@ -249,7 +250,7 @@ class _Message:
     #: fields schema 1 did not have: left out of the body when unset
     _since_schema_2: ClassVar[tuple[str, ...]] = ()
     #: largest body of this kind that is decoded at all
-    max_body: ClassVar[int] = 128 * MB
+    max_body: ClassVar[int] = MAX_MESSAGE_BYTES  # a message in parts may be this big (shared.parts)
     kind: ClassVar[str]
 
     @classmethod

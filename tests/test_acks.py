@@ -66,6 +66,10 @@ class FakeDelivery:
     def channel_key(self) -> object:
         return self.channel
 
+    @property
+    def delivery_tags(self) -> tuple[int, ...]:
+        return (self.delivery_tag,)
+
     def ack(self, multiple: bool = False) -> None:
         self.acked.extend(sorted(self.channel.settle(self.delivery_tag, multiple)))
 

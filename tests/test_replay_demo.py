@@ -18,16 +18,19 @@ def _last_json(stdout: str) -> dict[str, Any]:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("part_bytes", ["", "4096"], ids=["whole", "in-parts"])
 def test_a_finished_demo_job_replays_bit_for_bit_and_under_another_strategy(
-        broker_url: str, job: str, tmp_path: Path) -> None:
+        broker_url: str, job: str, tmp_path: Path, part_bytes: str) -> None:
+    """In parts: every model, update and event over 4 KiB crosses the broker as parts."""
+    env = {"FEDMQ_PART_BYTES": part_bytes}
     demo = run_fedmq("demo", "--broker", broker_url, "--job", job, "--sites", "4", "--slow", "1",
                      "--target", "0.8", "--max-seconds", "90", "--workdir", str(tmp_path), "--json",
-                     timeout=300)
+                     timeout=300, **env)
     assert demo.returncode == 0, demo.stderr[-2000:]
     result = _last_json(demo.stdout)
     assert result["versions"] >= 1
 
-    res = run_fedmq("replay", "--broker", broker_url, "--job", job, "--json", timeout=120)
+    res = run_fedmq("replay", "--broker", broker_url, "--job", job, "--json", timeout=120, **env)
     assert res.returncode == 0, res.stderr[-2000:]
     out = _last_json(res.stdout)
     assert out["mismatches"] == 0 and out["first_mismatch"] is None
@@ -37,7 +40,7 @@ def test_a_finished_demo_job_replays_bit_for_bit_and_under_another_strategy(
 
     test = tmp_path / "data" / "test.npz"
     wi = run_fedmq("replay", "--broker", broker_url, "--job", job, "--strategy", "fedasync",
-                   "--param", "alpha=0.6", "--test", str(test), "--json", timeout=180)
+                   "--param", "alpha=0.6", "--test", str(test), "--json", timeout=180, **env)
     assert wi.returncode == 0, wi.stderr[-2000:]
     out = _last_json(wi.stdout)
     assert len(out["original"]["curve"]) == out["versions_read"]

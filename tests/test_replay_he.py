@@ -108,8 +108,12 @@ def test_without_the_public_context_replay_says_it_checked_the_chain_only(pair: 
 
 @pytest.mark.broker
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("part_bytes", ["", "65536"], ids=["whole", "in-parts"])
 def test_replay_of_an_encrypted_job_from_the_cli_with_and_without_the_secret(
-        broker_url: str, job: str, pair: he.KeyPair, tmp_path: Path) -> None:
+        broker_url: str, job: str, pair: he.KeyPair, tmp_path: Path, part_bytes: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """In parts: each ciphertext update and aggregate crosses the broker as parts."""
+    monkeypatch.setenv("FEDMQ_PART_BYTES", part_bytes)
     import threading
 
     from fedmq.aggregator.keyholder import KeyHolder
