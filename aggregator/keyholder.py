@@ -29,6 +29,7 @@ from fedmq.shared.config import StrategyConfig
 from fedmq.shared.errors import ConfigError, FedmqError, MalformedMessageError
 from fedmq.shared.jobstate import as_int, as_site, emit, load_model_state
 from fedmq.shared.messages import EncryptedAggregate, EventKind, ModelVersion, make_version
+from fedmq.shared.parts import parts_for
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,9 @@ class KeyHolder:
         try:
             self._check_job_key()
             pending: list[Delivery] = []
-            conn.consume(self.names.aggregates, pending.append, prefetch=2, on_cancel=self.stop.set)
+            # two aggregates in flight, each in as many deliveries as the largest one takes parts
+            prefetch = 2 * parts_for(he.MAX_CIPHERTEXT_BYTES, conn.part_bytes)
+            conn.consume(self.names.aggregates, pending.append, prefetch=prefetch, on_cancel=self.stop.set)
             log.info("keyholder ready job=%s context=%s", self.names.job, self.context_sha256[:12])
             while not self.stop.is_set():
                 conn.process(0.1)
