@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "many_jobs": ("bench.many_jobs", "Many jobs on one broker"),
     "fleet": ("bench.fleet", "Fleet"),
     "compression": ("bench.compression", "Update compression"),
+    "large_models": ("bench.large_models", "Large models"),
 }
 RUN_TITLE = "Last run"
 

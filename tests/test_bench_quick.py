@@ -31,6 +31,7 @@ EXPECT: dict[str, tuple[bool, bool, list[str]]] = {
     "flood": (True, True, ["| no flood |", "hostile bodies from site-0 |"]),
     "site_queues": (True, False, ["| none (shared queue only) |", "| 50 |", "aggregator subscribes to all"]),
     "compression": (True, True, ["| none |", "| bfloat16 |", "| topk 10 % |", "bytes / none"]),
+    "large_models": (True, True, ["| ~100k (101,260) |", "per message / raw", "0 mismatches"]),
     "fleet": (True, True, ["| updates lost / double counted | 0 / 0 | 0 / 0 | 0 / 0 |",
                            "| RSS per site beyond data |", "separate workers / fleet at 30 sites"]),
 }
