@@ -23,10 +23,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fedmq.aggregator.he import CiphertextAccumulator, JobKeys, check_ciphertext
-from fedmq.aggregator.service import UPDATE_OVERHEAD_BYTES, SessionAbortedError, _Session
+from fedmq.aggregator.service import SessionAbortedError, _Session
 from fedmq.aggregator.validate import check_header
 from fedmq.shared import faults, he
 from fedmq.shared.broker import (
@@ -40,7 +38,6 @@ from fedmq.shared.errors import MalformedMessageError
 from fedmq.shared.he import MAX_CIPHERTEXT_BYTES
 from fedmq.shared.jobstate import emit, find_version, load_model_state
 from fedmq.shared.messages import EncryptedAggregate, EventKind, ModelVersion, Update
-from fedmq.shared.parts import parts_for
 
 if TYPE_CHECKING:
     from fedmq.aggregator.service import Aggregator
@@ -92,9 +89,8 @@ class HeSession(_Session):
     def prefetch(self) -> int:
         """Ciphertexts are ~14x their plaintext: hold little more than one buffer in flight, in
         as many deliveries as a ciphertext takes parts."""
-        model_bytes = sum(int(np.asarray(v).nbytes) for v in self.current.weights.values())
-        ciphertext = min(MAX_CIPHERTEXT_BYTES, 16 * model_bytes + UPDATE_OVERHEAD_BYTES)
-        return (self.cfg.effective_buffer + 2) * parts_for(ciphertext, self.conn.part_bytes)
+        ciphertext = min(MAX_CIPHERTEXT_BYTES, 16 * self.model_bytes)
+        return (self.cfg.effective_buffer + 2) * self.deliveries_per_update(ciphertext)
 
     def activate(self, *, takeover: bool) -> None:
         super().activate(takeover=takeover)

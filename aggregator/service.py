@@ -314,11 +314,18 @@ class _Session:
         the least that lets a version fill up."""
         k = self.cfg.effective_buffer
         ahead = max(k, 16 - k)
-        model_bytes = sum(int(np.asarray(v).nbytes) for v in self.current.weights.values())
+        model_bytes = self.model_bytes
         if model_bytes > 0:
             ahead = min(ahead, max(1, PREFETCH_BYTES // model_bytes))
-        # an update over the broker's part size comes as several deliveries, each taking a slot
-        return (k + ahead) * parts_for(model_bytes + UPDATE_OVERHEAD_BYTES, self.conn.part_bytes)
+        return (k + ahead) * self.deliveries_per_update(model_bytes)
+
+    @property
+    def model_bytes(self) -> int:
+        return sum(int(np.asarray(v).nbytes) for v in self.current.weights.values())
+
+    def deliveries_per_update(self, payload_bytes: int) -> int:
+        """Prefetch slots one update takes: one per part, when it is over the broker's part size."""
+        return parts_for(payload_bytes + UPDATE_OVERHEAD_BYTES, self.conn.part_bytes)
 
     def close(self) -> None:
         if self.fence is not None:

@@ -95,6 +95,22 @@ def git_commit() -> str:
     return _git_commit()
 
 
+def broker_rss_mb() -> float | None:
+    """VmRSS of the RabbitMQ node (beam.smp) on this machine, or None when not readable."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if b"beam.smp" not in (p / "cmdline").read_bytes():
+                continue
+            for line in (p / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return None
+
+
 def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 

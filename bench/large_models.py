@@ -22,8 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import Machine, run_group, table
-from bench.site_queues import _broker_rss_mb
+from bench.common import Machine, broker_rss_mb, run_group, table
 from fedmq.replay import replay
 from fedmq.shared.broker import Connection, Delivery, JobNames
 from fedmq.shared.parts import part_bytes_from_env, parts_for
@@ -58,13 +57,13 @@ class _PeakRss:
     """The broker node's peak RSS while the job runs, sampled every 0.5 s."""
 
     def __init__(self) -> None:
-        self.peak = self.before = _broker_rss_mb()
+        self.peak = self.before = broker_rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.5):
-            now = _broker_rss_mb()
+            now = broker_rss_mb()
             if now is not None and (self.peak is None or now > self.peak):
                 self.peak = now
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 
-from bench.common import Machine, table
+from bench.common import Machine, broker_rss_mb, table
 from fedmq.shared.broker import Connection, Delivery, JobNames, TopologyConfig
 
 SIZES = (8, 100, 1000)
@@ -21,33 +20,17 @@ QUICK_SIZES = (8, 50)
 BODY = b"\0" * 19_590  # a digits-MLP update's size
 
 
-def _broker_rss_mb() -> float | None:
-    """VmRSS of the RabbitMQ node (beam.smp) on this machine, or None when not readable."""
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            if b"beam.smp" not in (p / "cmdline").read_bytes():
-                continue
-            for line in (p / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return None
-
-
 def measure(url: str, sites: int) -> dict[str, float | None]:
     """One job with `sites` listed sites (0: no registry); seconds per step and broker RSS."""
     names = JobNames(f"bench-sq-{uuid.uuid4().hex[:8]}")
     listed = tuple(f"site-{i}" for i in range(sites))
-    out: dict[str, float | None] = {"rss_before": _broker_rss_mb()}
+    out: dict[str, float | None] = {"rss_before": broker_rss_mb()}
     with Connection(url, name="fedmq-bench-site-queues").open() as conn:
         try:
             t0 = time.perf_counter()
             conn.declare_job(names, TopologyConfig(sites=listed))
             out["declare"] = time.perf_counter() - t0
-            out["rss_after"] = _broker_rss_mb()
+            out["rss_after"] = broker_rss_mb()
             got: list[Delivery] = []
             t0 = time.perf_counter()
             for queue in names.update_queues(listed):

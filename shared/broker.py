@@ -540,8 +540,8 @@ class Delivery:
         if self._settled:
             return
         with amqp_errors(self._url):
-            if multiple or not self._parts:
-                self._channel.basic_ack(max(self.delivery_tags), multiple=multiple)
+            if multiple or not self._parts:  # a message in parts has its highest part's tag
+                self._channel.basic_ack(self.delivery_tag, multiple=multiple)
             else:
                 for tag in self.delivery_tags:
                     self._channel.basic_ack(tag)

@@ -173,13 +173,14 @@ class Assembler(Generic[P]):
             out.extend(self._make_room(size))
             pending = self._pending[key] = _Pending(header, now)
         error = self._contradiction(pending, header, size)
-        pending.parts.setdefault(header.index, (part, size))
-        if pending.parts[header.index][0] is part:
+        duplicate = header.index in pending.parts
+        if not duplicate:  # kept even when it contradicts: it is given up with the rest
+            pending.parts[header.index] = (part, size)
             pending.received += size
             self._bytes += size
         pending.last = now
         if error is not None:
-            if pending.parts[header.index][0] is not part:
+            if duplicate:
                 out.append(Outcome([part], error))
             out.append(self._drop(key, error))
         elif len(pending.parts) == header.count:
